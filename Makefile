@@ -1,0 +1,45 @@
+# cosmos-gateway: `make run` starts the gateway, `make test` runs every test.
+# Both set up what is missing first: the .venv with the package, and a redis-server binary.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= config/example.yaml
+
+# Development-only secrets so `make run` works out of the box; set your own in production.
+DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs256-secret-change-me-0123456789abcdef} \
+               GATEWAY_ADMIN_TOKENS=$${GATEWAY_ADMIN_TOKENS:-dev:dev-admin-token-change-me}
+
+.PHONY: run test bench lint token redis-server clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+redis-server:
+	@scripts/ensure-redis.sh
+
+run: $(STAMP) redis-server
+	@mkdir -p var
+	env $(DEV_SECRETS) $(BIN)/cosmos-gateway db upgrade --config $(CONFIG)
+	@echo "in another shell:  TOKEN=\$$(make -s token TENANT=acme)"
+	@echo "                   curl -H \"Authorization: Bearer \$$TOKEN\" http://127.0.0.1:8080/api/chains"
+	exec env $(DEV_SECRETS) $(BIN)/cosmos-gateway serve --config $(CONFIG)
+
+test: $(STAMP) redis-server
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+token: $(STAMP)
+	@env $(DEV_SECRETS) $(BIN)/cosmos-gateway token --config $(CONFIG) --tenant $(or $(TENANT),acme)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,210 @@
+"""`make bench`: wrk against nginx (static upstream), nginx as a reverse proxy, and cosmos-gateway.
+
+All targets run on this machine in one run, alternately (round after round), so a busy moment
+hurts them alike. Reported: requests/s, p50 and p99 (median over rounds) and the ratios of the
+gateway to nginx's reverse proxy. Needs nginx and wrk (Debian: apt-get install nginx-light wrk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from gateway.devservices import RedisProcess, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-only-hs256-secret-0123456789abcdef012345"
+BODY = b'{"chains":[{"id":"chain-1","name":"demo","status":"running"}],"total":1}\n'
+
+NGINX_CONF = """
+worker_processes {workers};
+daemon off;
+pid {dir}/nginx-{name}.pid;
+error_log {dir}/nginx-{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body-{name};
+  proxy_temp_path {dir}/proxy-{name};
+  fastcgi_temp_path {dir}/fcgi-{name};
+  uwsgi_temp_path {dir}/uwsgi-{name};
+  scgi_temp_path {dir}/scgi-{name};
+  keepalive_requests 100000;
+  {body}
+}}
+"""
+UPSTREAM_SERVER = """
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{ default_type application/json; root {dir}/www; try_files /chains.json =404; }}
+  }}
+"""
+PROXY_SERVER = """
+  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} reuseport;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}
+"""
+
+
+@dataclass
+class Result:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+def require(binary: str) -> str:
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    if path is None:
+        sys.exit(f"bench: {binary} is not installed (Debian: apt-get install nginx-light wrk)")
+    return path
+
+
+def start_nginx(nginx: str, workdir: Path, name: str, body: str, workers: int) -> subprocess.Popen[bytes]:
+    conf = workdir / f"nginx-{name}.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, dir=workdir, name=name, body=body))
+    return subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_gateway(workdir: Path, name: str, upstream_port: int, redis_url: str, workers: int,
+                  extra: dict[str, object] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    port, admin = free_port(), free_port()
+    config = {
+        "listen": {"proxy": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}"},
+        "upstream": {"url": f"http://127.0.0.1:{upstream_port}"},
+        "redis": {"url": redis_url},
+        "database": {"url": f"sqlite+aiosqlite:///{workdir}/bench-{name}.db"},
+        "auth": {"algorithms": ["HS256"], "issuer": "https://bench/", "audience": "cosmosbuilder-api"},
+        "server": {"access_log": False, "workers": workers},
+        **(extra or {}),
+    }
+    path = workdir / f"gateway-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "GATEWAY_JWT_HS256_SECRET": SECRET}
+    process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=open(workdir / f"gateway-{name}.log", "wb"))
+    wait_for_port(port, timeout=30, process=process)
+    return process, port
+
+
+def bench_token() -> str:
+    from gateway.auth import mint_token
+
+    return mint_token(SECRET, tenant="bench-tenant", plan=None, ttl=86_400, scope=None,
+                      issuer="https://bench/", audience="cosmosbuilder-api", subject="bench")
+
+
+def run_wrk(wrk: str, url: str, *, seconds: int, connections: int, threads: int,
+            headers: dict[str, str]) -> Result:
+    args = [wrk, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    for key, value in headers.items():
+        args += ["-H", f"{key}: {value}"]
+    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        print(f"  warning from wrk for {url}:\n{out}", file=sys.stderr)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    return Result(rps, _latency(out, "50%"), _latency(out, "99%"))
+
+
+def _latency(out: str, pct: str) -> float:
+    match = re.search(rf"{re.escape(pct)}\s+([\d.]+)(us|ms|s)\b", out)
+    assert match, out
+    value, unit = float(match.group(1)), match.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=8, help="wrk duration per target and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1, help="processes for nginx proxy and gateway alike")
+    args = parser.parse_args()
+    nginx, wrk = require("nginx"), require("wrk")
+
+    workdir = Path(tempfile.mkdtemp(prefix="cosmos-bench-"))
+    os.chmod(workdir, 0o755)
+    (workdir / "www").mkdir()
+    (workdir / "www" / "chains.json").write_bytes(BODY)
+    processes: list[subprocess.Popen[bytes]] = []
+    redis = RedisProcess().start()
+    try:
+        upstream_port, proxy_port = free_port(), free_port()
+        processes.append(start_nginx(nginx, workdir, "upstream",
+                                     UPSTREAM_SERVER.format(port=upstream_port, dir=workdir), 1))
+        processes.append(start_nginx(nginx, workdir, "proxy",
+                                     PROXY_SERVER.format(port=proxy_port, upstream=upstream_port), args.workers))
+        wait_for_port(upstream_port)
+        wait_for_port(proxy_port)
+        gateway, gateway_port = start_gateway(workdir, "auth", upstream_port, redis.url, args.workers)
+        processes.append(gateway)
+        auth = {"Authorization": f"Bearer {bench_token()}"}
+        targets = {
+            "(a) nginx static upstream": (f"http://127.0.0.1:{upstream_port}/api/chains", {}),
+            "(b) nginx reverse proxy": (f"http://127.0.0.1:{proxy_port}/api/chains", {}),
+            "(c) cosmos-gateway, JWT on": (f"http://127.0.0.1:{gateway_port}/api/chains", auth),
+        }
+        results: dict[str, list[Result]] = {name: [] for name in targets}
+        for name, (url, headers) in targets.items():  # warm-up
+            run_wrk(wrk, url, seconds=1, connections=args.connections, threads=args.threads, headers=headers)
+        for round_no in range(args.rounds):
+            for name, (url, headers) in targets.items():
+                result = run_wrk(wrk, url, seconds=args.seconds, connections=args.connections,
+                                 threads=args.threads, headers=headers)
+                results[name].append(result)
+                print(f"round {round_no + 1} {name}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+                      f"p99 {result.p99_ms:.2f} ms", file=sys.stderr)
+        report(results, args)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        redis.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
+    median = {name: Result(statistics.median(r.rps for r in rs), statistics.median(r.p50_ms for r in rs),
+                           statistics.median(r.p99_ms for r in rs)) for name, rs in results.items()}
+    reference = median["(b) nginx reverse proxy"]
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\n{dt.date.today().isoformat()} · {os.cpu_count()} cores ({cpu}) · {platform.system()} "
+          f"{platform.release()} · Python {platform.python_version()} · wrk -t{args.threads} "
+          f"-c{args.connections} -d{args.seconds}s × {args.rounds} rounds, medians · {args.workers} worker(s)\n")
+    print("| target | requests/s | p50 ms | p99 ms | req/s vs (b) | p99 vs (b) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in median.items():
+        print(f"| {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.rps / reference.rps:.2f}× "
+              f"| {r.p99_ms / reference.p99_ms:.2f}× |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Billing sync: moves closed usage buckets to Stripe Billing Meters."""

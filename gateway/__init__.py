@@ -1,0 +1,1 @@
+"""cosmos-gateway: the authenticated, streaming reverse proxy and its admin listener."""

@@ -1,0 +1,111 @@
+"""The `cosmos-gateway` command (PRODUCT.md §1)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from gateway.config import ConfigError, Settings, effective_config, load_settings
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosmos-gateway", description="CosmosBuilder metering and quota gateway")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="FILE", help="YAML config (default: $GATEWAY_CONFIG)")
+        return sub
+
+    serve = command("serve", "run the proxy and admin listeners")
+    serve.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                       help="worker processes sharing the ports (default: server.workers)")
+
+    database = command("db", "SQL store maintenance")
+    database.add_argument("action", choices=["upgrade"], help="upgrade: apply the Alembic migrations")
+
+    command("check-config", "validate the config and print it with secrets masked")
+
+    token = command("token", "mint a development JWT with the HS256 secret")
+    token.add_argument("--tenant", required=True)
+    token.add_argument("--plan", default=None)
+    token.add_argument("--ttl", type=_positive_int, default=3600, metavar="SECONDS")
+    token.add_argument("--scope", default=None)
+    token.add_argument("--subject", default=None)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"cosmos-gateway: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    handler = {"serve": _serve, "db": _db, "check-config": _check_config, "token": _token}[args.command]
+    return handler(settings, args)
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.devservices import DevServiceError
+    from gateway.server import serve
+
+    workers = args.workers or settings.server.workers
+    try:
+        return serve(settings, workers)
+    except (DevServiceError, OSError) as exc:
+        print(f"cosmos-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _db(settings: Settings, args: argparse.Namespace) -> int:
+    from metering.migrate import upgrade
+
+    upgrade(settings.database.url)
+    print("database is at the latest schema revision")
+    return 0
+
+
+def _check_config(settings: Settings, _: argparse.Namespace) -> int:
+    import yaml
+
+    print(f"# effective configuration{' from ' + settings.source if settings.source else ''} (secrets masked)")
+    print(yaml.safe_dump(json.loads(json.dumps(effective_config(settings))), sort_keys=False), end="")
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.auth import mint_token
+
+    secret = settings.auth.hs256_secret
+    if secret is None or "HS256" not in settings.auth.algorithms:
+        print("cosmos-gateway: token: no HS256 secret configured (set GATEWAY_JWT_HS256_SECRET and allow "
+              "HS256 in auth.algorithms); tokens for public-key setups come from your identity provider",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    print(mint_token(
+        secret, tenant=args.tenant, tenant_claim=settings.auth.tenant_claim, plan=args.plan, ttl=args.ttl,
+        scope=args.scope, issuer=settings.auth.issuer, audience=settings.auth.audience, subject=args.subject,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

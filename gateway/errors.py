@@ -1,0 +1,105 @@
+"""Errors the gateway itself answers, each with its HTTP status, as RFC 9457 problem+json.
+
+GatewayError
+├── InvalidRequest        400 invalid-request
+├── InvalidToken          401 invalid-token
+├── SubscriptionInactive  402 subscription-inactive
+├── Forbidden             403 forbidden
+├── NotFound              404 not-found
+├── RateLimited           429 rate-limited
+├── QuotaExceeded         429 quota-exceeded
+├── BadGateway            502 bad-gateway
+├── LimiterUnavailable    503 limiter-unavailable
+└── GatewayTimeout        504 gateway-timeout
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from aiohttp import web
+
+PROBLEM_JSON = "application/problem+json"
+WWW_AUTHENTICATE = 'Bearer realm="cosmos-gateway"'
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    suffix: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, type_base: str) -> dict[str, Any]:
+        return {
+            "type": type_base + self.suffix,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+            **self.extra,
+        }
+
+
+class InvalidRequest(GatewayError):
+    status, suffix, title = 400, "invalid-request", "Invalid request"
+
+    def __init__(self, detail: str, errors: list[dict[str, str]] | None = None, **extra: Any) -> None:
+        super().__init__(detail, errors=errors or [], **extra)
+
+
+class InvalidToken(GatewayError):
+    status, suffix, title = 401, "invalid-token", "Invalid or missing token"
+
+    def __init__(self, detail: str, *, token_presented: bool) -> None:
+        challenge = WWW_AUTHENTICATE + (', error="invalid_token"' if token_presented else "")
+        super().__init__(detail, headers={"WWW-Authenticate": challenge})
+
+
+class SubscriptionInactive(GatewayError):
+    status, suffix, title = 402, "subscription-inactive", "Subscription inactive"
+
+
+class Forbidden(GatewayError):
+    status, suffix, title = 403, "forbidden", "Forbidden"
+
+
+class NotFound(GatewayError):
+    status, suffix, title = 404, "not-found", "Not found"
+
+
+class RateLimited(GatewayError):
+    status, suffix, title = 429, "rate-limited", "Rate limit exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    status, suffix, title = 429, "quota-exceeded", "Quota exceeded"
+
+
+class BadGateway(GatewayError):
+    status, suffix, title = 502, "bad-gateway", "Bad gateway"
+
+
+class LimiterUnavailable(GatewayError):
+    status, suffix, title = 503, "limiter-unavailable", "Limiter unavailable"
+
+
+class GatewayTimeout(GatewayError):
+    status, suffix, title = 504, "gateway-timeout", "Gateway timeout"
+
+
+def problem_response(error: GatewayError, type_base: str, request_id: str | None = None) -> web.Response:
+    """The problem+json response for an error (X-Request-Id set when known)."""
+    headers = dict(error.headers)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=error.status,
+        body=json.dumps(error.body(type_base), separators=(",", ":")).encode(),
+        content_type=PROBLEM_JSON,
+        headers=headers,
+    )

@@ -1,0 +1,152 @@
+"""Header rules of the proxy (PRODUCT.md §3), as pure functions over raw header lists.
+
+Raw headers are `(name, value)` pairs of bytes in the order the peer sent them, so repeated
+headers (two `Set-Cookie`) survive. Names are compared lower-cased.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Sequence
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
+Headers = list[tuple[str, str]]
+
+# RFC 9110 §7.6.1 plus the names older intermediaries treat as hop-by-hop.
+HOP_BY_HOP = frozenset({
+    b"connection", b"proxy-connection", b"keep-alive", b"te", b"transfer-encoding", b"upgrade",
+    b"trailer", b"proxy-authenticate", b"proxy-authorization",
+})
+# The proxy sets these itself; whatever the client sent is replaced or merged.
+FORWARDING = frozenset({b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded"})
+FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+IDENTITY_PREFIX = b"x-cosmos-"
+REQUEST_ID = b"x-request-id"
+USAGE_REPORT = b"x-cosmos-usage"
+
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
+_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    """Header names a `Connection` header declares hop-by-hop."""
+    names: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(names)
+
+
+def request_id(headers: RawHeaders) -> str:
+    """The client's X-Request-Id when sane, else a fresh one."""
+    for name, value in headers:
+        if name.lower() == REQUEST_ID:
+            if _REQUEST_ID_RE.match(value):
+                return value.decode("ascii")
+            break
+    return os.urandom(12).hex()
+
+
+def is_trusted(peer: str | None, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    if not trusted or not peer:
+        return False
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def _forwarded_node(peer: str) -> str:
+    # RFC 7239 §6: IPv6 addresses are bracketed and the whole value quoted.
+    return f'"[{peer}]"' if ":" in peer else peer
+
+
+def upstream_request_headers(
+    raw: RawHeaders,
+    *,
+    peer: str | None,
+    trusted_peer: bool,
+    scheme: str,
+    request_id: str,
+    identity: Iterable[tuple[str, str]] = (),
+) -> Headers:
+    """The headers to send upstream: hop-by-hop, framing and client identity headers removed,
+    forwarding headers set, `X-Request-Id` and the verified identity added."""
+    drop = HOP_BY_HOP | FRAMING | connection_tokens(raw)
+    out: Headers = []
+    xff: list[str] = []
+    forwarded: list[str] = []
+    client_proto = client_host = host = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in drop or lower.startswith(IDENTITY_PREFIX) or lower == REQUEST_ID:
+            continue
+        if lower in FORWARDING:
+            if trusted_peer:
+                text = value.decode("latin-1")
+                if lower == b"x-forwarded-for":
+                    xff.append(text)
+                elif lower == b"forwarded":
+                    forwarded.append(text)
+                elif lower == b"x-forwarded-proto":
+                    client_proto = text
+                else:
+                    client_host = text
+            continue
+        if lower == b"host":
+            host = value.decode("latin-1")
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    peer = peer or "unknown"
+    xff.append(peer)
+    proto = client_proto or scheme
+    fwd_host = client_host or host
+    node = f"for={_forwarded_node(peer)};proto={scheme}"
+    if host and _TOKEN_RE.match(host.encode("latin-1")):
+        node += f";host={host}"
+    elif host:
+        node += ';host="' + host.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    forwarded.append(node)
+    out.append(("X-Forwarded-For", ", ".join(xff)))
+    out.append(("X-Forwarded-Proto", proto))
+    if fwd_host:
+        out.append(("X-Forwarded-Host", fwd_host))
+    out.append(("Forwarded", ", ".join(forwarded)))
+    out.append(("X-Request-Id", request_id))
+    out.extend(identity)
+    return out
+
+
+def client_response_headers(raw: Sequence[tuple[str, str]], request_id: str) -> tuple[Headers, str | None]:
+    """The upstream's response headers for the client, and its usage report (if any).
+
+    Hop-by-hop and framing headers are removed (the server re-frames the body)."""
+    drop = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"content-length",
+            b"te", b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"x-request-id"}
+    for name, value in raw:
+        if name.lower() == "connection":
+            drop.update(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
+    out: Headers = []
+    usage: str | None = None
+    for name, value in raw:
+        lower = name.lower().encode("latin-1")
+        if lower == USAGE_REPORT:
+            usage = value if usage is None else f"{usage}, {value}"
+            continue
+        if lower in drop:
+            continue
+        out.append((name, value))
+    out.append(("X-Request-Id", request_id))
+    return out, usage
+
+
+def identity_headers(tenant: str, plan: str | None, subject: str | None) -> list[tuple[str, str]]:
+    """`X-Cosmos-*` headers from a verified token (values were validated by the authenticator)."""
+    headers = [("X-Cosmos-Tenant", tenant)]
+    if plan:
+        headers.append(("X-Cosmos-Plan", plan))
+    if subject:
+        headers.append(("X-Cosmos-Subject", subject))
+    return headers

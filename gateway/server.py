@@ -1,0 +1,142 @@
+"""`cosmos-gateway serve`: one worker in-process, or a supervisor forking N workers.
+
+Workers share the listening ports with SO_REUSEPORT (the kernel spreads connections). The
+supervisor restarts a worker that dies, and on SIGTERM/SIGINT forwards SIGTERM so every worker
+drains its in-flight requests within `server.shutdown_grace_seconds`, then exits 0.
+Metrics: before forking, PROMETHEUS_MULTIPROC_DIR is set so a scrape of any worker sums all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+from gateway.config import Settings
+
+log = logging.getLogger("cosmos_gateway.server")
+RESTART_BACKOFF = 1.0
+
+
+def serve(settings: Settings, workers: int) -> int:
+    """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
+    from gateway import devservices
+
+    with devservices.resolved(settings) as resolved:
+        if workers <= 1:
+            return _run_worker(resolved, reuse_port=False)
+        return _supervise(resolved, workers)
+
+
+def _run_worker(settings: Settings, *, reuse_port: bool) -> int:
+    _install_uvloop()
+    return asyncio.run(_worker_main(settings, reuse_port=reuse_port))
+
+
+async def _worker_main(settings: Settings, *, reuse_port: bool) -> int:
+    from gateway.app import Worker, run_until_stopped
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def started(worker: Worker) -> None:
+        log.info("worker %d: proxy on %s, admin on %s, upstream %s", os.getpid(),
+                 settings.listen.proxy, settings.listen.admin, settings.upstream.url)
+
+    await run_until_stopped(Worker(settings, reuse_port=reuse_port), stop, started)
+    log.info("worker %d: drained, exiting", os.getpid())
+    return 0
+
+
+def _supervise(settings: Settings, workers: int) -> int:
+    metrics_dir = tempfile.mkdtemp(prefix="cosmos-gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            _kill(pid, signal.SIGTERM)
+
+    children: set[int] = set()
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        for _ in range(workers):
+            children.add(_fork_worker(settings))
+        status = 0
+        while children:
+            try:
+                pid, wait_status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            if pid not in children:
+                continue
+            children.discard(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            _mark_dead(pid)
+            if stopping:
+                status = status or (code if code > 0 else 0)
+                continue
+            log.error("worker %d exited with %d; starting a new one", pid, code)
+            time.sleep(RESTART_BACKOFF)
+            if not stopping:
+                children.add(_fork_worker(settings))
+        return status
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _fork_worker(settings: Settings) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    code = 1
+    try:
+        code = _run_worker(settings, reuse_port=True)
+    except BaseException:
+        log.exception("worker %d failed", os.getpid())
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+
+
+def _mark_dead(pid: int) -> None:
+    from gateway.metrics import mark_worker_dead
+
+    mark_worker_dead(pid)
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # optional: the default loop works, only slower
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def with_workers(settings: Settings, workers: int | None) -> Settings:
+    if workers is None:
+        return settings
+    return replace(settings, server=replace(settings.server, workers=workers))

@@ -1,0 +1,1 @@
+"""Usage storage: the SQL store (tenants, ledger, audit) and, later, Redis counters."""

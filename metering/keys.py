@@ -1,0 +1,81 @@
+"""Redis key names (pure). Every key of a tenant carries the hash tag `{t:<tenant>}`.
+
+Redis Cluster hashes only what is inside the first `{...}`, so all of a tenant's keys share one slot
+and one script can touch them atomically.
+
+    gw:{t:acme}:rate                     GCRA theoretical arrival time
+    gw:{t:acme}:q:<meter>:<period_start>  period counter
+    gw:{t:acme}:g:<meter>                 gauge, last reported value
+    gw:{t:acme}:b:<bucket_start>          hash meter -> billable value in that billing bucket
+    gw:{t:acme}:seen                      marker: the tenant has sent traffic
+    gw:tenants:seen                       set of tenants (no tag: never touched by a script)
+"""
+
+from __future__ import annotations
+
+import re
+
+PREFIX = "gw"
+TENANTS_SEEN_KEY = "gw:tenants:seen"
+TENANTS_CHANGED_CHANNEL = "gw:tenants:changed"  # pub/sub: operator changes to reload
+
+_TENANT_SAFE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_UNSAFE_CHAR = re.compile(r"[^A-Za-z0-9._:-]")
+_METER = re.compile(r"[a-z0-9_]{1,64}")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"%{byte:02X}" for byte in match.group().encode())
+
+
+def tenant_slot_tag(tenant: str) -> str:
+    """`{t:<tenant>}`; safe for any string, not only valid tenant ids.
+
+    Valid ids (1-64 of [A-Za-z0-9._:-]) appear as they are. Anything else is percent-encoded, and since
+    '%' is never in a valid id the mapping stays one-to-one: a stray '}' cannot end the tag early and
+    no two tenants share a key.
+    """
+    if _TENANT_SAFE.fullmatch(tenant):
+        return f"{{t:{tenant}}}"
+    if not tenant:
+        raise ValueError("tenant id must not be empty")
+    return f"{{t:{_UNSAFE_CHAR.sub(_escape, tenant)}}}"
+
+
+def tenant_prefix(tenant: str) -> str:
+    """`gw:{t:<tenant>}:`, the start of every key of the tenant."""
+    return f"{PREFIX}:{tenant_slot_tag(tenant)}:"
+
+
+def _meter(meter: str) -> str:
+    # Meter names are validated at config time; checked again because a ':' here could make
+    # one meter's key read as another's.
+    if not _METER.fullmatch(meter):
+        raise ValueError(f"not a meter name: {meter!r}")
+    return meter
+
+
+def _epoch(value: int) -> int:
+    if type(value) is not int:  # 1.0 would format as "1.0" and miss the key written as "1"
+        raise TypeError(f"expected an integer epoch, got {value!r}")
+    return value
+
+
+def rate_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}rate"
+
+
+def quota_key(tenant: str, meter: str, period_start: int) -> str:
+    return f"{tenant_prefix(tenant)}q:{_meter(meter)}:{_epoch(period_start)}"
+
+
+def gauge_key(tenant: str, meter: str) -> str:
+    return f"{tenant_prefix(tenant)}g:{_meter(meter)}"
+
+
+def bucket_key(tenant: str, bucket_start: int) -> str:
+    return f"{tenant_prefix(tenant)}b:{_epoch(bucket_start)}"
+
+
+def seen_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}seen"

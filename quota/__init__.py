@@ -1,0 +1,1 @@
+"""Plans, rate limits and period quotas (built on metering)."""

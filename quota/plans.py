@@ -1,0 +1,260 @@
+"""Plans: rate limit and period quotas per plan, the default catalog, and operator overrides (pure)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any, Literal, cast
+
+from metering.errors import ConfigurationError, expect_mapping, kind_of
+from metering.meters import Meter, check_method, check_path
+
+OnExceed = Literal["reject", "overage"]
+Guard = tuple[str | None, str]  # (method or None = any, path glob)
+
+PLAN_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+RATE_METER = "rate"  # the override "meter" that carries per_second/burst
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    meter: str
+    limit: float | None  # None = unlimited; an int for counter meters
+    on_exceed: OnExceed = "reject"
+    guards: tuple[Guard, ...] = ()  # gauge quotas only: requests refused while the gauge >= limit
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    name: str
+    rate: Rate | None  # None = no rate limit
+    quotas: Mapping[str, Quota]
+
+    def __post_init__(self) -> None:
+        # Plans are shared by every request (and the catalog by every config): make them read-only.
+        object.__setattr__(self, "quotas", MappingProxyType(dict(self.quotas)))
+
+
+_CHAINS_GUARD: tuple[Guard, ...] = (("POST", "/api/chains"),)
+
+
+def _catalog_plan(
+    name: str, rate: Rate, chains: int | None, deployments: int | None, storage_gb: int | None
+) -> Plan:
+    return Plan(
+        name,
+        rate,
+        {
+            "chain_deployments": Quota("chain_deployments", deployments),
+            # Kept with limit None too, so an override of `chains` on a big plan still guards creation.
+            "chains": Quota("chains", chains, guards=_CHAINS_GUARD),
+            "storage_gb": Quota("storage_gb", storage_gb),
+        },
+    )
+
+
+DEFAULT_CATALOG: Mapping[str, Plan] = MappingProxyType(
+    {
+        plan.name: plan
+        for plan in (
+            _catalog_plan("starter", Rate(10, 20), 1, 100, 10),
+            _catalog_plan("professional", Rate(50, 100), 5, 500, 50),
+            _catalog_plan("enterprise", Rate(200, 400), None, None, 500),
+            _catalog_plan("sovereign", Rate(1000, 2000), None, None, None),
+        )
+    }
+)
+
+
+# --------------------------------------------------------------------------- parsing `plans:`
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_rate(raw: Any, key: str) -> Rate | None:
+    if raw is None:
+        return None
+    spec = expect_mapping(raw, key, {"per_second", "burst"})
+    for name in ("per_second", "burst"):
+        if name not in spec:
+            raise ConfigurationError(f"{key}.{name}", "required")
+    per_second, burst = spec["per_second"], spec["burst"]
+    if not _is_number(per_second) or per_second <= 0:
+        raise ConfigurationError(f"{key}.per_second", f"expected a number > 0, got {kind_of(per_second)}")
+    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+        raise ConfigurationError(f"{key}.burst", f"expected an integer >= 1, got {kind_of(burst)}")
+    return Rate(per_second, burst)
+
+
+def _parse_guards(raw: Any, key: str) -> tuple[Guard, ...]:
+    items = raw if isinstance(raw, list) else [raw]
+    guards: list[Guard] = []
+    for i, item in enumerate(items):
+        where = f"{key}[{i}]" if isinstance(raw, list) else key
+        spec = expect_mapping(item, where, {"method", "path"})
+        if "path" not in spec:
+            raise ConfigurationError(f"{where}.path", "required")
+        guards.append(
+            (check_method(spec.get("method"), f"{where}.method"), check_path(spec["path"], f"{where}.path"))
+        )
+    return tuple(guards)
+
+
+def _parse_quota(meter: Meter, raw: Any, key: str) -> Quota:
+    spec = expect_mapping(raw, key, {"limit", "on_exceed", "guards"})
+    if "limit" not in spec:
+        raise ConfigurationError(f"{key}.limit", "required (null = unlimited)")
+    limit = spec["limit"]
+    if limit is not None:
+        if not _is_number(limit) or limit < 0:
+            raise ConfigurationError(f"{key}.limit", f"expected a number >= 0 or null, got {kind_of(limit)}")
+        if meter.kind == "counter":
+            # Counters move in whole units; a fractional limit would read differently in every place.
+            if limit != int(limit):
+                raise ConfigurationError(f"{key}.limit", f"{meter.name} counts whole units, got {limit!r}")
+            limit = int(limit)
+    on_exceed = spec.get("on_exceed", "reject")
+    if on_exceed not in ("reject", "overage"):
+        raise ConfigurationError(f"{key}.on_exceed", f"must be reject or overage, got {kind_of(on_exceed)}")
+    guards: tuple[Guard, ...] = ()
+    if spec.get("guards") is not None:
+        if meter.kind != "gauge":
+            raise ConfigurationError(
+                f"{key}.guards", f"only gauge meters have guards; {meter.name} is a counter"
+            )
+        if on_exceed == "overage":
+            raise ConfigurationError(
+                f"{key}.guards", "guards reject requests, which contradicts on_exceed: overage"
+            )
+        guards = _parse_guards(spec["guards"], f"{key}.guards")
+    return Quota(meter.name, limit, cast(OnExceed, on_exceed), guards)
+
+
+def _parse_plan(name: Any, raw: Any, meters: Mapping[str, Meter]) -> Plan:
+    key = f"plans.{name}"
+    if not isinstance(name, str) or not PLAN_NAME.fullmatch(name):
+        raise ConfigurationError(key, "a plan name is 1-64 characters of a-z, 0-9, _ and -")
+    spec = expect_mapping(raw, key, {"rate", "quotas"})
+    rate = _parse_rate(spec.get("rate"), f"{key}.rate")
+    quotas: dict[str, Quota] = {}
+    raw_quotas = spec.get("quotas")
+    if raw_quotas is not None:
+        if not isinstance(raw_quotas, Mapping):
+            raise ConfigurationError(
+                f"{key}.quotas", f"expected a mapping of meter to quota, got {kind_of(raw_quotas)}"
+            )
+        for meter_name, quota in raw_quotas.items():
+            qkey = f"{key}.quotas.{meter_name}"
+            if meter_name not in meters:
+                known = ", ".join(sorted(meters)) or "none"
+                raise ConfigurationError(qkey, f"unknown meter (defined under meters: {known})")
+            quotas[meter_name] = _parse_quota(meters[meter_name], quota, qkey)
+    return Plan(name, rate, quotas)
+
+
+def _check_catalog_plan(plan: Plan, meters: Mapping[str, Meter]) -> None:
+    """A catalog plan kept as is must still fit the configured meters."""
+    for quota in plan.quotas.values():
+        meter = meters.get(quota.meter)
+        key = f"plans.{plan.name}.quotas.{quota.meter}"
+        if meter is None:
+            raise ConfigurationError(
+                key,
+                f"the default {plan.name} plan limits {quota.meter}, which is not defined under meters: "
+                f"define the meter or replace plan {plan.name}",
+            )
+        if quota.guards and meter.kind != "gauge":
+            raise ConfigurationError(
+                key,
+                f"the default {plan.name} plan guards {quota.meter}, which is not a gauge here: "
+                f"replace plan {plan.name}",
+            )
+
+
+def parse_plans(raw: Mapping[str, Any] | None, meters: Sequence[Meter]) -> dict[str, Plan]:
+    """The effective catalog: DEFAULT_CATALOG with every plan named under `plans:` replaced whole."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError("plans", f"expected a mapping of plan name to plan, got {kind_of(raw)}")
+    by_name = {m.name: m for m in meters}
+    plans: dict[str, Plan] = {}
+    for name, plan in DEFAULT_CATALOG.items():
+        if name not in raw:
+            _check_catalog_plan(plan, by_name)
+            plans[name] = plan
+    for name, spec in raw.items():
+        plans[name] = _parse_plan(name, spec, by_name)
+    return plans
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An operator's per-tenant limit; meter "rate" carries per_second/burst instead of limit."""
+
+    meter: str
+    limit: float | None = None  # None = unlimited
+    per_second: float | None = None  # rate only; None = no rate limit
+    burst: int | None = None  # rate only; None = the plan's burst
+    expires_at: datetime | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        # Compared with an aware `now` on every lookup; a naive one would raise there instead.
+        if self.expires_at is not None and self.expires_at.utcoffset() is None:
+            raise ValueError("expires_at must be timezone-aware")
+
+
+def _override_rate(override: Override, plan_rate: Rate | None) -> Rate | None:
+    if override.per_second is None:
+        return None
+    if override.burst is not None:
+        burst = override.burst
+    elif plan_rate is not None:
+        burst = plan_rate.burst
+    else:
+        burst = max(1, math.ceil(override.per_second))
+    return Rate(override.per_second, burst)
+
+
+def effective(
+    plan: Plan, overrides: Iterable[Override], now: datetime
+) -> tuple[Rate | None, dict[str, Quota], dict[str, str]]:
+    """The plan with the live overrides applied: (rate, quotas, source per meter and "rate").
+
+    An override expires at `expires_at` (that instant included). An override of a meter the plan
+    does not limit adds a quota that rejects; it has no guards, since the plan names none.
+    """
+    if now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    rate = plan.rate
+    quotas = dict(plan.quotas)
+    sources = dict.fromkeys(quotas, "plan")
+    sources[RATE_METER] = "plan"
+    for override in overrides:
+        if override.expires_at is not None and override.expires_at <= now:
+            continue
+        if override.meter == RATE_METER:
+            rate = _override_rate(override, plan.rate)
+        elif override.meter in quotas:
+            quotas[override.meter] = dataclasses.replace(quotas[override.meter], limit=override.limit)
+        else:
+            quotas[override.meter] = Quota(override.meter, override.limit)
+        sources[override.meter] = "override"
+    return rate, quotas, sources

@@ -1,0 +1,131 @@
+"""Configuration: YAML plus environment, validated into Settings; `check-config` and `token`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jwt
+import pytest
+import yaml
+
+from gateway.cli import main
+from gateway.config import ConfigError, load_settings, parse_settings
+
+SECRET = "s" * 40
+KEYED = {"auth": {"algorithms": ["HS256"], "hs256_secret": SECRET}}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_env_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "upstream: {url: 'http://127.0.0.1:9100'}\nauth: {algorithms: [HS256]}\n")
+    settings = load_settings(path, env={
+        "GATEWAY_JWT_HS256_SECRET": SECRET, "REDIS_URL": "redis://:pw@127.0.0.1:6390/1",
+        "GATEWAY__UPSTREAM__READ_TIMEOUT": "7.5", "GATEWAY__LISTEN__PROXY": "127.0.0.1:18080",
+    })
+    assert settings.upstream.url == "http://127.0.0.1:9100"
+    assert settings.upstream.read_timeout == 7.5
+    assert settings.listen.proxy.port == 18080
+    assert settings.redis.url == "redis://:pw@127.0.0.1:6390/1"
+    assert settings.auth.hs256_secret == SECRET
+    assert settings.default_plan == "starter"
+    assert settings.database.url.startswith("sqlite+aiosqlite://")
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"listen": {"proxy": "nonsense"}}, "listen.proxy"),
+    ({"listen": {"proxy": "127.0.0.1:99999"}}, "listen.proxy"),
+    ({"listen": {"trusted_proxies": ["not-an-ip"]}}, "listen.trusted_proxies[0]"),
+    ({"upstream": {"url": "ftp://x"}}, "upstream.url"),
+    ({"upstream": {"read_timeout": -1}}, "upstream.read_timeout"),
+    ({"upstream": {"read_timeout": "soon"}}, "upstream.read_timeout"),
+    ({"upstream": {"max_connections": 0}}, "upstream.max_connections"),
+    ({"upstream": {"timeout": 1}}, "upstream.timeout: unknown key"),
+    ({"redis": {"on_error": "explode"}}, "redis.on_error"),
+    ({"redis": {"url": "http://x"}}, "redis.url"),
+    ({"database": {"url": "mysql://x"}}, "database.url"),
+    ({"auth": {"algorithms": ["none"], "hs256_secret": SECRET}}, "auth.algorithms[0]"),
+    ({"auth": {"algorithms": ["HS999"], "hs256_secret": SECRET}}, "auth.algorithms[0]"),
+    ({"auth": {"algorithms": ["HS256"]}}, "GATEWAY_JWT_HS256_SECRET"),
+    ({"auth": {"algorithms": ["RS256"]}}, "auth: no key source"),
+    ({"auth": {"algorithms": ["RS256"], "public_key_file": "/nonexistent.pem"}}, "auth.public_key_file"),
+    ({"auth": {"algorithms": ["HS256"], "hs256_secret": "short"}}, "at least 32"),
+    ({"auth": {"algorithms": ["HS256"], "hs256_secret": SECRET, "public_paths": ["health"]}},
+     "auth.public_paths[0]"),
+    ({"server": {"workers": 0}}, "server.workers"),
+    ({"server": {"access_log": "yes"}}, "server.access_log"),
+    ({"admin": {"tokens": "no-colon"}}, "GATEWAY_ADMIN_TOKENS[0]"),
+    ({"plans": ["starter"]}, "plans"),
+    ({"bogus": 1}, ".bogus: unknown key"),
+])
+def test_errors_name_the_key(raw: dict, message: str) -> None:
+    merged = {**KEYED, **raw}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(merged)
+    assert message in str(info.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "listen:\n  proxy: [unclosed\n")
+    with pytest.raises(ConfigError, match="line"):
+        load_settings(path, env={})
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_check_config_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "auth: {algorithms: [HS256]}\n")
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://gw:dbpassword@db:5432/gw")
+    monkeypatch.setenv("GATEWAY_ADMIN_TOKENS", "ops:0123456789abcdef0123")
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_abcdef")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    for secret in (SECRET, "dbpassword", "0123456789abcdef0123", "sk_test_abcdef"):
+        assert secret not in out
+    shown = yaml.safe_load(out)
+    assert shown["auth"]["hs256_secret"] == "***"
+    assert shown["database"]["url"] == "postgresql+asyncpg://gw:***@db:5432/gw"
+    assert shown["admin"]["tokens"] == ["ops:***"]
+
+
+def test_check_config_error_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GATEWAY_JWT_HS256_SECRET", raising=False)
+    path = write(tmp_path, "upstream: {read_timeout: fast}\n")
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "upstream.read_timeout: expected a number" in capsys.readouterr().err
+
+
+def test_token_command_mints_a_valid_token(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "auth: {algorithms: [HS256], issuer: 'https://i/', audience: api}\n")
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    assert main(["token", "--config", str(path), "--tenant", "acme", "--plan", "professional",
+                 "--ttl", "60", "--scope", "gateway:admin"]) == 0
+    token = capsys.readouterr().out.strip()
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="api", issuer="https://i/")
+    assert claims["org_id"] == "acme" and claims["scope"] == "gateway:admin"
+    assert claims["exp"] - claims["iat"] == 60
+
+
+def test_token_command_refuses_without_secret(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    key = tmp_path / "pub.pem"
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    public = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    key.write_bytes(public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    path = write(tmp_path, f"auth: {{algorithms: [RS256], public_key_file: '{key}'}}\n")
+    monkeypatch.delenv("GATEWAY_JWT_HS256_SECRET", raising=False)
+    assert main(["token", "--config", str(path), "--tenant", "acme"]) == 2
+    assert "no HS256 secret" in capsys.readouterr().err
