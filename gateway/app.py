@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
@@ -15,60 +14,13 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_app
 from gateway.auth import Authenticator
-from gateway.config import HostPort, Settings
+from gateway.config import Settings
+from gateway.listener import LimitedSockSite, ProblemServer, bind
 from gateway.metrics import RequestMetrics
 from gateway.proxy import ProxyHandler
 from gateway.upstream import UpstreamPool
 from gateway.websocket import WebSocketRelay
 from metering import db
-
-# A busy connection is dropped with this when a worker is at `listen.max_connections`.
-_OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
-               b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
-
-
-class _Overloaded(asyncio.Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_OVERLOADED)
-        transport.close()
-
-
-class LimitedSockSite(web.SockSite):
-    """A SockSite that refuses connections beyond `max_connections` instead of queueing them."""
-
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int,
-                 backlog: int = 1024) -> None:
-        super().__init__(runner, sock, backlog=backlog)
-        self._max_connections = max_connections
-
-    async def start(self) -> None:
-        web.BaseSite.start(self)  # type: ignore[unused-coroutine]
-        server = self._runner.server
-        assert server is not None
-        limit = self._max_connections
-
-        def factory() -> asyncio.Protocol:
-            if len(server.connections) >= limit:
-                return _Overloaded()
-            return server()
-
-        self._server = await asyncio.get_running_loop().create_server(
-            factory, sock=self._sock, backlog=self._backlog)
-
-
-def bind(address: HostPort, *, reuse_port: bool) -> socket.socket:
-    """A listening socket; with reuse_port several worker processes share the port."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuse_port:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((address.host, address.port))
-    sock.listen(1024)
-    sock.setblocking(False)
-    return sock
-
 
 class Worker:
     """One gateway process: proxy listener, admin listener and the clients they share."""
@@ -83,7 +35,8 @@ class Worker:
             settings.upstream.url, connect_timeout=settings.upstream.connect_timeout,
             read_timeout=settings.upstream.read_timeout, max_connections=settings.upstream.max_connections,
         )
-        self.websockets = WebSocketRelay(settings.upstream.url, connect_timeout=settings.upstream.connect_timeout)
+        self.websockets = WebSocketRelay(settings.upstream.url,
+                                         connect_timeout=settings.upstream.connect_timeout)
         self.redis = aioredis.Redis.from_url(
             settings.redis.url or "redis://127.0.0.1:6379/0", socket_timeout=0.5, socket_connect_timeout=0.5,
         )
@@ -108,7 +61,8 @@ class Worker:
         }
         grace = settings.server.shutdown_grace_seconds
         self._proxy_runner = web.ServerRunner(
-            web.Server(handler, access_log=None, handler_cancellation=True, **http_limits),
+            ProblemServer(handler, type_base=settings.server.problem_type_base, access_log=None,
+                          handler_cancellation=True, **http_limits),
             shutdown_timeout=grace, handle_signals=False,
         )
         await self._proxy_runner.setup()

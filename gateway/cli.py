@@ -14,7 +14,8 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosmos-gateway", description="CosmosBuilder metering and quota gateway")
+    parser = argparse.ArgumentParser(prog="cosmos-gateway",
+                                     description="CosmosBuilder metering and quota gateway")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -86,7 +87,8 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
 def _check_config(settings: Settings, _: argparse.Namespace) -> int:
     import yaml
 
-    print(f"# effective configuration{' from ' + settings.source if settings.source else ''} (secrets masked)")
+    source = f" from {settings.source}" if settings.source else ""
+    print(f"# effective configuration{source} (secrets masked)")
     print(yaml.safe_dump(json.loads(json.dumps(effective_config(settings))), sort_keys=False), end="")
     return 0
 
@@ -103,6 +105,7 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     print(mint_token(
         secret, tenant=args.tenant, tenant_claim=settings.auth.tenant_claim, plan=args.plan, ttl=args.ttl,
         scope=args.scope, issuer=settings.auth.issuer, audience=settings.auth.audience, subject=args.subject,
+        plan_claim=settings.auth.plan_claim or "plan",
     ))
     return 0
 

@@ -228,7 +228,7 @@ class _Section:
     def string(self, name: str, default: str | None, *, nullable: bool = False) -> str | None:
         value = self.raw.get(name, default)
         if value is None:
-            if nullable or default is None and name not in self.raw:
+            if nullable or (default is None and name not in self.raw):
                 return None
             raise ConfigError(f"{self.key(name)}: must not be null")
         if not isinstance(value, str) or not value:

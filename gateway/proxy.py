@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.accesslog import AccessLog
-from gateway.auth import AuthError, Authenticator, Identity
+from gateway.auth import Authenticator, AuthError, Identity
 from gateway.config import Settings
 from gateway.errors import (
     BadGateway,

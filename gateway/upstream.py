@@ -15,8 +15,8 @@ from collections.abc import AsyncIterable, Sequence
 from urllib.parse import urlsplit
 
 from gateway.upstream_protocol import (
-    UpstreamConnection,
     UpstreamConnectError,
+    UpstreamConnection,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamResponse,

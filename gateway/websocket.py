@@ -30,7 +30,8 @@ def is_websocket_upgrade(request: web.BaseRequest) -> bool:
 
 
 class WebSocketRelay:
-    def __init__(self, upstream_url: str, *, connect_timeout: float, max_message_size: int = 4 * 2**20) -> None:
+    def __init__(self, upstream_url: str, *, connect_timeout: float,
+                 max_message_size: int = 4 * 2**20) -> None:
         self._base = upstream_url.rstrip("/").replace("http://", "ws://", 1)
         self._connect_timeout = connect_timeout
         self._max_message_size = max_message_size
@@ -43,15 +44,20 @@ class WebSocketRelay:
     async def relay(self, request: web.BaseRequest, target: str, headers: list[tuple[str, str]],
                     rid: str) -> web.StreamResponse:
         if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False)
-        protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+            # The client's own User-Agent is forwarded; aiohttp must not add one of its own.
+            timeout = aiohttp.ClientTimeout(total=None, connect=self._connect_timeout,
+                                            sock_connect=self._connect_timeout)
+            self._session = aiohttp.ClientSession(auto_decompress=False, skip_auto_headers=("User-Agent",),
+                                                  timeout=timeout)
+        offered = request.headers.get("Sec-WebSocket-Protocol", "").split(",")
+        protocols = [p.strip() for p in offered if p.strip()]
         forward = [(k, v) for k, v in headers if k.lower() not in _WS_HANDSHAKE]
         try:
             upstream = await self._session.ws_connect(
                 self._base + target, headers=forward, protocols=protocols, autoclose=False,
                 autoping=True, max_msg_size=self._max_message_size,
                 timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0),
-                compress=0, skip_auto_headers=("User-Agent",),
+                compress=0,
             )
         except TimeoutError:
             raise GatewayTimeout("the upstream did not accept the WebSocket in time") from None
@@ -61,8 +67,9 @@ class WebSocketRelay:
             raise BadGateway("the upstream could not be reached") from None
         client = web.WebSocketResponse(
             protocols=[upstream.protocol] if upstream.protocol else (), autoclose=False, autoping=True,
-            max_msg_size=self._max_message_size, headers={"X-Request-Id": rid},
+            max_msg_size=self._max_message_size,
         )
+        client.headers["X-Request-Id"] = rid
         try:
             await client.prepare(request)
             await _pump_both(client, upstream)
@@ -76,7 +83,7 @@ class WebSocketRelay:
 async def _pump_both(client: web.WebSocketResponse, upstream: aiohttp.ClientWebSocketResponse) -> None:
     tasks = [asyncio.ensure_future(_pump(client, upstream)), asyncio.ensure_future(_pump(upstream, client))]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()

@@ -69,9 +69,11 @@ AMBIGUOUS = {
 @pytest.mark.parametrize("name", sorted(AMBIGUOUS))
 async def test_ambiguous_framing_refused_and_closed(harness: Harness, name: str) -> None:
     response = await harness.exchange(AMBIGUOUS[name])
-    assert response.startswith(b"HTTP/1.1 400"), response[:100]
+    # A head the parser refused has no trustworthy version: aiohttp answers as HTTP/1.0.
+    assert response.split(b" ", 2)[1] == b"400", response[:100]
+    assert b"application/problem+json" in response and b"invalid-request" in response
     # The connection was closed after the 400 (read() returned), and nothing reached the upstream.
-    assert response.count(b"HTTP/1.1") == 1
+    assert response.count(b"HTTP/1.") == 1
     assert harness.seen == []
 
 

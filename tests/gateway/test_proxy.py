@@ -91,7 +91,8 @@ async def test_forwarding_headers_end_with_the_peer(gateway: RunningGateway, ses
     assert header_values(echoed, "X-Forwarded-Proto") == ["http"]
     assert header_values(echoed, "X-Forwarded-Host") == [f"127.0.0.1:{gateway.worker.proxy_port}"]
     forwarded = header_values(echoed, "Forwarded")
-    assert forwarded == [f"for=127.0.0.1;proto=http;host=127.0.0.1:{gateway.worker.proxy_port}"]
+    # RFC 7239: a host with a port is not a token, so it is quoted.
+    assert forwarded == [f'for=127.0.0.1;proto=http;host="127.0.0.1:{gateway.worker.proxy_port}"']
 
 
 async def test_trusted_proxy_values_kept_in_front(upstream: Upstream, redis_server: RedisProcess,

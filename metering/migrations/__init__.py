@@ -1,0 +1,1 @@
+"""Alembic environment of the SQL store; a package so that a normal install ships it."""

@@ -1,0 +1,1 @@
+"""Alembic revisions of the SQL store (Alembic skips this file when scanning)."""
