@@ -9,6 +9,7 @@ Metrics: before forking, PROMETHEUS_MULTIPROC_DIR is set so a scrape of any work
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -48,6 +49,11 @@ async def _worker_main(settings: Settings, *, reuse_port: bool) -> int:
         loop.add_signal_handler(signum, stop.set)
 
     def started(worker: Worker) -> None:
+        # Everything allocated at start-up lives for the whole process: keep it out of the cyclic GC's
+        # scans, and collect young objects less often, which shortens the pauses behind the p99.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(10_000, 20, 20)
         log.info("worker %d: proxy on %s, admin on %s, upstream %s", os.getpid(),
                  settings.listen.proxy, settings.listen.admin, settings.upstream.url)
 

@@ -72,12 +72,16 @@ def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-async def ping(engine: AsyncEngine, timeout: float = 5.0) -> None:
+# A readiness probe must answer even when the database host is black-holed.
+PING_TIMEOUT_SECONDS = 5.0
+
+
+async def ping(engine: AsyncEngine) -> None:
     """Run `SELECT 1`; raises if the database is not usable.
 
     What is raised depends on where it fails: SQLAlchemyError for query errors, OSError when the host
     refuses, the driver's own error for failed connects (asyncpg does not get wrapped), TimeoutError.
-    The timeout keeps a readiness probe from hanging on a black-holed database host.
+    Gives up with TimeoutError after PING_TIMEOUT_SECONDS.
     """
-    async with asyncio.timeout(timeout), engine.connect() as connection:
+    async with asyncio.timeout(PING_TIMEOUT_SECONDS), engine.connect() as connection:
         await connection.execute(text("SELECT 1"))

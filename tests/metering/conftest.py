@@ -54,9 +54,8 @@ def postgres_database() -> Iterator[str]:
         pytest.skip(f"PostgreSQL not reachable at {make_url(server)!r} (set TEST_POSTGRES_URL): {exc!r}")
     except Exception as exc:  # asyncpg's own errors: auth failure, missing database "test", ...
         pytest.skip(f"PostgreSQL at {make_url(server)!r} unusable (set TEST_POSTGRES_URL): {exc!r}")
-    yield make_url(server).set(drivername="postgresql+asyncpg", database=name).render_as_string(
-        hide_password=False
-    )
+    url = make_url(server).set(drivername="postgresql+asyncpg", database=name)
+    yield url.render_as_string(hide_password=False)
     # FORCE (PostgreSQL 13+) drops it even if a leaked connection is still open.
     asyncio.run(_execute(admin_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -68,9 +67,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path}/gw.db"
     url: str = request.getfixturevalue("postgres_database")
     # One database per session, so each test starts from an empty schema instead.
-    asyncio.run(
-        _execute(_asyncpg_dsn(url), "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
-    )
+    asyncio.run(_execute(_asyncpg_dsn(url), "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
     return url
 
 

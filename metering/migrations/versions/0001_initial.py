@@ -53,7 +53,10 @@ def upgrade() -> None:
         sa.Column("reason", sa.Text(), nullable=True),
         sa.Column("updated_at", tz, nullable=False),
         sa.ForeignKeyConstraint(
-            ["tenant_id"], ["tenants.id"], name=op.f("fk_tenant_overrides_tenant_id_tenants"), ondelete="CASCADE"
+            ["tenant_id"],
+            ["tenants.id"],
+            name=op.f("fk_tenant_overrides_tenant_id_tenants"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("tenant_id", "meter", name=op.f("pk_tenant_overrides")),
     )
@@ -110,7 +113,9 @@ def upgrade() -> None:
         sa.Column("threshold", sa.Float(), nullable=False),
         sa.Column("at", tz, nullable=False),
         sa.Column("value", sa.Float(), nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "meter", "period_start", "threshold", name=op.f("pk_alert_events")),
+        sa.PrimaryKeyConstraint(
+            "tenant_id", "meter", "period_start", "threshold", name=op.f("pk_alert_events")
+        ),
     )
 
 
