@@ -144,19 +144,29 @@ class Authenticator:
             return False
         return any(pattern.match(decoded) for pattern in self._public)
 
-    async def authenticate(self, authorization: str | None) -> Identity:
-        """The identity behind an `Authorization` header value, or AuthError."""
+    async def authenticate(self, authorization: str | None, *, require_tenant: bool = True) -> Identity:
+        """The identity behind an `Authorization` header value, or AuthError.
+
+        `require_tenant=False` (the admin API) accepts a token without the tenant claim; its
+        identity then has `tenant == ""`.
+        """
         token = _bearer_token(authorization)
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
             identity, valid_until = cached
             if now < valid_until:
+                if require_tenant and not identity.tenant:
+                    raise self._missing_tenant()
                 return identity
             del self._cache[token]
-        identity = await self._verify(token, now)
+        identity = await self._verify(token, now, require_tenant)
         self._remember(token, identity, now)
         return identity
+
+    def _missing_tenant(self) -> AuthError:
+        claim = self._settings.tenant_claim
+        return AuthError("missing_tenant", f"the token has no {claim!r} claim", status=403)
 
     def _remember(self, token: str, identity: Identity, now: float) -> None:
         if len(self._cache) >= _TOKEN_CACHE_MAX:
@@ -166,7 +176,7 @@ class Authenticator:
         self._cache[token] = (identity, min(identity.expires_at + self._settings.leeway_seconds,
                                             now + _TOKEN_CACHE_SECONDS))
 
-    async def _verify(self, token: str, now: float) -> Identity:
+    async def _verify(self, token: str, now: float, require_tenant: bool = True) -> Identity:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -195,7 +205,7 @@ class Authenticator:
             raise AuthError("invalid_claim", f"the token lacks the {exc.claim!r} claim") from None
         except jwt.PyJWTError:
             raise AuthError("malformed", "the token could not be decoded") from None
-        return self._identity(claims, now)
+        return self._identity(claims, now, require_tenant)
 
     async def _key_for(self, algorithm: str, kid: Any) -> Any:
         kind = family(algorithm)
@@ -231,7 +241,7 @@ class Authenticator:
                 return candidates[0]
         return None
 
-    def _identity(self, claims: dict[str, Any], now: float) -> Identity:
+    def _identity(self, claims: dict[str, Any], now: float, require_tenant: bool = True) -> Identity:
         for name in ("exp", "nbf", "iat"):
             value = claims.get(name)
             if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)
@@ -240,8 +250,10 @@ class Authenticator:
         settings = self._settings
         tenant = claims.get(settings.tenant_claim)
         if tenant is None or tenant == "":
-            raise AuthError("missing_tenant", f"the token has no {settings.tenant_claim!r} claim", status=403)
-        if not isinstance(tenant, str) or not TENANT_ID.fullmatch(tenant):
+            if require_tenant:
+                raise self._missing_tenant()
+            tenant = ""
+        elif not isinstance(tenant, str) or not TENANT_ID.fullmatch(tenant):
             raise AuthError("invalid_claim", f"the token's {settings.tenant_claim!r} claim is not a valid "
                             "tenant id (1-64 of A-Z a-z 0-9 . _ : -)")
         plan = None

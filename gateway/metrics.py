@@ -26,7 +26,7 @@ STATUS_CLASSES = ("1xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 AUTH_FAILURE_REASONS = frozenset({
     "missing", "malformed", "expired", "not_yet_valid", "bad_signature", "bad_issuer", "bad_audience",
-    "bad_algorithm", "unknown_key", "no_keys", "bad_claims", "missing_tenant",
+    "disallowed_alg", "unknown_key", "no_keys", "invalid_claim", "missing_tenant",
 })
 
 REQUESTS = Counter(

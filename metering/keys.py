@@ -79,3 +79,13 @@ def bucket_key(tenant: str, bucket_start: int) -> str:
 
 def seen_key(tenant: str) -> str:
     return f"{tenant_prefix(tenant)}seen"
+
+
+_RECORD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def record_key(tenant: str, record_id: str) -> str:
+    """`gw:{t:<tenant>}:r:<id>`: marks a spooled record as applied, so a replay applies it once."""
+    if not _RECORD_ID.fullmatch(record_id):
+        raise ValueError(f"not a record id: {record_id!r}")
+    return f"{tenant_prefix(tenant)}r:{record_id}"

@@ -1,0 +1,200 @@
+"""The OpenAPI 3.1 document of the admin API (`GET /admin/openapi.json`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_NULLABLE_INT = {"type": ["integer", "null"]}
+_NULLABLE_NUMBER = {"type": ["number", "null"]}
+_INSTANT = {"type": "string", "format": "date-time"}
+_NULLABLE_INSTANT = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _problem("invalid-request: the `errors` name each bad field"),
+    "401": _problem("invalid-token: missing or invalid credentials"),
+    "403": _problem("forbidden: a valid JWT without the admin scope"),
+}
+_TENANT = {"name": "tenant", "in": "path", "required": True,
+           "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}}
+_METER = {"name": "meter", "in": "path", "required": True,
+          "description": "a configured meter, or `rate` for the per-second rate limit", "schema": {"type": "string"}}
+_LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}}
+_CURSOR = {"name": "cursor", "in": "query", "description": "`next_cursor` of the previous page (opaque)",
+           "schema": {"type": "string"}}
+
+_SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object", "description": "RFC 9457 problem details",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string", "format": "uri"}, "title": {"type": "string"},
+            "status": {"type": "integer"}, "detail": {"type": "string"},
+            "errors": {"type": "array", "items": {
+                "type": "object", "required": ["field", "message"],
+                "properties": {"field": {"type": "string"}, "message": {"type": "string"}}}},
+        },
+    },
+    "MeterUsage": {
+        "type": "object",
+        "required": ["used", "limit", "remaining", "resets_at", "on_exceed", "source", "forecast"],
+        "properties": {
+            "used": {"type": "number"}, "limit": _NULLABLE_NUMBER, "remaining": _NULLABLE_NUMBER,
+            "resets_at": {**_NULLABLE_INSTANT, "description": "the period end; null for gauges, which never reset"},
+            "on_exceed": {"enum": ["reject", "overage", None]},
+            "source": {"enum": ["plan", "override"]},
+            "forecast": {"type": "number", "description": "end-of-period value at the current pace"},
+        },
+    },
+    "TenantView": {
+        "type": "object",
+        "required": ["tenant", "plan", "status", "period", "rate", "meters", "alerts"],
+        "properties": {
+            "tenant": {"type": "string"}, "plan": _NULLABLE_STRING,
+            "status": {"enum": ["active", "suspended"]}, "subscription_status": _NULLABLE_STRING,
+            "stripe_customer_id": _NULLABLE_STRING, "stripe_subscription_id": _NULLABLE_STRING,
+            "billing_anchor_day": _NULLABLE_INT,
+            "period": {"type": "object", "required": ["start", "end"],
+                       "properties": {"start": _INSTANT, "end": _INSTANT}},
+            "rate": {"type": "object", "required": ["per_second", "burst", "source"],
+                     "properties": {"per_second": _NULLABLE_NUMBER, "burst": _NULLABLE_INT,
+                                    "source": {"enum": ["plan", "override"]}}},
+            "meters": {"type": "object", "additionalProperties": _ref("MeterUsage")},
+            "alerts": {"type": "array", "items": {
+                "type": "object", "properties": {"meter": {"type": "string"}, "threshold": {"type": "number"},
+                                                 "at": _INSTANT}}},
+        },
+    },
+    "TenantSummary": {
+        "type": "object", "required": ["tenant", "plan", "status", "registered"],
+        "properties": {
+            "tenant": {"type": "string"}, "plan": _NULLABLE_STRING, "status": {"enum": ["active", "suspended"]},
+            "subscription_status": _NULLABLE_STRING, "stripe_customer_id": _NULLABLE_STRING,
+            "billing_anchor_day": _NULLABLE_INT,
+            "registered": {"type": "boolean", "description": "false: the tenant has only sent traffic"},
+        },
+    },
+    "TenantPage": {
+        "type": "object", "required": ["tenants", "next_cursor"],
+        "properties": {"tenants": {"type": "array", "items": _ref("TenantSummary")},
+                       "next_cursor": _NULLABLE_STRING},
+    },
+    "TenantUpdate": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "plan": {"type": "string"}, "status": {"enum": ["active", "suspended"]},
+            "stripe_customer_id": _NULLABLE_STRING,
+            "billing_anchor_day": {"type": ["integer", "null"], "minimum": 1, "maximum": 28},
+        },
+    },
+    "OverrideUpdate": {
+        "oneOf": [
+            {"type": "object", "additionalProperties": False, "required": ["limit"],
+             "description": "any meter but `rate`",
+             "properties": {"limit": {"type": ["integer", "null"], "minimum": 0},
+                            "expires_at": _NULLABLE_INSTANT, "reason": _NULLABLE_STRING}},
+            {"type": "object", "additionalProperties": False, "required": ["per_second"],
+             "description": "meter `rate`",
+             "properties": {"per_second": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                            "burst": {"type": ["integer", "null"], "minimum": 1},
+                            "expires_at": _NULLABLE_INSTANT, "reason": _NULLABLE_STRING}},
+        ],
+    },
+    "PlanCatalog": {
+        "type": "object", "required": ["plans"],
+        "properties": {
+            "default_plan": _NULLABLE_STRING,
+            "plans": {"type": "object", "additionalProperties": {
+                "type": "object", "properties": {
+                    "rate": {"type": ["object", "null"], "properties": {
+                        "per_second": {"type": "number"}, "burst": {"type": "integer"}}},
+                    "quotas": {"type": "object", "additionalProperties": {
+                        "type": "object", "properties": {
+                            "limit": _NULLABLE_NUMBER, "on_exceed": {"enum": ["reject", "overage"]},
+                            "guards": {"type": "array", "items": {"type": "object", "properties": {
+                                "method": _NULLABLE_STRING, "path": {"type": "string"}}}}}}}}}},
+        },
+    },
+    "AuditEntry": {
+        "type": "object", "required": ["at", "actor", "tenant", "action", "before", "after"],
+        "properties": {
+            "id": {"type": "integer"}, "at": _INSTANT,
+            "actor": {"type": "string", "description": "`token:<name>` or `jwt:<subject>`"},
+            "tenant": _NULLABLE_STRING,
+            "action": {"enum": ["tenant.create", "tenant.update", "override.put", "override.delete"]},
+            "before": {"type": ["object", "null"]}, "after": {"type": ["object", "null"]},
+        },
+    },
+    "AuditPage": {
+        "type": "object", "required": ["entries", "next_cursor"],
+        "properties": {"entries": {"type": "array", "items": _ref("AuditEntry")}, "next_cursor": _NULLABLE_STRING},
+    },
+}
+
+
+def admin_openapi(type_base: str) -> dict[str, Any]:
+    """The document; `type_base` is where the problem `type` URIs point."""
+    view = _json("the tenant view", _ref("TenantView"))
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "cosmos-gateway admin API", "version": "1",
+                 "description": f"Operators' API of the admin listener. Problem types: {type_base}<suffix>."},
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {
+                "type": "http", "scheme": "bearer",
+                "description": "an admin token (GATEWAY_ADMIN_TOKENS) or a JWT with the admin scope"}},
+            "schemas": _SCHEMAS,
+        },
+        "paths": {
+            "/admin/openapi.json": {"get": {
+                "summary": "This document", "operationId": "getOpenapi",
+                "responses": {"200": _json("OpenAPI 3.1", {"type": "object"}), **_ERRORS}}},
+            "/admin/plans": {"get": {
+                "summary": "The effective plan catalog", "operationId": "getPlans",
+                "responses": {"200": _json("plans", _ref("PlanCatalog")), **_ERRORS}}},
+            "/admin/tenants": {"get": {
+                "summary": "Tenants with a record or with traffic, by tenant id", "operationId": "listTenants",
+                "parameters": [_LIMIT, _CURSOR],
+                "responses": {"200": _json("a page of tenants", _ref("TenantPage")), **_ERRORS}}},
+            "/admin/tenants/{tenant}": {
+                "parameters": [_TENANT],
+                "get": {"summary": "Plan, status, limits, usage, remaining, reset and forecast per meter",
+                        "operationId": "getTenant",
+                        "responses": {"200": view, **_ERRORS, "404": _problem("never seen")}},
+                "put": {"summary": "Create or update a tenant", "operationId": "putTenant",
+                        "requestBody": _body(_ref("TenantUpdate")),
+                        "responses": {"200": view, "201": _json("created", _ref("TenantView")), **_ERRORS}},
+            },
+            "/admin/tenants/{tenant}/overrides/{meter}": {
+                "parameters": [_TENANT, _METER],
+                "put": {"summary": "Set a per-tenant limit (creates the tenant if needed)",
+                        "operationId": "putOverride", "requestBody": _body(_ref("OverrideUpdate")),
+                        "responses": {"200": view, **_ERRORS}},
+                "delete": {"summary": "Back to the plan's limit", "operationId": "deleteOverride",
+                           "responses": {"204": {"description": "removed"}, **_ERRORS,
+                                         "404": _problem("no such override")}},
+            },
+            "/admin/audit": {"get": {
+                "summary": "Who changed what, newest first", "operationId": "listAudit",
+                "parameters": [{"name": "tenant", "in": "query", "schema": _TENANT["schema"]}, _LIMIT, _CURSOR],
+                "responses": {"200": _json("a page of audit entries", _ref("AuditPage")), **_ERRORS}}},
+        },
+    }

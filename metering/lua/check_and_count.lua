@@ -1,0 +1,134 @@
+-- check_and_count.lua: decide every rule of one request at once; count only when all pass.
+--
+-- All keys belong to one tenant (hash tag {t:<tenant>}), so the script touches one cluster slot.
+-- KEYS[1]            rate key (GCRA theoretical arrival time, seconds as a decimal string)
+-- KEYS[2]            billing bucket hash (meter -> billable units)
+-- KEYS[3..2+nc]      period counter of each counter rule
+-- KEYS[3+nc..]       gauge key of each guard rule
+-- ARGV: now, expire_at (period keys), period_end, bucket_ttl,
+--       has_rate, per_second, burst,
+--       nc, then nc x (meter, units, limit or "", enforce 0|1),
+--       ng, then ng x (meter, limit),
+--       nb, then nb x (meter, units)
+-- Reply: {allowed 0|1, reason or "", meter or "", retry_after, rate_remaining or -1, {meter, used, ...}}
+-- Floats travel as strings: Redis truncates Lua numbers to integers in replies.
+-- `now` comes from the caller's clock (not TIME), so tests can fix the time.
+
+local now = tonumber(ARGV[1])
+local expire_at = tonumber(ARGV[2])
+local period_end = tonumber(ARGV[3])
+local bucket_ttl = tonumber(ARGV[4])
+local has_rate = ARGV[5] == '1'
+local per_second = tonumber(ARGV[6])
+local burst = tonumber(ARGV[7])
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local nc = tonumber(ARGV[8])
+local counters = {}
+local a = 9
+for i = 1, nc do
+  local limit = ARGV[a + 2]
+  counters[i] = {
+    meter = ARGV[a], units = tonumber(ARGV[a + 1]),
+    limit = (limit ~= '') and tonumber(limit) or nil, enforce = ARGV[a + 3] == '1',
+    key = KEYS[2 + i],
+    used = tonumber(redis.call('GET', KEYS[2 + i]) or '0'),
+  }
+  a = a + 4
+end
+
+local ng = tonumber(ARGV[a])
+a = a + 1
+local guards = {}
+for i = 1, ng do
+  guards[i] = {
+    meter = ARGV[a], limit = tonumber(ARGV[a + 1]),
+    value = tonumber(redis.call('GET', KEYS[2 + nc + i]) or '0') or 0,
+  }
+  a = a + 2
+end
+
+local nb = tonumber(ARGV[a])
+a = a + 1
+
+local reason, meter, retry_after = '', '', 0
+local rate_remaining = -1
+local new_tat
+
+-- GCRA: each request moves the theoretical arrival time (TAT) on by one emission interval; a request
+-- is allowed while the TAT stays within `burst` intervals of now.
+if has_rate then
+  local interval = 1 / per_second
+  local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+  if tat < now then tat = now end
+  new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if now < allow_at then
+    reason, retry_after = 'rate', allow_at - now
+    rate_remaining = 0
+  else
+    rate_remaining = math.floor((now - allow_at) / interval + 1e-9)
+  end
+end
+
+if reason == '' then
+  for i = 1, nc do
+    local c = counters[i]
+    if c.enforce and c.limit and c.used + c.units > c.limit then
+      reason, meter, retry_after = 'quota', c.meter, math.max(0, period_end - now)
+      break
+    end
+  end
+end
+
+if reason == '' then
+  for i = 1, ng do
+    local g = guards[i]
+    if g.value >= g.limit then
+      reason, meter = 'guard', g.meter
+      break
+    end
+  end
+end
+
+local used = {}
+if reason == '' then
+  for i = 1, nc do
+    local c = counters[i]
+    if c.units ~= 0 then
+      c.used = redis.call('INCRBY', c.key, c.units)
+    end
+    redis.call('EXPIREAT', c.key, expire_at)
+  end
+  if has_rate then
+    -- Once the TAT is in the past the bucket is full, so the key may go then.
+    local ttl_ms = math.ceil((new_tat - now) * 1000) + 1000
+    redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', ttl_ms)
+  end
+  local billed = false
+  for i = 1, nb do
+    local units = tonumber(ARGV[a + 1])
+    if units ~= 0 then
+      redis.call('HINCRBY', KEYS[2], ARGV[a], units)
+      billed = true
+    end
+    a = a + 2
+  end
+  if billed then
+    redis.call('EXPIRE', KEYS[2], bucket_ttl)
+  end
+end
+
+for i = 1, nc do
+  used[#used + 1] = counters[i].meter
+  used[#used + 1] = fmt(counters[i].used)
+end
+for i = 1, ng do
+  used[#used + 1] = guards[i].meter
+  used[#used + 1] = fmt(guards[i].value)
+end
+
+return {reason == '' and 1 or 0, reason, meter, fmt(retry_after), rate_remaining, used}

@@ -1,0 +1,83 @@
+-- record.lua: what is known after the response: refunds, byte counts, reported gauges.
+--
+-- All keys belong to one tenant (hash tag {t:<tenant>}), so the script touches one cluster slot.
+-- KEYS[1]   billing bucket hash (meter -> billable value)
+-- KEYS[2]   idempotency marker (only used when marker_ttl > 0: spool replay)
+-- KEYS[3..] one key per refund, add and count entry (period counter) and per gauge entry (gauge key)
+-- ARGV: expire_at (period keys), bucket_ttl, marker_ttl, n_refund, n_add, n_count, n_bill, n_gauge,
+--       then the entries in that order, each (meter, value):
+--   refund  take units back from the period counter and the bucket, never below 0
+--   add     add units to the period counter and the bucket (byte meters)
+--   count   add units to the period counter only (spooled admitted checks)
+--   bill    add units to the bucket only (spooled admitted checks; no key)
+--   gauge   set the gauge, and the bucket field to that last value
+-- Reply: 1 applied, 0 already applied (marker present).
+
+local expire_at = tonumber(ARGV[1])
+local bucket_ttl = tonumber(ARGV[2])
+local marker_ttl = tonumber(ARGV[3])
+
+if marker_ttl > 0 then
+  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', marker_ttl) then
+    return 0
+  end
+end
+
+local bucket = KEYS[1]
+local touched = false
+local k = 3
+local a = 9
+
+local function each(count, fn)
+  for _ = 1, count do
+    fn(ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+end
+
+each(tonumber(ARGV[4]), function(meter, value)
+  local units = tonumber(value)
+  local key = KEYS[k]
+  k = k + 1
+  local current = tonumber(redis.call('GET', key) or '0')
+  local back = math.min(current, units)
+  if back > 0 then
+    redis.call('DECRBY', key, back)
+  end
+  local billed = tonumber(redis.call('HGET', bucket, meter) or '0') or 0
+  back = math.min(billed, units)
+  if back > 0 then
+    redis.call('HINCRBY', bucket, meter, -back)
+    touched = true
+  end
+end)
+
+local function count(meter, value)
+  local key = KEYS[k]
+  k = k + 1
+  redis.call('INCRBY', key, value)
+  redis.call('EXPIREAT', key, expire_at)
+end
+
+local function bill(meter, value)
+  redis.call('HINCRBY', bucket, meter, value)
+  touched = true
+end
+
+each(tonumber(ARGV[5]), function(meter, value)
+  count(meter, value)
+  bill(meter, value)
+end)
+each(tonumber(ARGV[6]), count)
+each(tonumber(ARGV[7]), bill)
+each(tonumber(ARGV[8]), function(meter, value)
+  redis.call('SET', KEYS[k], value)
+  k = k + 1
+  redis.call('HSET', bucket, meter, value)
+  touched = true
+end)
+
+if touched then
+  redis.call('EXPIRE', bucket, bucket_ttl)
+end
+return 1

@@ -1,0 +1,365 @@
+"""Usage counters in Redis: one Lua script per decision, concurrent calls batched into one pipeline.
+
+    StoreUnavailable      Redis down, slow (past `timeout`), or answering errors; every driver error
+                          (connection, timeout, response, cluster) is translated into it here, once.
+
+`check()` runs `lua/check_and_count.lua`: rate (GCRA), counter quotas and gauge guards decided at once,
+counted only when all pass. `record()` runs `lua/record.lua`: refunds, byte counts, gauges, and the
+idempotency marker of a spool replay. Calls made in the same event-loop iteration share one
+non-transactional pipeline, so round trips do not grow with concurrency. Every key of one call carries
+the tenant's hash tag, so each script touches one cluster slot; a cluster pipeline is split by node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+
+from metering import keys
+
+PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (late records, usage view)
+RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week is applied once
+SEEN_EVERY = 60.0  # seconds between two SADDs of one tenant to the global set, per process
+_SEEN_MEMORY = 100_000  # tenants remembered before the throttle starts over
+
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+Reason = Literal["rate", "quota", "guard"]
+Units = tuple[tuple[str, int], ...]
+
+
+class StoreUnavailable(Exception):
+    """Redis is down, timed out or failed; the caller fails open (spool) or closed (503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateRule:
+    per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class CounterRule:
+    meter: str
+    units: int
+    limit: int | None
+    enforce: bool  # False: overage, count past the limit
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRule:
+    meter: str
+    limit: float  # reject while the gauge is >= limit
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    tenant: str
+    now: float
+    period_start: int
+    period_end: int
+    bucket_start: int
+    bucket_ttl: int
+    rate: RateRule | None
+    counters: tuple[CounterRule, ...]
+    guards: tuple[GuardRule, ...]
+    billable: Units  # (meter, units) added to the billing bucket when admitted
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    reason: Reason | None
+    meter: str | None  # the violated meter (quota/guard)
+    retry_after: float  # seconds: rate until a token frees, quota until the period ends, guard 0
+    used: dict[str, float]  # per counter/guard meter, after counting (or current when rejected)
+    rate_remaining: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What is known after the response; also the spooled form of an admitted check (`from_admitted`)."""
+
+    tenant: str
+    period_start: int
+    period_end: int
+    bucket_start: int
+    bucket_ttl: int
+    refund: Units = ()  # give back: period counter and bucket, never below 0
+    add: Units = ()  # byte meters: period counter and bucket
+    gauges: tuple[tuple[str, float], ...] = ()  # SET the gauge; the bucket field holds the last value
+    count: Units = ()  # period counter only
+    bill: Units = ()  # bucket only
+    record_id: str | None = None  # applied at most once (spool replay); None: no marker
+
+    @classmethod
+    def from_admitted(cls, check: Check, record_id: str | None = None) -> Record:
+        """The counts an admitted check would have made (rate state aside), to spool when Redis is down."""
+        return cls(
+            check.tenant, check.period_start, check.period_end, check.bucket_start, check.bucket_ttl,
+            count=tuple((c.meter, c.units) for c in check.counters if c.units),
+            bill=tuple((meter, units) for meter, units in check.billable if units),
+            record_id=record_id,
+        )
+
+    def is_empty(self) -> bool:
+        return not (self.refund or self.add or self.gauges or self.count or self.bill or self.record_id)
+
+
+class _Script:
+    __slots__ = ("sha", "source")
+
+    def __init__(self, name: str) -> None:
+        self.source = (resources.files("metering") / "lua" / name).read_text(encoding="utf-8")
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+
+
+CHECK_SCRIPT = _Script("check_and_count.lua")
+RECORD_SCRIPT = _Script("record.lua")
+
+
+@dataclass(slots=True)
+class _Call:
+    script: _Script
+    keys: list[str]
+    args: list[Any]
+    parse: Callable[[Any], Any]
+    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _number(value: Any) -> float:
+    return 0.0 if value is None else float(_text(value))
+
+
+def _decision(reply: Any) -> Decision:
+    allowed, reason, meter, retry_after, remaining, used = reply
+    flat = [_text(item) for item in used]
+    return Decision(
+        allowed=allowed == 1,
+        reason=_text(reason) or None,  # type: ignore[arg-type]
+        meter=_text(meter) or None,
+        retry_after=float(_text(retry_after)),
+        used={flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)},
+        rate_remaining=None if remaining < 0 else int(remaining),
+    )
+
+
+def _applied(reply: Any) -> bool:
+    return reply == 1
+
+
+class RedisUsageStore:
+    """Counters, gauges and billing buckets of all tenants in one Redis (single node or cluster)."""
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        timeout: float = 0.05,
+        clock: Callable[[], float] = time.time,
+        read_timeout: float = 1.0,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout  # the hot path: check() and record()
+        self._read_timeout = read_timeout  # usage views and billing reads
+        self._clock = clock
+        self._loaded = False
+        self._pending: list[_Call] = []
+        self._pending_seen: set[str] = set()
+        self._seen_at: dict[str, float] = {}
+        self._flushes: set[asyncio.Task[None]] = set()
+        self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
+
+    # -- the hot path -------------------------------------------------------------------------------
+
+    async def check(self, check: Check) -> Decision:
+        """Decide and count one request; batched with the calls of the same loop iteration."""
+        counter_keys = [keys.quota_key(check.tenant, c.meter, check.period_start) for c in check.counters]
+        gauge_keys = [keys.gauge_key(check.tenant, g.meter) for g in check.guards]
+        rate = check.rate
+        args: list[Any] = [
+            repr(float(check.now)), check.period_end + PERIOD_KEY_GRACE, check.period_end, check.bucket_ttl,
+            1 if rate else 0, repr(float(rate.per_second)) if rate else 0, rate.burst if rate else 0,
+            len(check.counters),
+        ]
+        for c in check.counters:
+            args += [c.meter, c.units, "" if c.limit is None else c.limit, 1 if c.enforce else 0]
+        args.append(len(check.guards))
+        for g in check.guards:
+            args += [g.meter, repr(float(g.limit))]
+        args.append(len(check.billable))
+        for meter, units in check.billable:
+            args += [meter, units]
+        key_list = [
+            keys.rate_key(check.tenant), keys.bucket_key(check.tenant, check.bucket_start),
+            *counter_keys, *gauge_keys,
+        ]
+        return await self._submit(_Call(CHECK_SCRIPT, key_list, args, _decision), check.tenant)
+
+    async def record(self, record: Record) -> bool:
+        """Apply refunds, byte counts and gauges; False when `record_id` was already applied."""
+        if record.is_empty():
+            return True
+        tenant, period = record.tenant, record.period_start
+        bucket = keys.bucket_key(tenant, record.bucket_start)
+        # Without an id the marker slot still needs a key of the tenant's slot; it is never touched.
+        marker = keys.record_key(tenant, record.record_id) if record.record_id else bucket
+        key_list = [bucket, marker]
+        key_list += [keys.quota_key(tenant, m, period) for m, _ in (*record.refund, *record.add, *record.count)]
+        key_list += [keys.gauge_key(tenant, m) for m, _ in record.gauges]
+        args: list[Any] = [
+            record.period_end + PERIOD_KEY_GRACE, record.bucket_ttl,
+            RECORD_MARKER_TTL if record.record_id else 0,
+            len(record.refund), len(record.add), len(record.count), len(record.bill), len(record.gauges),
+        ]
+        for section in (record.refund, record.add, record.count, record.bill):
+            for meter, units in section:
+                keys.quota_key(tenant, meter, period)  # validates bill-only meter names too
+                args += [meter, int(units)]
+        for meter, value in record.gauges:
+            if not math.isfinite(value):
+                raise ValueError(f"gauge {meter} must be finite, got {value!r}")
+            args += [meter, repr(float(value))]
+        return await self._submit(_Call(RECORD_SCRIPT, key_list, args, _applied), tenant)
+
+    # -- reads (admin, usage view, billing) ----------------------------------------------------------
+
+    async def usage(
+        self, tenant: str, period_start: int, meters: Sequence[str], gauges: Iterable[str] = ()
+    ) -> dict[str, float]:
+        """Period counters of `meters` and last values of `gauges` (missing = 0), in one MGET."""
+        gauges = tuple(gauges)
+        key_list = [keys.quota_key(tenant, m, period_start) for m in meters]
+        key_list += [keys.gauge_key(tenant, g) for g in gauges]
+        if not key_list:
+            return {}
+        async with self._guarded(self._read_timeout):
+            values = await self._client.mget(key_list)
+        return {name: _number(value) for name, value in zip((*meters, *gauges), values, strict=True)}
+
+    async def bucket(self, tenant: str, bucket_start: int) -> dict[str, float]:
+        """The billing bucket of a tenant: meter -> billable value (a gauge: its last value)."""
+        async with self._guarded(self._read_timeout):
+            raw = await self._client.hgetall(keys.bucket_key(tenant, bucket_start))
+        return {_text(meter): _number(value) for meter, value in raw.items()}
+
+    async def tenants_seen(self) -> set[str]:
+        async with self._guarded(self._read_timeout):
+            members = await self._client.smembers(keys.TENANTS_SEEN_KEY)
+        return {_text(member) for member in members}
+
+    async def load_scripts(self) -> None:
+        """SCRIPT LOAD both scripts (every primary of a cluster); done on first use and after NOSCRIPT."""
+        async with self._guarded(self._read_timeout):
+            await self._load()
+
+    async def aclose(self) -> None:
+        """Wait for the pipelines in flight; the client belongs to the caller."""
+        while self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    # -- batching ------------------------------------------------------------------------------------
+
+    async def _submit(self, call: _Call, tenant: str) -> Any:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._start_flush)
+        self._pending.append(call)
+        now = self._clock()
+        if now - self._seen_at.get(tenant, -math.inf) >= SEEN_EVERY:
+            if len(self._seen_at) >= _SEEN_MEMORY:
+                self._seen_at.clear()
+            self._seen_at[tenant] = now
+            self._pending_seen.add(tenant)
+        return await call.future
+
+    def _start_flush(self) -> None:
+        batch, self._pending = self._pending, []
+        seen, self._pending_seen = self._pending_seen, set()
+        task = asyncio.get_running_loop().create_task(self._flush(batch, seen))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
+        try:
+            async with self._guarded(self._timeout):
+                replies = await self._send(batch, seen)
+        except StoreUnavailable as exc:
+            for tenant in seen:
+                self._seen_at.pop(tenant, None)
+            for call in batch:
+                if not call.future.done():
+                    call.future.set_exception(exc)
+            return
+        for call, reply in zip(batch, replies, strict=True):
+            if call.future.done():  # the caller was cancelled
+                continue
+            if isinstance(reply, Exception):
+                error = StoreUnavailable(f"redis: {reply}")
+                error.__cause__ = reply
+                call.future.set_exception(error)
+            else:
+                try:
+                    call.future.set_result(call.parse(reply))
+                except (TypeError, ValueError) as exc:  # a script and this module out of step
+                    call.future.set_exception(StoreUnavailable(f"unexpected reply {reply!r}: {exc}"))
+
+    async def _send(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+        if not self._loaded:
+            await self._load()
+        replies = await self._pipeline(batch, seen)
+        again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if again:  # Redis restarted (or SCRIPT FLUSH): load and send just those once more
+            await self._load()
+            for i, reply in zip(again, await self._pipeline([batch[i] for i in again], set()), strict=True):
+                replies[i] = reply
+        return replies
+
+    async def _pipeline(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for call in batch:
+            # Not pipe.evalsha(): redis-py blocks that name in cluster pipelines, as a script's keys could
+            # span slots. Ours never do (one tenant's hash tag), and EVALSHA is routed by its keys.
+            pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+        if seen:
+            # The global set has no hash tag, so it cannot be written by a script; it rides along.
+            pipe.sadd(keys.TENANTS_SEEN_KEY, *sorted(seen))
+        self.round_trips += 1
+        replies = list(await pipe.execute(raise_on_error=False))
+        if seen and isinstance(replies[-1], Exception):
+            for tenant in seen:
+                self._seen_at.pop(tenant, None)
+        return replies[: len(batch)]
+
+    async def _load(self) -> None:
+        for script in (CHECK_SCRIPT, RECORD_SCRIPT):
+            sha = _text(await self._client.script_load(script.source))
+            if sha != script.sha:
+                raise StoreUnavailable(f"SCRIPT LOAD returned {sha}, expected {script.sha}")
+        self._loaded = True
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, timeout: float) -> AsyncIterator[None]:
+        """The one place where driver errors become StoreUnavailable."""
+        try:
+            async with asyncio.timeout(timeout):
+                yield
+        except StoreUnavailable:
+            raise
+        except _REDIS_ERRORS as exc:
+            detail = f"timed out after {timeout * 1000:.0f} ms" if isinstance(exc, TimeoutError) else repr(exc)
+            raise StoreUnavailable(f"redis: {detail}") from exc

@@ -1,0 +1,293 @@
+"""The limiter: turns a tenant's plan into one atomic check-and-count, and a response into its record.
+
+`admit()` runs before the upstream is called: it resolves the tenant (in-process directory, never
+SQL), builds one `Check` of every rule the request touches (rate, period quotas, gauge guards, billing
+bucket) and sends it to the store, where a single script decides all of them at once. `complete()`
+runs after the response: it gives units back for a server error, adds the byte meters and the
+reported gauges, in one batched call that the request does not wait for.
+
+When the store is down, `fail_open` admits and spools what would have been counted (replayed later,
+once); `fail_closed` refuses with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from metering.meters import Meter, MeterMatcher, glob_to_regex, parse_usage_report
+from metering.redis_store import (
+    Check,
+    CounterRule,
+    Decision,
+    GuardRule,
+    RateRule,
+    Record,
+    RedisUsageStore,
+    StoreUnavailable,
+)
+from metering.spool import Spool
+from quota.metrics import QuotaMetrics
+from quota.periods import bucket_start, period_bounds
+from quota.plans import Plan, Quota, Rate, effective
+from quota.tenants import TenantDirectory, TenantRecord
+
+log = logging.getLogger("cosmos_gateway.limiter")
+
+BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
+INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete_expired"})
+
+
+class Refusal(Exception):
+    """The request may not pass; `kind` says why, the fields feed the problem+json answer."""
+
+    def __init__(self, kind: str, detail: str, *, tenant: str, plan: str | None = None, meter: str | None = None,
+                 limit: float | None = None, used: float | None = None, retry_after: int | None = None,
+                 resets_at: datetime | None = None, subscription_status: str | None = None) -> None:
+        super().__init__(detail)
+        self.kind = kind  # forbidden | subscription_inactive | rate | quota | unavailable
+        self.detail = detail
+        self.tenant = tenant
+        self.plan = plan
+        self.meter = meter
+        self.limit = limit
+        self.used = used
+        self.retry_after = retry_after
+        self.resets_at = resets_at
+        self.subscription_status = subscription_status
+
+
+@dataclass(slots=True)
+class Admission:
+    """What was decided for one admitted request; `complete()` finishes it."""
+
+    tenant: str
+    plan: str
+    period_start: int
+    period_end: int
+    bucket_start: int
+    counted: tuple[Meter, ...]
+    quotas: Mapping[str, Quota]
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    spooled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterSettings:
+    default_plan: str | None
+    bucket_seconds: int
+    fail_open: bool
+
+
+class Limiter:
+    def __init__(self, store: RedisUsageStore, matcher: MeterMatcher, plans: Mapping[str, Plan],
+                 directory: TenantDirectory, spool: Spool, metrics: QuotaMetrics, settings: LimiterSettings,
+                 *, clock: Callable[[], float] = time.time, on_counted: Callable[..., None] | None = None) -> None:
+        self._store = store
+        self._matcher = matcher
+        self._plans = plans
+        self._directory = directory
+        self._spool = spool
+        self._metrics = metrics
+        self._settings = settings
+        self._clock = clock
+        self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
+        self._periods: dict[int | None, tuple[int, int]] = {}
+        self._pending: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ before the upstream
+
+    def resolve(self, tenant: str, claimed_plan: str | None) -> tuple[TenantRecord | None, Plan]:
+        """The tenant's record and plan, or a Refusal (suspended, inactive, unknown)."""
+        record = self._directory.get(tenant)
+        if record is not None:
+            if record.status == "suspended":
+                raise Refusal("forbidden", "the tenant is suspended", tenant=tenant, plan=record.plan)
+            if record.subscription_status in INACTIVE_SUBSCRIPTIONS:
+                raise Refusal("subscription_inactive", "the tenant's subscription is not active",
+                              tenant=tenant, plan=record.plan, subscription_status=record.subscription_status)
+        name = record.plan if record is not None else claimed_plan or self._settings.default_plan
+        plan = self._plans.get(name) if name is not None else None
+        if plan is None and record is not None and self._settings.default_plan is not None:
+            log.warning("tenant %s has unknown plan %r; applying the default plan", tenant, name)
+            plan = self._plans.get(self._settings.default_plan)
+        if plan is None:
+            raise Refusal("forbidden", "the tenant is unknown and there is no default plan", tenant=tenant)
+        return record, plan
+
+    def period(self, anchor_day: int | None, now: float) -> tuple[int, int]:
+        """[start, end) of the tenant's current period as epoch seconds, cached until it ends."""
+        cached = self._periods.get(anchor_day)
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached
+        start, end = period_bounds(datetime.fromtimestamp(now, UTC), anchor_day)
+        bounds = self._periods[anchor_day] = (int(start.timestamp()), int(end.timestamp()))
+        return bounds
+
+    async def admit(self, tenant: str, claimed_plan: str | None, method: str, path: str) -> Admission:
+        record, plan = self.resolve(tenant, claimed_plan)
+        now = self._clock()
+        if record is not None and record.overrides:
+            rate, quotas, _ = effective(plan, record.overrides, datetime.fromtimestamp(now, UTC))
+        else:
+            rate, quotas = plan.rate, plan.quotas
+        period_start, period_end = self.period(record.billing_anchor_day if record else None, now)
+        counted = self._matcher.request_meters(method, path)
+        counters = tuple(_counter_rule(m, quotas.get(m.name)) for m in counted)
+        guards = _guard_rules(quotas, method, path)
+        bucket = bucket_start(now, self._settings.bucket_seconds)
+        check = Check(
+            tenant=tenant, now=now, period_start=period_start, period_end=period_end, bucket_start=bucket,
+            bucket_ttl=BUCKET_TTL, rate=RateRule(rate.per_second, rate.burst) if rate else None,
+            counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
+        )
+        admission = Admission(tenant, plan.name, period_start, period_end, bucket, counted, quotas)
+        try:
+            decision = await self._store.check(check)
+        except StoreUnavailable:
+            self._metrics.store_error()
+            if not self._settings.fail_open:
+                raise Refusal("unavailable", "the usage store is unavailable", tenant=tenant,
+                              plan=plan.name, retry_after=1) from None
+            self._spool_check(check)
+            admission.spooled = True
+            return admission
+        if not decision.allowed:
+            raise self._refusal(decision, admission, rate, now)
+        admission.headers = _ratelimit_headers(rate, decision, counted, quotas, period_start, period_end, now)
+        self._observe(admission, decision.used)
+        return admission
+
+    def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
+        plan, tenant = admission.plan, admission.tenant
+        if decision.reason == "rate":
+            self._metrics.rejected("rate", plan, "rate")
+            return Refusal("rate", "the per-second rate limit is exceeded", tenant=tenant, plan=plan,
+                           limit=rate.burst if rate else None, retry_after=max(1, math.ceil(decision.retry_after)))
+        meter = decision.meter or ""
+        quota = admission.quotas.get(meter)
+        self._metrics.rejected("quota" if decision.reason == "quota" else "guard", plan, meter)
+        resets_at = datetime.fromtimestamp(admission.period_end, UTC)
+        return Refusal("quota", f"the {meter} quota of this period is used up", tenant=tenant, plan=plan,
+                       meter=meter, limit=quota.limit if quota else None, used=decision.used.get(meter),
+                       retry_after=max(1, math.ceil(admission.period_end - now)), resets_at=resets_at)
+
+    def _observe(self, admission: Admission, used: Mapping[str, float]) -> None:
+        for meter, value in used.items():
+            self._metrics.usage(admission.tenant, meter, value)
+            quota = admission.quotas.get(meter)
+            if self._on_counted is not None and quota is not None and quota.limit is not None:
+                self._on_counted(admission.tenant, meter, admission.period_start, value, quota.limit)
+
+    # ------------------------------------------------------------------ after the upstream
+
+    def complete(self, admission: Admission, status: int, request_bytes: int, response_bytes: int,
+                 usage_report: str | None) -> None:
+        """Record what the response adds or gives back; the request does not wait for it."""
+        refund = tuple((m.name, 1) for m in admission.counted if status >= 500 and not m.bill_server_errors)
+        add = []
+        for meter in self._matcher.byte_meters:
+            if status >= 500 and not meter.bill_server_errors:
+                continue
+            units = request_bytes if meter.source == "request_bytes" else response_bytes
+            if units > 0:
+                add.append((meter.name, units))
+        gauges: tuple[tuple[str, float], ...] = ()
+        if usage_report is not None:
+            values, bad = parse_usage_report(usage_report, self._matcher.gauges)
+            if bad:
+                self._metrics.bad_usage_report(bad)
+            gauges = tuple(values.items())
+        if not (refund or add or gauges):
+            return
+        record = Record(tenant=admission.tenant, period_start=admission.period_start,
+                        period_end=admission.period_end, bucket_start=admission.bucket_start,
+                        bucket_ttl=BUCKET_TTL, refund=refund, add=tuple(add), gauges=gauges)
+        if admission.spooled:
+            self._spool.append(record)
+            return
+        task = asyncio.ensure_future(self._record(record))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _record(self, record: Record) -> None:
+        try:
+            await self._store.record(record)
+        except StoreUnavailable:
+            self._metrics.store_error()
+            self._spool.append(record)  # fail-open or not: a counted response is never lost
+
+    def _spool_check(self, check: Check) -> None:
+        """Fail-open: keep what the check would have counted, for replay when the store is back."""
+        add = tuple((c.meter, c.units) for c in check.counters)
+        self._spool.append(Record(tenant=check.tenant, period_start=check.period_start,
+                                  period_end=check.period_end, bucket_start=check.bucket_start,
+                                  bucket_ttl=check.bucket_ttl, refund=(), add=add, gauges=()))
+
+    async def drain(self) -> None:
+        """Wait for records in flight (shutdown)."""
+        if self._pending:
+            with contextlib.suppress(Exception):
+                await asyncio.wait(list(self._pending), timeout=5)
+
+    async def usage(self, tenant: str, record: TenantRecord | None, meters: Sequence[str]) -> dict[str, float]:
+        start, _ = self.period(record.billing_anchor_day if record else None, self._clock())
+        return await self._store.usage(tenant, start, meters)
+
+
+def _counter_rule(meter: Meter, quota: Quota | None) -> CounterRule:
+    limit = None if quota is None or quota.limit is None else int(quota.limit)
+    enforce = quota is not None and limit is not None and quota.on_exceed == "reject"
+    return CounterRule(meter=meter.name, units=1, limit=limit, enforce=enforce)
+
+
+def _guard_rules(quotas: Mapping[str, Quota], method: str, path: str) -> tuple[GuardRule, ...]:
+    rules = []
+    for quota in quotas.values():
+        if quota.guards and quota.limit is not None and quota.on_exceed == "reject" and any(
+                (m is None or m == method.upper()) and _guard_path(p, path) for m, p in quota.guards):
+            rules.append(GuardRule(meter=quota.meter, limit=float(quota.limit)))
+    return tuple(rules)
+
+
+_GUARD_PATTERNS: dict[str, re.Pattern[str]] = {}
+
+
+def _guard_path(glob: str, path: str) -> bool:
+    pattern = _GUARD_PATTERNS.get(glob)
+    if pattern is None:
+        pattern = _GUARD_PATTERNS[glob] = glob_to_regex(glob)
+    return pattern.fullmatch(path.partition("?")[0]) is not None
+
+
+def _ratelimit_headers(rate: Rate | None, decision: Decision, counted: Sequence[Meter],
+                       quotas: Mapping[str, Quota], period_start: int, period_end: int,
+                       now: float) -> list[tuple[str, str]]:
+    """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers structured fields)."""
+    policies, limits = [], []
+    if rate is not None:
+        policies.append(f'"burst";q={rate.burst};w=1')
+        if decision.rate_remaining is not None:
+            limits.append(f'"burst";r={max(0, decision.rate_remaining)};t=1')
+    window = period_end - period_start
+    reset = max(0, math.ceil(period_end - now))
+    for meter in counted:
+        quota = quotas.get(meter.name)
+        if quota is None or quota.limit is None:
+            continue
+        policies.append(f'"{meter.name}";q={int(quota.limit)};w={window}')
+        used = decision.used.get(meter.name, 0)
+        limits.append(f'"{meter.name}";r={max(0, int(quota.limit - used))};t={reset}')
+    headers = []
+    if policies:
+        headers.append(("RateLimit-Policy", ", ".join(policies)))
+    if limits:
+        headers.append(("RateLimit", ", ".join(limits)))
+    return headers

@@ -1,0 +1,378 @@
+"""RedisUsageStore against a real redis-server (and a real three-master cluster): no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from gateway.devservices import RedisProcess
+from metering import keys
+from metering.redis_store import (
+    PERIOD_KEY_GRACE,
+    Check,
+    CounterRule,
+    GuardRule,
+    RateRule,
+    Record,
+    RedisUsageStore,
+    StoreUnavailable,
+)
+from tests.metering.redis_cluster import RedisClusterProcess
+
+# Real time: period keys expire at an absolute instant, so the test periods lie around the present.
+NOW = float(int(time.time()))
+PERIOD_START = int(NOW) - 86400
+PERIOD_END = int(NOW) + 20 * 86400
+BUCKET = int(NOW) // 300 * 300
+BUCKET_TTL = 3600
+
+
+# Keeps the single-threaded server busy for ARGV[1] microseconds (DEBUG SLEEP is disabled by default).
+BUSY_SCRIPT = """
+local function micros() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end
+local start = micros()
+while micros() - start < tonumber(ARGV[1]) do end
+"""
+
+
+def tenant() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+def make_check(
+    name: str,
+    now: float = NOW,
+    *,
+    rate: RateRule | None = None,
+    counters: tuple[CounterRule, ...] = (),
+    guards: tuple[GuardRule, ...] = (),
+    billable: tuple[tuple[str, int], ...] = (),
+) -> Check:
+    return Check(name, now, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL, rate, counters, guards, billable)
+
+
+def make_record(name: str, **fields: object) -> Record:
+    return Record(name, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL, **fields)  # type: ignore[arg-type]
+
+
+def deployments(limit: int | None = 50, enforce: bool = True) -> tuple[CounterRule, ...]:
+    return (CounterRule("chain_deployments", 1, limit, enforce),)
+
+
+@pytest.fixture
+async def client(redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_server.url)
+    await redis.flushdb()
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def store(client: Redis) -> AsyncIterator[RedisUsageStore]:
+    store = RedisUsageStore(client, timeout=0.5)
+    yield store
+    await store.aclose()
+
+
+# -- rate -------------------------------------------------------------------------------------------
+
+
+async def test_gcra_admits_the_burst_then_refuses_until_a_token_frees(store: RedisUsageStore) -> None:
+    t, rate = tenant(), RateRule(per_second=10, burst=5)
+    decisions = [await store.check(make_check(t, rate=rate)) for _ in range(6)]
+    assert [d.allowed for d in decisions] == [True] * 5 + [False]
+    assert [d.rate_remaining for d in decisions[:5]] == [4, 3, 2, 1, 0]
+    refused = decisions[5]
+    assert (refused.reason, refused.meter, refused.rate_remaining) == ("rate", None, 0)
+    assert refused.retry_after == pytest.approx(0.1, abs=1e-6)
+
+    assert not (await store.check(make_check(t, NOW + 0.09, rate=rate))).allowed
+    after = await store.check(make_check(t, NOW + 0.1, rate=rate))
+    assert (after.allowed, after.rate_remaining) == (True, 0)
+    rested = await store.check(make_check(t, NOW + 60, rate=rate))
+    assert (rested.allowed, rested.rate_remaining) == (True, 4)
+
+
+async def test_gcra_high_rate_keeps_sub_millisecond_precision(store: RedisUsageStore) -> None:
+    t, rate = tenant(), RateRule(per_second=1000, burst=1)
+    assert (await store.check(make_check(t, rate=rate))).allowed
+    refused = await store.check(make_check(t, NOW + 0.0005, rate=rate))
+    assert not refused.allowed and refused.retry_after == pytest.approx(0.0005, abs=1e-6)
+    assert (await store.check(make_check(t, NOW + 0.001, rate=rate))).allowed
+
+
+# -- quotas and guards ------------------------------------------------------------------------------
+
+
+async def test_concurrent_checks_admit_exactly_the_units_left(store: RedisUsageStore) -> None:
+    t = tenant()
+    checks = [make_check(t, counters=deployments(50), billable=(("chain_deployments", 1),)) for _ in range(300)]
+    decisions = await asyncio.gather(*(store.check(c) for c in checks))
+    admitted = [d for d in decisions if d.allowed]
+    assert len(admitted) == 50
+    assert sorted(d.used["chain_deployments"] for d in admitted) == [float(n) for n in range(1, 51)]
+    refused = [d for d in decisions if not d.allowed]
+    assert {(d.reason, d.meter) for d in refused} == {("quota", "chain_deployments")}
+    assert refused[0].retry_after == pytest.approx(PERIOD_END - NOW)
+    assert await store.usage(t, PERIOD_START, ["chain_deployments"]) == {"chain_deployments": 50.0}
+    assert await store.bucket(t, BUCKET) == {"chain_deployments": 50.0}
+
+
+async def test_a_rejected_check_counts_nothing(store: RedisUsageStore, client: Redis) -> None:
+    t = tenant()
+    rate = RateRule(per_second=1, burst=100)
+    counters = (CounterRule("api_calls", 1, None, False), *deployments(1))
+    billable = (("api_calls", 1), ("chain_deployments", 1))
+    assert (await store.check(make_check(t, rate=rate, counters=counters, billable=billable))).allowed
+    tat = await client.get(keys.rate_key(t))
+    bucket = await client.hgetall(keys.bucket_key(t, BUCKET))
+
+    refused = await store.check(make_check(t, rate=rate, counters=counters, billable=billable))
+    assert (refused.allowed, refused.reason, refused.meter) == (False, "quota", "chain_deployments")
+    assert refused.used == {"api_calls": 1.0, "chain_deployments": 1.0}
+    assert await client.get(keys.rate_key(t)) == tat
+    assert await client.hgetall(keys.bucket_key(t, BUCKET)) == bucket
+    assert await store.usage(t, PERIOD_START, ["api_calls", "chain_deployments"]) == {
+        "api_calls": 1.0, "chain_deployments": 1.0,
+    }
+
+    # A rate refusal leaves the counters as they were too.
+    tight = RateRule(per_second=1, burst=1)
+    t2 = tenant()
+    assert (await store.check(make_check(t2, rate=tight, counters=counters[:1]))).allowed
+    assert not (await store.check(make_check(t2, rate=tight, counters=counters[:1]))).allowed
+    assert await store.usage(t2, PERIOD_START, ["api_calls"]) == {"api_calls": 1.0}
+
+
+async def test_overage_and_unlimited_counters_count_past_the_limit(store: RedisUsageStore) -> None:
+    t = tenant()
+    counters = (CounterRule("chain_deployments", 2, 3, False), CounterRule("api_calls", 1, None, True))
+    decisions = [await store.check(make_check(t, counters=counters)) for _ in range(5)]
+    assert all(d.allowed for d in decisions)
+    assert decisions[-1].used == {"chain_deployments": 10.0, "api_calls": 5.0}
+    assert decisions[-1].rate_remaining is None
+
+
+async def test_guard_rejects_while_the_gauge_is_at_or_over_its_limit(store: RedisUsageStore) -> None:
+    t = tenant()
+    guard = (GuardRule("chains", 1),)
+    counters = deployments(None, False)
+    assert (await store.check(make_check(t, guards=guard, counters=counters))).used == {
+        "chain_deployments": 1.0, "chains": 0.0,
+    }
+    await store.record(make_record(t, gauges=(("chains", 1.0),)))
+    refused = await store.check(make_check(t, guards=guard, counters=counters))
+    assert (refused.allowed, refused.reason, refused.meter) == (False, "guard", "chains")
+    assert refused.used == {"chain_deployments": 1.0, "chains": 1.0}
+    await store.record(make_record(t, gauges=(("chains", 0.5),)))
+    assert (await store.check(make_check(t, guards=guard))).allowed
+
+
+async def test_period_and_bucket_keys_expire(store: RedisUsageStore, client: Redis) -> None:
+    t = tenant()
+    rate = RateRule(per_second=2, burst=4)
+    await store.check(make_check(t, rate=rate, counters=deployments(), billable=(("chain_deployments", 3),)))
+    expire_at = await client.expiretime(keys.quota_key(t, "chain_deployments", PERIOD_START))
+    assert expire_at == PERIOD_END + PERIOD_KEY_GRACE
+    assert 0 < await client.ttl(keys.bucket_key(t, BUCKET)) <= BUCKET_TTL
+    assert 0 < await client.pttl(keys.rate_key(t)) <= 1500
+    assert await client.hgetall(keys.bucket_key(t, BUCKET)) == {b"chain_deployments": b"3"}
+
+
+async def test_tenants_seen_written_outside_the_script(store: RedisUsageStore) -> None:
+    first, second = tenant(), tenant()
+    await asyncio.gather(store.check(make_check(first)), store.record(make_record(second, add=(("b", 1),))))
+    assert await store.tenants_seen() == {first, second}
+
+
+# -- record -----------------------------------------------------------------------------------------
+
+
+async def test_record_refunds_adds_bytes_and_sets_gauges(store: RedisUsageStore, client: Redis) -> None:
+    t = tenant()
+    counters = (CounterRule("api_calls", 1, None, False),)
+    for _ in range(3):
+        await store.check(make_check(t, counters=counters, billable=(("api_calls", 1),)))
+    await store.record(make_record(
+        t, refund=(("api_calls", 1),), add=(("bandwidth_bytes", 1500),),
+        gauges=(("storage_gb", 12.5), ("chains", 2.0)),
+    ))
+    await store.record(make_record(t, add=(("bandwidth_bytes", 500),), gauges=(("storage_gb", 11.0),)))
+    # Refunds stop at zero, in the counter and in the bucket.
+    await store.record(make_record(t, refund=(("api_calls", 10), ("never_counted", 4))))
+    usage = await store.usage(t, PERIOD_START, ["api_calls", "bandwidth_bytes", "never_counted"],
+                              gauges=["storage_gb", "chains", "unreported"])
+    assert usage == {"api_calls": 0.0, "bandwidth_bytes": 2000.0, "never_counted": 0.0,
+                     "storage_gb": 11.0, "chains": 2.0, "unreported": 0.0}
+    assert await store.bucket(t, BUCKET) == {
+        "api_calls": 0.0, "bandwidth_bytes": 2000.0, "storage_gb": 11.0, "chains": 2.0,
+    }
+    assert await client.exists(keys.quota_key(t, "never_counted", PERIOD_START)) == 0
+
+
+async def test_record_id_is_applied_once(store: RedisUsageStore, client: Redis) -> None:
+    t = tenant()
+    record = make_record(t, add=(("bandwidth_bytes", 100),), record_id=uuid.uuid4().hex)
+    assert await store.record(record) is True
+    assert await store.record(record) is False
+    assert await store.usage(t, PERIOD_START, ["bandwidth_bytes"]) == {"bandwidth_bytes": 100.0}
+    assert 0 < await client.ttl(keys.record_key(t, record.record_id or "")) <= 7 * 86400
+
+
+async def test_record_from_admitted_check_counts_like_the_check(store: RedisUsageStore) -> None:
+    spooled, direct = tenant(), tenant()
+    counters = (CounterRule("api_calls", 1, None, False), CounterRule("chain_deployments", 1, 5, True))
+    billable = (("api_calls", 1),)
+    await store.check(make_check(direct, counters=counters, billable=billable))
+    await store.record(Record.from_admitted(make_check(spooled, counters=counters, billable=billable)))
+    meters = ["api_calls", "chain_deployments"]
+    assert await store.usage(spooled, PERIOD_START, meters) == await store.usage(direct, PERIOD_START, meters)
+    assert await store.bucket(spooled, BUCKET) == await store.bucket(direct, BUCKET) == {"api_calls": 1.0}
+
+
+# -- batching, scripts, failures --------------------------------------------------------------------
+
+
+async def test_concurrent_calls_share_one_pipeline(store: RedisUsageStore, client: Redis) -> None:
+    await store.load_scripts()
+    await client.config_resetstat()
+    t = tenant()
+    before = store.round_trips
+    calls = [store.check(make_check(t, counters=deployments(None, False))) for _ in range(200)]
+    calls += [store.record(make_record(t, add=(("bandwidth_bytes", 10),))) for _ in range(100)]
+    await asyncio.gather(*calls)
+    assert store.round_trips - before == 1
+    stats = await client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 300
+    assert await store.usage(t, PERIOD_START, ["chain_deployments", "bandwidth_bytes"]) == {
+        "chain_deployments": 200.0, "bandwidth_bytes": 1000.0,
+    }
+
+
+async def test_scripts_are_reloaded_after_noscript(store: RedisUsageStore, client: Redis) -> None:
+    t = tenant()
+    await store.check(make_check(t, counters=deployments()))
+    await client.script_flush()
+    assert (await store.check(make_check(t, counters=deployments()))).used == {"chain_deployments": 2.0}
+    await client.script_flush()
+    assert await store.record(make_record(t, refund=(("chain_deployments", 1),)))
+    assert await store.usage(t, PERIOD_START, ["chain_deployments"]) == {"chain_deployments": 1.0}
+
+
+async def test_redis_down_raises_store_unavailable_within_the_timeout(redis_server: RedisProcess) -> None:
+    client = Redis.from_url(redis_server.url)
+    store = RedisUsageStore(client, timeout=0.05)
+    t = tenant()
+    try:
+        await store.check(make_check(t))
+        redis_server.stop()
+        for call in (store.check(make_check(t)), store.record(make_record(t, add=(("b", 1),))),
+                     store.usage(t, PERIOD_START, ["b"]), store.tenants_seen()):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await call
+            assert time.monotonic() - started < 1.1  # reads: read_timeout 1 s; hot path below
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.check(make_check(t))
+        assert time.monotonic() - started < 0.2
+    finally:
+        if redis_server.process is None:
+            redis_server.start()
+    # Back up, empty and without scripts: the store recovers on its own (NOSCRIPT -> SCRIPT LOAD).
+    for _ in range(50):
+        try:
+            assert (await store.check(make_check(t, counters=deployments()))).allowed
+            break
+        except StoreUnavailable:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the store did not recover after Redis came back")
+    await store.aclose()
+    await client.aclose()
+
+
+async def test_slow_redis_times_out(redis_server: RedisProcess, client: Redis) -> None:
+    store = RedisUsageStore(Redis.from_url(redis_server.url), timeout=0.05)
+    await store.load_scripts()
+    blocker = Redis.from_url(redis_server.url)
+    sleeping = asyncio.create_task(blocker.eval(BUSY_SCRIPT, 0, 300_000))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="timed out"):
+        await store.check(make_check(tenant()))
+    assert time.monotonic() - started < 0.2
+    await sleeping
+    await blocker.aclose()
+    await store.aclose()
+
+
+# -- cluster ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    if shutil.which("redis-cli") is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-cli/redis-server not installed: cannot build a Redis Cluster")
+    cluster = RedisClusterProcess().start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+async def cluster_store(redis_cluster: RedisClusterProcess) -> AsyncIterator[RedisUsageStore]:
+    client = RedisCluster.from_url(redis_cluster.url)
+    await client.initialize()
+    store = RedisUsageStore(client, timeout=2.0)
+    yield store
+    await store.aclose()
+    await client.aclose()
+
+
+async def test_cluster_check_record_usage_across_slots(cluster_store: RedisUsageStore) -> None:
+    client = cluster_store._client
+    assert isinstance(client, RedisCluster)
+    tenants = [tenant() for _ in range(12)]
+    nodes = {client.get_node_from_key(keys.rate_key(t)).name for t in tenants}
+    assert len(nodes) >= 2, "tenants should land on several masters"
+
+    counters = deployments(5)
+    calls = [
+        cluster_store.check(make_check(t, rate=RateRule(100, 100), counters=counters,
+                                       billable=(("chain_deployments", 1),)))
+        for t in tenants for _ in range(8)
+    ]
+    decisions = await asyncio.gather(*calls)
+    assert sum(d.allowed for d in decisions) == 5 * len(tenants)
+    await asyncio.gather(*(
+        cluster_store.record(make_record(t, refund=(("chain_deployments", 1),), add=(("bandwidth_bytes", 7),),
+                                         gauges=(("chains", 3.0),), record_id=uuid.uuid4().hex))
+        for t in tenants
+    ))
+    for t in tenants:
+        usage = await cluster_store.usage(t, PERIOD_START, ["chain_deployments", "bandwidth_bytes"], ["chains"])
+        assert usage == {"chain_deployments": 4.0, "bandwidth_bytes": 7.0, "chains": 3.0}
+        assert await cluster_store.bucket(t, BUCKET) == {
+            "chain_deployments": 4.0, "bandwidth_bytes": 7.0, "chains": 3.0,
+        }
+    assert set(tenants) <= await cluster_store.tenants_seen()
+
+
+async def test_cluster_reloads_scripts_on_every_master(
+    cluster_store: RedisUsageStore, redis_cluster: RedisClusterProcess
+) -> None:
+    tenants = [tenant() for _ in range(6)]
+    await asyncio.gather(*(cluster_store.check(make_check(t, counters=deployments())) for t in tenants))
+    for port in redis_cluster.ports:
+        node = Redis(port=port)
+        await node.script_flush()
+        await node.aclose()
+    decisions = await asyncio.gather(*(cluster_store.check(make_check(t, counters=deployments())) for t in tenants))
+    assert [d.used for d in decisions] == [{"chain_deployments": 2.0}] * len(tenants)
