@@ -46,6 +46,7 @@ from quota.tenants import TenantDirectory, TenantRecord
 from quota.usage_view import number, plan_catalog_view, rfc3339, tenant_view
 
 log = logging.getLogger("cosmos_gateway.admin")
+ACTOR = web.RequestKey("actor", str)  # "token:<name>" or "jwt:<subject>", set by the auth middleware
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 500
 
@@ -113,7 +114,7 @@ def _problems(auth: AdminAuth, type_base: str) -> Callable[..., Awaitable[web.St
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         rid = request_id(request.raw_headers)
         try:
-            request["actor"] = await auth.actor(request.headers.get("Authorization"))
+            request[ACTOR] = await auth.actor(request.headers.get("Authorization"))
             response = await handler(request)
         except GatewayError as error:
             response = problem_response(error, type_base)
@@ -272,7 +273,7 @@ class _Handlers:
         async with self._sessions() as session:
             rows = (await session.scalars(
                 select(AlertEvent).where(AlertEvent.tenant_id == tenant, AlertEvent.period_start == start)
-                .order_by(AlertEvent.at, AlertEvent.meter))).all()
+                .order_by(AlertEvent.meter, AlertEvent.threshold))).all()
         alerts = [{"meter": a.meter, "threshold": a.threshold, "at": rfc3339(a.at)} for a in rows]
         return tenant_view(tenant_id=tenant, record=record, plans=self._plans,
                            default_plan=self._settings.default_plan, meters=self._meters, usage=usage,
@@ -310,7 +311,7 @@ class _Handlers:
     async def put_tenant(self, request: web.Request) -> web.Response:
         tenant = tenant_param(request)
         body = tenant_body(await read_object(request), self._plans)
-        actor: str = request["actor"]
+        actor = request[ACTOR]
 
         async def write() -> tuple[bool, bool]:
             async with self._sessions() as session, session.begin():
@@ -335,7 +336,7 @@ class _Handlers:
         tenant = tenant_param(request)
         meter = self._meter_param(request)
         values = overrides_body(await read_object(request), meter, self._clock())
-        actor: str = request["actor"]
+        actor = request[ACTOR]
 
         async def write() -> None:
             async with self._sessions() as session, session.begin():
@@ -359,7 +360,7 @@ class _Handlers:
     async def delete_override(self, request: web.Request) -> web.Response:
         tenant = tenant_param(request)
         meter = self._meter_param(request)
-        actor: str = request["actor"]
+        actor = request[ACTOR]
         async with self._sessions() as session, session.begin():
             row = await session.get(Tenant, tenant, with_for_update=True)
             override = None if row is None else await session.get(TenantOverride, (tenant, meter))

@@ -6,29 +6,49 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_app
+from gateway.admin_api import add_admin_api
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.listener import LimitedSockSite, ProblemServer, bind
 from gateway.metrics import RequestMetrics
+from gateway.own import OwnEndpoints
+from gateway.policy import build_policy
 from gateway.proxy import ProxyHandler
 from gateway.upstream import UpstreamPool
 from gateway.websocket import WebSocketRelay
 from metering import db
+from metering.migrate import current_revision_async, head_revision, upgrade_async
+from metering.redis_store import RedisUsageStore, StoreUnavailable
+from metering.spool import Spool
+from quota.alerts import Alerts
+from quota.limiter import Limiter, LimiterSettings
+from quota.metrics import QuotaMetrics
+from quota.tenants import TenantDirectory
+
+log = logging.getLogger("cosmos_gateway.worker")
+TENANT_RELOAD_SECONDS = 2.0  # operator changes reach every instance well within the promised 5 s
+SPOOL_REPLAY_SECONDS = 1.0
 
 class Worker:
     """One gateway process: proxy listener, admin listener and the clients they share."""
 
-    def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False, index: int = 0) -> None:
         if settings.upstream.url is None:
             raise ValueError("upstream.url must be resolved before starting a worker")
         self.settings = settings
+        self.policy = build_policy(settings)
         self._reuse_port = reuse_port
         self.authenticator = Authenticator(settings.auth)
         self.pool = UpstreamPool(
@@ -37,23 +57,47 @@ class Worker:
         )
         self.websockets = WebSocketRelay(settings.upstream.url,
                                          connect_timeout=settings.upstream.connect_timeout)
-        self.redis = aioredis.Redis.from_url(
-            settings.redis.url or "redis://127.0.0.1:6379/0", socket_timeout=0.5, socket_connect_timeout=0.5,
-        )
+        redis_url = settings.redis.url or "redis://127.0.0.1:6379/0"
+        self.redis = redis_client(redis_url)
+        self.store = RedisUsageStore(self.redis)
         self.engine = db.create_engine(settings.database.url)
+        self.sessions = db.session_factory(self.engine)
+        # Pub/sub needs a connection without a read timeout; a cluster is covered by the periodic reload.
+        self._pubsub = None if is_cluster_url(redis_url) else aioredis.Redis.from_url(redis_url)
+        self.directory = TenantDirectory(self.sessions, self._pubsub, reload_interval=TENANT_RELOAD_SECONDS)
+        self.spool = Spool(Path(settings.redis.spool_dir) / f"worker-{index}.jsonl")
+        self.alerts = Alerts(self.policy.alerts, self.sessions)
+        self.quota_metrics = QuotaMetrics(self.policy.plans, [m.name for m in self.policy.meters],
+                                          tenant_usage=self.policy.metrics.tenant_usage,
+                                          max_tenants=self.policy.metrics.max_tenants)
+        self.limiter = Limiter(
+            self.store, self.policy.matcher, self.policy.plans, self.directory, self.spool, self.quota_metrics,
+            LimiterSettings(default_plan=settings.default_plan, bucket_seconds=settings.billing.bucket_seconds,
+                            fail_open=settings.redis.on_error == "fail_open"),
+            on_counted=self._observe_usage,
+        )
         self.access_log = AccessLog(enabled=settings.server.access_log)
-        plans = set(settings.plans) | {"starter", "professional", "enterprise", "sovereign"}
-        self.metrics = RequestMetrics(plans)
+        self.metrics = RequestMetrics(self.policy.plans)
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._replayer: asyncio.Task[None] | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
+    def _observe_usage(self, tenant: str, meter: str, period_start: int, used: float, limit: float) -> None:
+        self.alerts.observe(tenant, meter, datetime.fromtimestamp(period_start, UTC), used, limit)
+
     async def start(self) -> None:
         settings = self.settings
+        await self._prepare_database()
         await self.authenticator.start()
+        await self.directory.start()
+        await self.alerts.start()
+        self._replayer = asyncio.create_task(self._replay_spool())
+        own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
+                           meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts)
         handler = ProxyHandler(settings, self.authenticator, self.pool, self.websockets, self.metrics,
-                               self.access_log)
+                               self.access_log, limiter=self.limiter, own=own)
         http_limits = {
             "keepalive_timeout": settings.listen.header_timeout,
             "max_line_size": settings.listen.max_header_size,
@@ -75,6 +119,7 @@ class Worker:
             redis_check=self._ping_redis, database_check=lambda: db.ping(self.engine),
             fail_closed=settings.redis.on_error == "fail_closed",
         )
+        self._add_admin_api(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=grace,
                                            handle_signals=False)
         await self._admin_runner.setup()
@@ -82,19 +127,70 @@ class Worker:
         await web.SockSite(self._admin_runner, admin_sock).start()
         self.admin_port = admin_sock.getsockname()[1]
 
+    def _add_admin_api(self, app: web.Application) -> None:
+        add_admin_api(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
+                      authenticator=self.authenticator, usage_reader=self.store,
+                      plans=self.policy.plans, meters=self.policy.meters)
+
+    async def _prepare_database(self) -> None:
+        """SQLite (single host, the development default) is migrated here; PostgreSQL must be at head."""
+        if self.engine.url.get_backend_name() == "sqlite":
+            await upgrade_async(self.engine)
+            return
+        current, head = await current_revision_async(self.engine), head_revision()
+        if current != head:
+            raise RuntimeError(f"the database schema is at {current or 'nothing'}, not {head}: "
+                               "run `cosmos-gateway db upgrade` first")
+
     async def _ping_redis(self) -> None:
         await self.redis.ping()
+
+    async def _replay_spool(self) -> None:
+        """Fail-open: move spooled usage into Redis as soon as it answers again."""
+        while True:
+            self.quota_metrics.spool_pending(self.spool.pending())
+            if self.spool.pending():
+                try:
+                    await self.spool.replay(self.store)
+                except StoreUnavailable:
+                    pass
+                except Exception:
+                    log.exception("spool replay failed; retrying")
+            await asyncio.sleep(SPOOL_REPLAY_SECONDS)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace, then close clients."""
         runners = [r for r in (self._proxy_runner, self._admin_runner) if r is not None]
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
+        await self.limiter.drain()
+        if self._replayer is not None:
+            self._replayer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._replayer
+        await self.spool.aclose()
+        await self.alerts.close()
+        await self.directory.close()
         await self.websockets.close()
         await self.pool.close()
         await self.authenticator.close()
+        await self.store.aclose()
         await self.redis.aclose()
+        if self._pubsub is not None:
+            await self._pubsub.aclose()
         await self.engine.dispose()
         self.access_log.flush()
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].endswith("+cluster")
+
+
+def redis_client(url: str) -> aioredis.Redis | RedisCluster:
+    """A client for `redis://`, `rediss://`, `unix://` or (`redis+cluster://`) a Redis Cluster."""
+    if is_cluster_url(url):
+        return RedisCluster.from_url(url.replace("+cluster", "", 1), socket_timeout=0.5,
+                                     socket_connect_timeout=0.5)
+    return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
 async def run_until_stopped(worker: Worker, stop: asyncio.Event,

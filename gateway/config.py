@@ -70,6 +70,7 @@ class UpstreamSettings:
 class RedisSettings:
     url: str | None = None  # None: `make run` starts a private redis-server
     on_error: str = "fail_open"
+    spool_dir: str = "./var/spool"  # fail_open: usage waits here (one file per worker) while Redis is down
 
 
 @dataclass(frozen=True)
@@ -336,12 +337,12 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
         "listen", "upstream", "redis", "database", "auth", "admin", "server", "meters", "plans",
         "default_plan", "billing", "alerts", "metrics",
     })
-    return Settings(
+    settings = Settings(
         listen=_listen(_Section(top.raw.get("listen"), "listen", {
             "proxy", "admin", "trusted_proxies", "header_timeout", "max_connections", "max_header_size"})),
         upstream=_upstream(_Section(top.raw.get("upstream"), "upstream", {
             "url", "connect_timeout", "read_timeout", "max_connections"})),
-        redis=_redis(_Section(top.raw.get("redis"), "redis", {"url", "on_error"})),
+        redis=_redis(_Section(top.raw.get("redis"), "redis", {"url", "on_error", "spool_dir"})),
         database=DatabaseSettings(url=_database_url(_Section(top.raw.get("database"), "database", {"url"}))),
         auth=_auth(_Section(top.raw.get("auth"), "auth", {
             "issuer", "audience", "algorithms", "jwks_url", "public_key_file", "hs256_secret",
@@ -359,6 +360,10 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
         alerts=top.mapping("alerts"),
         metrics=top.mapping("metrics"),
     )
+    from gateway.policy import build_policy  # policy modules import this one
+
+    build_policy(settings)  # validates meters, plans, alerts and metrics now, naming the bad key
+    return settings
 
 
 def _listen(s: _Section) -> ListenSettings:
@@ -391,6 +396,7 @@ def _redis(s: _Section) -> RedisSettings:
     return RedisSettings(
         url=_url(s, "url", None, ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")),
         on_error=s.choice("on_error", "fail_open", ("fail_open", "fail_closed")),
+        spool_dir=s.string("spool_dir", RedisSettings.spool_dir) or RedisSettings.spool_dir,
     )
 
 

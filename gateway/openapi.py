@@ -35,8 +35,10 @@ _ERRORS = {
 _TENANT = {"name": "tenant", "in": "path", "required": True,
            "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}}
 _METER = {"name": "meter", "in": "path", "required": True,
-          "description": "a configured meter, or `rate` for the per-second rate limit", "schema": {"type": "string"}}
-_LIMIT = {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}}
+          "description": "a configured meter, or `rate` for the per-second rate limit",
+          "schema": {"type": "string"}}
+_LIMIT = {"name": "limit", "in": "query",
+          "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50}}
 _CURSOR = {"name": "cursor", "in": "query", "description": "`next_cursor` of the previous page (opaque)",
            "schema": {"type": "string"}}
 
@@ -57,7 +59,8 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["used", "limit", "remaining", "resets_at", "on_exceed", "source", "forecast"],
         "properties": {
             "used": {"type": "number"}, "limit": _NULLABLE_NUMBER, "remaining": _NULLABLE_NUMBER,
-            "resets_at": {**_NULLABLE_INSTANT, "description": "the period end; null for gauges, which never reset"},
+            "resets_at": {**_NULLABLE_INSTANT,
+                          "description": "the period end; null for gauges, which never reset"},
             "on_exceed": {"enum": ["reject", "overage", None]},
             "source": {"enum": ["plan", "override"]},
             "forecast": {"type": "number", "description": "end-of-period value at the current pace"},
@@ -85,7 +88,8 @@ _SCHEMAS: dict[str, Any] = {
     "TenantSummary": {
         "type": "object", "required": ["tenant", "plan", "status", "registered"],
         "properties": {
-            "tenant": {"type": "string"}, "plan": _NULLABLE_STRING, "status": {"enum": ["active", "suspended"]},
+            "tenant": {"type": "string"}, "plan": _NULLABLE_STRING,
+            "status": {"enum": ["active", "suspended"]},
             "subscription_status": _NULLABLE_STRING, "stripe_customer_id": _NULLABLE_STRING,
             "billing_anchor_day": _NULLABLE_INT,
             "registered": {"type": "boolean", "description": "false: the tenant has only sent traffic"},
@@ -144,7 +148,8 @@ _SCHEMAS: dict[str, Any] = {
     },
     "AuditPage": {
         "type": "object", "required": ["entries", "next_cursor"],
-        "properties": {"entries": {"type": "array", "items": _ref("AuditEntry")}, "next_cursor": _NULLABLE_STRING},
+        "properties": {"entries": {"type": "array", "items": _ref("AuditEntry")},
+                       "next_cursor": _NULLABLE_STRING},
     },
 }
 
@@ -171,7 +176,8 @@ def admin_openapi(type_base: str) -> dict[str, Any]:
                 "summary": "The effective plan catalog", "operationId": "getPlans",
                 "responses": {"200": _json("plans", _ref("PlanCatalog")), **_ERRORS}}},
             "/admin/tenants": {"get": {
-                "summary": "Tenants with a record or with traffic, by tenant id", "operationId": "listTenants",
+                "summary": "Tenants with a record or with traffic, by tenant id",
+                "operationId": "listTenants",
                 "parameters": [_LIMIT, _CURSOR],
                 "responses": {"200": _json("a page of tenants", _ref("TenantPage")), **_ERRORS}}},
             "/admin/tenants/{tenant}": {
@@ -194,7 +200,8 @@ def admin_openapi(type_base: str) -> dict[str, Any]:
             },
             "/admin/audit": {"get": {
                 "summary": "Who changed what, newest first", "operationId": "listAudit",
-                "parameters": [{"name": "tenant", "in": "query", "schema": _TENANT["schema"]}, _LIMIT, _CURSOR],
+                "parameters": [{"name": "tenant", "in": "query", "schema": _TENANT["schema"]},
+                               _LIMIT, _CURSOR],
                 "responses": {"200": _json("a page of audit entries", _ref("AuditPage")), **_ERRORS}}},
         },
     }

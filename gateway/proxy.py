@@ -1,4 +1,4 @@
-"""The proxy listener's request handler: authenticate, forward, stream back (PRODUCT.md §3–§4).
+"""The proxy listener's request handler: authenticate, forward, stream back (PRODUCT.md §3-§4).
 
 It runs on aiohttp's low-level server (no router, no middleware: the fewest steps per request).
 The upstream is reached through `UpstreamPool`, a lean HTTP/1.1 client; WebSocket upgrades
@@ -23,7 +23,9 @@ from gateway.errors import (
     Forbidden,
     GatewayError,
     GatewayTimeout,
+    InvalidRequest,
     InvalidToken,
+    NotFound,
     problem_response,
 )
 from gateway.headers import (
@@ -34,8 +36,14 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.metrics import RequestMetrics
+from gateway.own import OwnEndpoints
+from gateway.refusals import refusal_error
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from gateway.websocket import WebSocketRelay, is_websocket_upgrade
+from quota.limiter import Admission, Limiter, Refusal
+
+# Paths the gateway answers itself on the proxy listener; never forwarded.
+OWN_PREFIX = "/_gateway/"
 
 # Request bodies up to this size are read first, so a request on a stale pooled connection
 # can be replayed on a fresh one; larger bodies stream and are never replayed.
@@ -54,12 +62,19 @@ class Outcome:
     route: str = "authenticated"
     upstream_duration: float | None = None
     error: str | None = None
+    admission: Admission | None = None
+    request_bytes: int = 0
+    response_bytes: int = 0
+    usage_report: str | None = None
 
 
 class ProxyHandler:
     def __init__(self, settings: Settings, authenticator: Authenticator, pool: UpstreamPool,
-                 websockets: WebSocketRelay, metrics: RequestMetrics, access_log: AccessLog) -> None:
+                 websockets: WebSocketRelay, metrics: RequestMetrics, access_log: AccessLog,
+                 limiter: Limiter | None = None, own: OwnEndpoints | None = None) -> None:
         self._settings = settings
+        self._limiter = limiter
+        self._own = own
         self._auth = authenticator
         self._pool = pool
         self._websockets = websockets
@@ -80,18 +95,42 @@ class ProxyHandler:
         except GatewayError as error:
             outcome.error = error.suffix
             response = problem_response(error, self._type_base, rid)
+        except asyncio.CancelledError:
+            # The client went away, or the upstream failed mid-body (then nothing is billed).
+            self._complete(outcome, 502 if outcome.error == "upstream-mid-body" else 499)
+            raise
         outcome.status = response.status
+        self._complete(outcome, response.status)
         self._record(request, rid, outcome, loop.time() - started)
         return response
+
+    def _complete(self, outcome: Outcome, status: int) -> None:
+        admission = outcome.admission
+        if admission is not None and self._limiter is not None:
+            outcome.admission = None
+            self._limiter.complete(admission, status, outcome.request_bytes, outcome.response_bytes,
+                                   outcome.usage_report)
 
     async def _handle(self, request: web.BaseRequest, rid: str, outcome: Outcome) -> web.StreamResponse:
         target = _origin_form(request.raw_path)
         path = target.split("?", 1)[0]
+        if path.startswith(OWN_PREFIX) or path == OWN_PREFIX[:-1]:
+            outcome.route = "gateway"
+            if self._own is None:
+                raise NotFound("no such gateway endpoint")
+            return await self._own.handle(request, path, self._authenticate)
         identity: Identity | None = None
         if self._auth.is_public(path):
             outcome.route = "public"
         else:
             identity = outcome.identity = await self._authenticate(request)
+            if self._limiter is not None:
+                try:
+                    admission = await self._limiter.admit(identity.tenant, identity.plan, request.method, path)
+                except Refusal as refusal:
+                    raise refusal_error(refusal) from None
+                outcome.admission = admission
+                outcome.route = "+".join(m.name for m in admission.counted) or "unmetered"
         identity_hdrs = () if identity is None else identity_headers(
             identity.tenant, identity.plan or self._default_plan, identity.subject)
         peer = request.remote
@@ -118,7 +157,7 @@ class ProxyHandler:
 
     async def _forward(self, request: web.BaseRequest, target: str, headers: list[tuple[str, str]],
                        rid: str, outcome: Outcome) -> web.StreamResponse:
-        body, length = await _request_body(request)
+        body, length = await _request_body(request, outcome)
         sent = self._loop.time()
         try:
             upstream = await self._pool.request(request.method, target, headers, body, content_length=length)
@@ -134,7 +173,9 @@ class ProxyHandler:
 
     async def _respond(self, request: web.BaseRequest, upstream: UpstreamResponse, rid: str,
                        outcome: Outcome) -> web.StreamResponse:
-        headers, _usage = client_response_headers(upstream.headers, rid)
+        headers, outcome.usage_report = client_response_headers(upstream.headers, rid)
+        if outcome.admission is not None:
+            headers.extend(outcome.admission.headers)
         status, length = upstream.status, upstream.content_length
         bodyless = request.method == "HEAD" or status in (204, 304) or status < 200
         if not bodyless and length is not None and length <= SMALL_RESPONSE:
@@ -144,6 +185,7 @@ class ProxyHandler:
                 raise GatewayTimeout("the upstream stalled while sending its response") from None
             except UpstreamError:
                 raise BadGateway("the upstream failed while sending its response") from None
+            outcome.response_bytes = len(body)
             return web.Response(status=status, reason=upstream.reason, body=body, headers=CIMultiDict(headers))
         response = web.StreamResponse(status=status, reason=upstream.reason, headers=CIMultiDict(headers))
         if length is not None:
@@ -156,6 +198,7 @@ class ProxyHandler:
             return response
         try:
             async for chunk in upstream:
+                outcome.response_bytes += len(chunk)
                 await response.write(chunk)
         except UpstreamError as exc:
             # Headers are gone already: abort, so the client never mistakes a cut body for a whole one.
@@ -186,14 +229,23 @@ def _origin_form(raw_target: str) -> str:
     if parts.scheme in ("http", "https") and parts.netloc:
         path = raw_target[len(parts.scheme) + 3 + len(parts.netloc):] or "/"
         return path if path.startswith("/") else "/" + path
-    raise web.HTTPBadRequest(text="invalid request-target")
+    raise InvalidRequest("the request-target must be a path or an absolute http(s) URL")
 
 
-async def _request_body(request: web.BaseRequest) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
-    """The body to forward: small ones read whole (replayable), others streamed."""
+async def _request_body(request: web.BaseRequest,
+                        outcome: Outcome) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    """The body to forward: small ones read whole (replayable), others streamed; bytes counted."""
     if not request.body_exists:
         return None, None
     length = request.content_length
     if length is not None and length <= REPLAYABLE_BODY:
-        return await request.read(), length
-    return request.content.iter_chunked(STREAM_CHUNK), length
+        body = await request.read()
+        outcome.request_bytes = len(body)
+        return body, length
+    return _counted(request.content.iter_chunked(STREAM_CHUNK), outcome), length
+
+
+async def _counted(chunks: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
+        outcome.request_bytes += len(chunk)
+        yield chunk

@@ -35,12 +35,12 @@ def serve(settings: Settings, workers: int) -> int:
         return _supervise(resolved, workers)
 
 
-def _run_worker(settings: Settings, *, reuse_port: bool) -> int:
+def _run_worker(settings: Settings, *, reuse_port: bool, index: int = 0) -> int:
     _install_uvloop()
-    return asyncio.run(_worker_main(settings, reuse_port=reuse_port))
+    return asyncio.run(_worker_main(settings, reuse_port=reuse_port, index=index))
 
 
-async def _worker_main(settings: Settings, *, reuse_port: bool) -> int:
+async def _worker_main(settings: Settings, *, reuse_port: bool, index: int) -> int:
     from gateway.app import Worker, run_until_stopped
 
     stop = asyncio.Event()
@@ -57,7 +57,7 @@ async def _worker_main(settings: Settings, *, reuse_port: bool) -> int:
         log.info("worker %d: proxy on %s, admin on %s, upstream %s", os.getpid(),
                  settings.listen.proxy, settings.listen.admin, settings.upstream.url)
 
-    await run_until_stopped(Worker(settings, reuse_port=reuse_port), stop, started)
+    await run_until_stopped(Worker(settings, reuse_port=reuse_port, index=index), stop, started)
     log.info("worker %d: drained, exiting", os.getpid())
     return 0
 
@@ -70,15 +70,16 @@ def _supervise(settings: Settings, workers: int) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        for pid in children:
+        for pid in list(children):
             _kill(pid, signal.SIGTERM)
 
-    children: set[int] = set()
+    children: dict[int, int] = {}  # pid -> worker index (a restarted worker takes over its spool file)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        for _ in range(workers):
-            children.add(_fork_worker(settings))
+        _migrate_once(settings)
+        for index in range(workers):
+            children[_fork_worker(settings, index)] = index
         status = 0
         while children:
             try:
@@ -89,7 +90,7 @@ def _supervise(settings: Settings, workers: int) -> int:
                 continue
             if pid not in children:
                 continue
-            children.discard(pid)
+            index = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
             _mark_dead(pid)
             if stopping:
@@ -98,13 +99,21 @@ def _supervise(settings: Settings, workers: int) -> int:
             log.error("worker %d exited with %d; starting a new one", pid, code)
             time.sleep(RESTART_BACKOFF)
             if not stopping:
-                children.add(_fork_worker(settings))
+                children[_fork_worker(settings, index)] = index
         return status
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _fork_worker(settings: Settings) -> int:
+def _migrate_once(settings: Settings) -> None:
+    """SQLite (the development default) is migrated by the parent, so workers do not race to do it."""
+    if settings.database.url.startswith("sqlite"):
+        from metering.migrate import upgrade
+
+        upgrade(settings.database.url)
+
+
+def _fork_worker(settings: Settings, index: int) -> int:
     pid = os.fork()
     if pid:
         return pid
@@ -112,7 +121,7 @@ def _fork_worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = 1
     try:
-        code = _run_worker(settings, reuse_port=True)
+        code = _run_worker(settings, reuse_port=True, index=index)
     except BaseException:
         log.exception("worker %d failed", os.getpid())
     finally:

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
@@ -220,7 +220,8 @@ class RedisUsageStore:
         # Without an id the marker slot still needs a key of the tenant's slot; it is never touched.
         marker = keys.record_key(tenant, record.record_id) if record.record_id else bucket
         key_list = [bucket, marker]
-        key_list += [keys.quota_key(tenant, m, period) for m, _ in (*record.refund, *record.add, *record.count)]
+        counted = (*record.refund, *record.add, *record.count)
+        key_list += [keys.quota_key(tenant, m, period) for m, _ in counted]
         key_list += [keys.gauge_key(tenant, m) for m, _ in record.gauges]
         args: list[Any] = [
             record.period_end + PERIOD_KEY_GRACE, record.bucket_ttl,
@@ -239,18 +240,23 @@ class RedisUsageStore:
 
     # -- reads (admin, usage view, billing) ----------------------------------------------------------
 
-    async def usage(
-        self, tenant: str, period_start: int, meters: Sequence[str], gauges: Iterable[str] = ()
-    ) -> dict[str, float]:
-        """Period counters of `meters` and last values of `gauges` (missing = 0), in one MGET."""
-        gauges = tuple(gauges)
-        key_list = [keys.quota_key(tenant, m, period_start) for m in meters]
-        key_list += [keys.gauge_key(tenant, g) for g in gauges]
-        if not key_list:
+    async def usage(self, tenant: str, period_start: int, meters: Sequence[str]) -> dict[str, float]:
+        """Per meter: its period counter, or for a gauge its last value (missing = 0); one MGET.
+
+        Both keys of each name are read, so callers need not say which meters are gauges: a counter
+        never has a gauge key and a gauge never has a period key.
+        """
+        if not meters:
             return {}
+        key_list = []
+        for meter in meters:
+            key_list += [keys.quota_key(tenant, meter, period_start), keys.gauge_key(tenant, meter)]
         async with self._guarded(self._read_timeout):
             values = await self._client.mget(key_list)
-        return {name: _number(value) for name, value in zip((*meters, *gauges), values, strict=True)}
+        return {
+            meter: _number(values[2 * i] if values[2 * i] is not None else values[2 * i + 1])
+            for i, meter in enumerate(meters)
+        }
 
     async def bucket(self, tenant: str, bucket_start: int) -> dict[str, float]:
         """The billing bucket of a tenant: meter -> billable value (a gauge: its last value)."""
@@ -353,13 +359,14 @@ class RedisUsageStore:
         self._loaded = True
 
     @contextlib.asynccontextmanager
-    async def _guarded(self, timeout: float) -> AsyncIterator[None]:
+    async def _guarded(self, seconds: float) -> AsyncIterator[None]:
         """The one place where driver errors become StoreUnavailable."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(seconds):
                 yield
         except StoreUnavailable:
             raise
         except _REDIS_ERRORS as exc:
-            detail = f"timed out after {timeout * 1000:.0f} ms" if isinstance(exc, TimeoutError) else repr(exc)
+            timed_out = isinstance(exc, TimeoutError)
+            detail = f"timed out after {seconds * 1000:.0f} ms" if timed_out else repr(exc)
             raise StoreUnavailable(f"redis: {detail}") from exc

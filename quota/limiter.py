@@ -156,7 +156,7 @@ class Limiter:
             if not self._settings.fail_open:
                 raise Refusal("unavailable", "the usage store is unavailable", tenant=tenant,
                               plan=plan.name, retry_after=1) from None
-            self._spool_check(check)
+            self._spool.append(check)  # replayed into Redis, once, when it is back
             admission.spooled = True
             return admission
         if not decision.allowed:
@@ -223,13 +223,6 @@ class Limiter:
         except StoreUnavailable:
             self._metrics.store_error()
             self._spool.append(record)  # fail-open or not: a counted response is never lost
-
-    def _spool_check(self, check: Check) -> None:
-        """Fail-open: keep what the check would have counted, for replay when the store is back."""
-        add = tuple((c.meter, c.units) for c in check.counters)
-        self._spool.append(Record(tenant=check.tenant, period_start=check.period_start,
-                                  period_end=check.period_end, bucket_start=check.bucket_start,
-                                  bucket_ttl=check.bucket_ttl, refund=(), add=add, gauges=()))
 
     async def drain(self) -> None:
         """Wait for records in flight (shutdown)."""

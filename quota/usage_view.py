@@ -7,7 +7,6 @@ null and its forecast is its current value; a counter's forecast extrapolates th
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -44,8 +43,8 @@ def forecast(used: float, start: datetime, end: datetime, now: datetime) -> floa
         return number(float(used)) or 0
     projected = max(float(used), used / elapsed * length)
     if float(used).is_integer():
-        return math.ceil(projected - 1e-9)  # whole units: 100.2 expected deployments is 101
-    return round(projected, 3)
+        return round(projected)  # whole units stay whole
+    return number(round(projected, 3)) or 0
 
 
 def _meter_entry(quota: Quota | None, used: float, source: str, *, gauge: bool, start: datetime,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from gateway.app import Worker
 from gateway.devservices import RedisProcess
@@ -14,10 +15,23 @@ from tests.support import Upstream, settings_for, upstream_app
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> Iterator[RedisProcess]:
+def redis_process() -> Iterator[RedisProcess]:
     server = RedisProcess().start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def redis_server(redis_process: RedisProcess) -> RedisProcess:
+    """The session's redis-server, emptied: counts and rate state of one test never leak into the next."""
+    if not redis_process.running:
+        redis_process.start()
+    client = redis.Redis.from_url(redis_process.url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_process
 
 
 @pytest.fixture

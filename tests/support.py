@@ -43,7 +43,8 @@ def config_dict(upstream_url: str, redis_url: str, database_url: str, **override
     raw: dict[str, Any] = {
         "listen": {"proxy": "127.0.0.1:0", "admin": "127.0.0.1:0"},
         "upstream": {"url": upstream_url, "connect_timeout": 2, "read_timeout": 3},
-        "redis": {"url": redis_url},
+        # The spool sits beside the test's SQLite file (a tmp_path), never in the checkout.
+        "redis": {"url": redis_url, "spool_dir": _spool_dir(database_url)},
         "database": {"url": database_url},
         "auth": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["HS256"], "hs256_secret": SECRET,
                  "public_paths": ["/health", "/status/**"]},
@@ -55,6 +56,12 @@ def config_dict(upstream_url: str, redis_url: str, database_url: str, **override
         else:
             raw[key] = value
     return raw
+
+
+def _spool_dir(database_url: str) -> str:
+    if database_url.startswith("sqlite"):
+        return str(Path(database_url.split(":///", 1)[1]).parent / "spool")
+    return str(Path(os.environ.get("TMPDIR", "/tmp")) / f"cosmos-spool-{os.getpid()}")
 
 
 def settings_for(upstream_url: str, redis_url: str, database_url: str, **overrides: Any) -> Settings:

@@ -54,7 +54,7 @@ async def test_sigterm_drains_in_flight_requests(process_factory) -> None:
 
 
 async def test_workers_share_ports_and_metrics_are_summed(process_factory) -> None:
-    gateway = process_factory(workers=2)
+    gateway = process_factory(workers=2, plans={"starter": {"rate": {"per_second": 1000, "burst": 1000}}})
     async with aiohttp.ClientSession() as session:
         for _ in range(30):  # a new connection each time: the kernel spreads them over workers
             async with session.get(gateway.url + "/api/x", headers={**bearer(), "Connection": "close"}) as r:
@@ -83,7 +83,7 @@ async def test_metrics_parse_single_worker(process_factory) -> None:
     names = {f.name for f in text_string_to_metric_families(text)}
     assert {"gateway_requests", "gateway_request_duration_seconds", "gateway_upstream_duration_seconds",
             "gateway_auth_failures"} <= names
-    assert sample(text, "gateway_requests_total", plan="starter", meter_route="authenticated") == 1
+    assert sample(text, "gateway_requests_total", plan="starter", meter_route="api_calls") == 1
 
 
 async def test_access_log_is_json_lines_without_secrets(process_factory) -> None:

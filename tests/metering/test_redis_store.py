@@ -113,7 +113,8 @@ async def test_gcra_high_rate_keeps_sub_millisecond_precision(store: RedisUsageS
 
 async def test_concurrent_checks_admit_exactly_the_units_left(store: RedisUsageStore) -> None:
     t = tenant()
-    checks = [make_check(t, counters=deployments(50), billable=(("chain_deployments", 1),)) for _ in range(300)]
+    billable = (("chain_deployments", 1),)
+    checks = [make_check(t, counters=deployments(50), billable=billable) for _ in range(300)]
     decisions = await asyncio.gather(*(store.check(c) for c in checks))
     admitted = [d for d in decisions if d.allowed]
     assert len(admitted) == 50
@@ -207,8 +208,9 @@ async def test_record_refunds_adds_bytes_and_sets_gauges(store: RedisUsageStore,
     await store.record(make_record(t, add=(("bandwidth_bytes", 500),), gauges=(("storage_gb", 11.0),)))
     # Refunds stop at zero, in the counter and in the bucket.
     await store.record(make_record(t, refund=(("api_calls", 10), ("never_counted", 4))))
-    usage = await store.usage(t, PERIOD_START, ["api_calls", "bandwidth_bytes", "never_counted"],
-                              gauges=["storage_gb", "chains", "unreported"])
+    usage = await store.usage(
+        t, PERIOD_START, ["api_calls", "bandwidth_bytes", "never_counted", "storage_gb", "chains", "unreported"]
+    )
     assert usage == {"api_calls": 0.0, "bandwidth_bytes": 2000.0, "never_counted": 0.0,
                      "storage_gb": 11.0, "chains": 2.0, "unreported": 0.0}
     assert await store.bucket(t, BUCKET) == {
@@ -357,7 +359,8 @@ async def test_cluster_check_record_usage_across_slots(cluster_store: RedisUsage
         for t in tenants
     ))
     for t in tenants:
-        usage = await cluster_store.usage(t, PERIOD_START, ["chain_deployments", "bandwidth_bytes"], ["chains"])
+        meters = ["chain_deployments", "bandwidth_bytes"]
+        usage = await cluster_store.usage(t, PERIOD_START, [*meters, "chains"])
         assert usage == {"chain_deployments": 4.0, "bandwidth_bytes": 7.0, "chains": 3.0}
         assert await cluster_store.bucket(t, BUCKET) == {
             "chain_deployments": 4.0, "bandwidth_bytes": 7.0, "chains": 3.0,
@@ -374,5 +377,6 @@ async def test_cluster_reloads_scripts_on_every_master(
         node = Redis(port=port)
         await node.script_flush()
         await node.aclose()
-    decisions = await asyncio.gather(*(cluster_store.check(make_check(t, counters=deployments())) for t in tenants))
+    checks = [make_check(t, counters=deployments()) for t in tenants]
+    decisions = await asyncio.gather(*(cluster_store.check(check) for check in checks))
     assert [d.used for d in decisions] == [{"chain_deployments": 2.0}] * len(tenants)

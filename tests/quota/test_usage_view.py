@@ -101,7 +101,8 @@ def test_overrides_apply_until_they_expire() -> None:
     assert v["meters"]["chain_deployments"]["source"] == "override"
     assert v["meters"]["storage_gb"]["limit"] is None and v["meters"]["storage_gb"]["source"] == "override"
     assert v["rate"] == {"per_second": 5, "burst": 7, "source": "override"}
-    later = view(record(overrides=overrides), {"chain_deployments": 10}, now=datetime(2026, 12, 20, tzinfo=UTC))
+    expired = datetime(2026, 12, 20, tzinfo=UTC)
+    later = view(record(overrides=overrides), {"chain_deployments": 10}, now=expired)
     assert later["meters"]["chain_deployments"]["limit"] == 100
     assert later["meters"]["chain_deployments"]["source"] == "plan"
 
@@ -141,7 +142,8 @@ def test_alerts_are_passed_through() -> None:
     (0, datetime(2026, 12, 16, tzinfo=UTC), 0),
     (10, datetime(2026, 12, 1, tzinfo=UTC), 10),  # no time elapsed: nothing to extrapolate
     (10, datetime(2026, 12, 11, 8, tzinfo=UTC), 30),  # a third of the month
-    (1, datetime(2026, 12, 31, tzinfo=UTC), 2),  # rounded up to whole units
+    (1, datetime(2026, 12, 31, tzinfo=UTC), 1),  # 1.03: whole units stay whole
+    (20, datetime(2026, 12, 31, tzinfo=UTC), 21),  # 20.67
     (1.5, datetime(2026, 12, 16, 12, tzinfo=UTC), 3.0),
 ])
 def test_forecast(used: float, now: datetime, expected: float) -> None:
