@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,10 +45,12 @@ SPOOL_REPLAY_SECONDS = 1.0
 class Worker:
     """One gateway process: proxy listener, admin listener and the clients they share."""
 
-    def __init__(self, settings: Settings, *, reuse_port: bool = False, index: int = 0) -> None:
+    def __init__(self, settings: Settings, *, reuse_port: bool = False, index: int = 0,
+                 clock: Callable[[], float] = time.time) -> None:
         if settings.upstream.url is None:
             raise ValueError("upstream.url must be resolved before starting a worker")
         self.settings = settings
+        self.clock = clock  # injected by tests to cross period boundaries without waiting
         self.policy = build_policy(settings)
         self._reuse_port = reuse_port
         self.authenticator = Authenticator(settings.auth)
@@ -66,7 +69,7 @@ class Worker:
         self._pubsub = None if is_cluster_url(redis_url) else aioredis.Redis.from_url(redis_url)
         self.directory = TenantDirectory(self.sessions, self._pubsub, reload_interval=TENANT_RELOAD_SECONDS)
         self.spool = Spool(Path(settings.redis.spool_dir) / f"worker-{index}.jsonl")
-        self.alerts = Alerts(self.policy.alerts, self.sessions)
+        self.alerts = Alerts(self.policy.alerts, self.sessions, clock=self._now)
         self.quota_metrics = QuotaMetrics(self.policy.plans, [m.name for m in self.policy.meters],
                                           tenant_usage=self.policy.metrics.tenant_usage,
                                           max_tenants=self.policy.metrics.max_tenants)
@@ -74,7 +77,7 @@ class Worker:
             self.store, self.policy.matcher, self.policy.plans, self.directory, self.spool, self.quota_metrics,
             LimiterSettings(default_plan=settings.default_plan, bucket_seconds=settings.billing.bucket_seconds,
                             fail_open=settings.redis.on_error == "fail_open"),
-            on_counted=self._observe_usage,
+            on_counted=self._observe_usage, clock=clock,
         )
         self.access_log = AccessLog(enabled=settings.server.access_log)
         self.metrics = RequestMetrics(self.policy.plans)
@@ -83,6 +86,9 @@ class Worker:
         self._replayer: asyncio.Task[None] | None = None
         self.proxy_port = 0
         self.admin_port = 0
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
 
     def _observe_usage(self, tenant: str, meter: str, period_start: int, used: float, limit: float) -> None:
         self.alerts.observe(tenant, meter, datetime.fromtimestamp(period_start, UTC), used, limit)
@@ -95,7 +101,8 @@ class Worker:
         await self.alerts.start()
         self._replayer = asyncio.create_task(self._replay_spool())
         own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
-                           meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts)
+                           meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts,
+                           clock=self.clock)
         handler = ProxyHandler(settings, self.authenticator, self.pool, self.websockets, self.metrics,
                                self.access_log, limiter=self.limiter, own=own)
         http_limits = {
@@ -130,7 +137,7 @@ class Worker:
     def _add_admin_api(self, app: web.Application) -> None:
         add_admin_api(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
                       authenticator=self.authenticator, usage_reader=self.store,
-                      plans=self.policy.plans, meters=self.policy.meters)
+                      plans=self.policy.plans, meters=self.policy.meters, clock=self._now)
 
     async def _prepare_database(self) -> None:
         """SQLite (single host, the development default) is migrated here; PostgreSQL must be at head."""

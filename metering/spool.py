@@ -101,6 +101,7 @@ class Spool:
 
     def __init__(self, path: Path, *, flush_interval: float = FLUSH_INTERVAL, flush_batch: int = FLUSH_BATCH):
         self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no var/spool yet
         self.flush_interval = flush_interval
         self.flush_batch = flush_batch
         self.skipped = 0  # lines dropped because they did not parse

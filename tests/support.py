@@ -82,7 +82,8 @@ def upstream_app(record: list[web.BaseRequest] | None = None) -> web.Application
             size += len(chunk)
         if record is not None:
             record.append(request)
-        return web.json_response({
+        headers = {"X-Cosmos-Usage": request.query["usage"]} if "usage" in request.query else None
+        return web.json_response(status=int(request.query.get("status", "200")), headers=headers, data={
             "method": request.method,
             "raw_path": request.raw_path,
             "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],

@@ -1,0 +1,336 @@
+"""Stripe subscription webhooks, `POST /_gateway/webhooks/stripe` on the proxy listener (PRODUCT.md §8).
+
+    webhooks = StripeWebhooks(secret=settings.billing.stripe_webhook_secret, sessions=sessions,
+                              directory=directory, plans_by_lookup_key=..., known_plans=plans)
+    OwnEndpoints(..., stripe_webhook=webhooks.handle)
+
+The `Stripe-Signature` header is checked over the raw body with stripe's own verifier; the 5-minute
+tolerance is measured with the injected clock. Each event id is recorded in `stripe_events` in the same
+transaction as the tenant change, so a redelivery changes nothing, and an event older than the newest one
+applied to the tenant is recorded and skipped. After the commit the tenant is announced through the
+TenantDirectory: the limiter answers 402 `subscription-inactive` at once for a canceled subscription.
+
+Answers: 2xx for every signed, well-formed event, including those we cannot use (Stripe retries anything
+else for days); 400 for unsigned or malformed bodies; 413 above 1 MiB; 503 when no secret is configured or
+the SQL store is down (Stripe retries later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import stripe
+from aiohttp import web
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from metering.errors import ConfigurationError, kind_of
+from metering.models import AuditEntry, StripeEvent, Tenant
+from quota.tenants import TenantDirectory
+
+log = logging.getLogger("cosmos_gateway.webhooks")
+
+MAX_BODY_BYTES = 1 << 20
+SUBSCRIPTION_EVENTS = frozenset({
+    "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted"})
+ACTOR = "stripe"
+NEW_TENANT_PLAN = "starter"
+DEFAULT_TYPE_BASE = "https://docs.cosmosbuilder.io/gateway/problems/"
+PROBLEM_JSON = "application/problem+json"
+_TENANT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# A subscription in one of these states never becomes active again (Stripe creates a new one instead).
+_TERMINAL = frozenset({"canceled", "incomplete_expired"})
+_STORE_ERRORS = (OSError, TimeoutError, OperationalError, InterfaceError)
+_MAX_ID = 255  # the width of the Stripe id columns
+
+
+class _Problem(Exception):
+    """An answer other than 2xx, as problem+json. Kept here: billing_sync does not import the gateway."""
+
+    def __init__(self, status: int, suffix: str, title: str, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status, self.suffix, self.title, self.detail, self.extra = status, suffix, title, detail, extra
+
+    def response(self, type_base: str) -> web.Response:
+        body = {"type": type_base + self.suffix, "title": self.title, "status": self.status,
+                "detail": self.detail, **self.extra}
+        return web.Response(status=self.status, body=json.dumps(body, separators=(",", ":")).encode(),
+                            content_type=PROBLEM_JSON)
+
+
+def _invalid(field: str, message: str) -> _Problem:
+    return _Problem(400, "invalid-request", "Invalid request", f"{field}: {message}",
+                    errors=[{"field": field, "message": message}])
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """The envelope of a Stripe event: what every type has."""
+
+    id: str
+    type: str
+    created: int
+    object: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """What a `customer.subscription.*` event says about the subscription."""
+
+    id: str
+    customer_id: str
+    status: str
+    lookup_keys: tuple[str, ...]
+    tenant_id: Any  # metadata.tenant_id of the subscription, else of an expanded customer; unchecked
+
+
+def parse_event(payload: str) -> Event:
+    """The event envelope of a webhook body; raises a 400 problem naming the bad field."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        raise _invalid("body", "not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _invalid("body", "not a JSON object")
+    event_id, event_type, created = data.get("id"), data.get("type"), data.get("created")
+    if not isinstance(event_id, str) or not 0 < len(event_id) <= _MAX_ID:
+        raise _invalid("id", "must be a non-empty string")
+    if not isinstance(event_type, str) or not 0 < len(event_type) <= 128:
+        raise _invalid("type", "must be a non-empty string")
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        raise _invalid("created", "must be a Unix timestamp")
+    inner = data.get("data")
+    return Event(event_id, event_type, created, inner.get("object") if isinstance(inner, dict) else None)
+
+
+def parse_subscription(event: Event) -> Subscription:
+    """The subscription carried by a `customer.subscription.*` event; raises a 400 problem if it is unusable."""
+    obj = event.object
+    if not isinstance(obj, dict):
+        raise _invalid("data.object", "must be a subscription object")
+    sub_id, status, customer = obj.get("id"), obj.get("status"), obj.get("customer")
+    if not isinstance(sub_id, str) or not 0 < len(sub_id) <= _MAX_ID:
+        raise _invalid("data.object.id", "must be a subscription id")
+    # The customer is an id, or the customer object when the sender expanded it.
+    customer_metadata = customer.get("metadata") if isinstance(customer, dict) else None
+    customer_id = customer.get("id") if isinstance(customer, dict) else customer
+    if not isinstance(customer_id, str) or not 0 < len(customer_id) <= _MAX_ID:
+        raise _invalid("data.object.customer", "must be a customer id")
+    if event.type == "customer.subscription.deleted":
+        status = "canceled"
+    if not isinstance(status, str) or not 0 < len(status) <= 32:
+        raise _invalid("data.object.status", "must be a subscription status")
+    tenant_id = _metadata(obj.get("metadata"))
+    if tenant_id is None:
+        tenant_id = _metadata(customer_metadata)
+    return Subscription(sub_id, customer_id, status, _lookup_keys(obj.get("items")), tenant_id)
+
+
+def _metadata(metadata: Any) -> Any:
+    # Stripe cannot store an empty metadata value; treat one like an absent key.
+    value = metadata.get("tenant_id") if isinstance(metadata, dict) else None
+    return None if value in (None, "") else value
+
+
+def _lookup_keys(items: Any) -> tuple[str, ...]:
+    rows = items.get("data") if isinstance(items, dict) else None
+    keys = []
+    for item in rows if isinstance(rows, list) else ():
+        price = item.get("price") if isinstance(item, dict) else None
+        key = price.get("lookup_key") if isinstance(price, dict) else None
+        if isinstance(key, str):
+            keys.append(key)
+    return tuple(keys)
+
+
+def _state(tenant: Tenant) -> dict[str, Any]:
+    return {"plan": tenant.plan, "status": tenant.status, "subscription_status": tenant.subscription_status,
+            "stripe_customer_id": tenant.stripe_customer_id,
+            "stripe_subscription_id": tenant.stripe_subscription_id}
+
+
+def _signed_at(header: str) -> int:
+    """The `t=` timestamp of a Stripe-Signature header that stripe has already accepted."""
+    for part in header.split(","):
+        name, _, value = part.partition("=")
+        if name == "t":
+            return int(value)
+    raise ValueError("no timestamp")
+
+
+class StripeWebhooks:
+    """The aiohttp handler of Stripe's subscription events; `handle` is what OwnEndpoints calls."""
+
+    def __init__(self, *, secret: str | None, sessions: async_sessionmaker[AsyncSession],
+                 directory: TenantDirectory, plans_by_lookup_key: Mapping[str, str], known_plans: Collection[str],
+                 tolerance: int = 300, clock: Callable[[], float] = time.time,
+                 problem_type_base: str = DEFAULT_TYPE_BASE) -> None:
+        self._secret = secret or None
+        self._sessions = sessions
+        self._directory = directory
+        self._plans_by_lookup_key = _check_lookup_keys(plans_by_lookup_key, known_plans)
+        self._tolerance = tolerance
+        self._clock = clock
+        self._type_base = problem_type_base
+
+    async def handle(self, request: web.BaseRequest) -> web.Response:
+        try:
+            if self._secret is None:
+                raise _Problem(503, "webhooks-not-configured", "Webhooks not configured",
+                               "no Stripe webhook secret is configured (STRIPE_WEBHOOK_SECRET)")
+            payload = await _read_body(request)
+            self._verify(payload, request.headers.getall("Stripe-Signature", ()))
+            event = parse_event(payload)
+            subscription = parse_subscription(event) if event.type in SUBSCRIPTION_EVENTS else None
+            try:
+                answer, tenant = await self._record(event, subscription)
+            except IntegrityError:
+                # A concurrent delivery of the same event, or a concurrent creation of the same tenant:
+                # once again, the other transaction's row is now visible.
+                answer, tenant = await self._record(event, subscription)
+        except _Problem as problem:
+            return problem.response(self._type_base)
+        except _STORE_ERRORS:
+            log.exception("stripe webhook: the SQL store failed; Stripe will retry")
+            return _Problem(503, "database-unavailable", "Database unavailable",
+                            "the SQL store is unavailable").response(self._type_base)
+        if tenant is not None:
+            try:
+                await self._directory.announce(tenant)
+            except Exception:  # committed: the directory's periodic reload applies it within seconds
+                log.exception("stripe webhook: could not announce the change of tenant %s", tenant)
+        return web.json_response(answer)
+
+    def _verify(self, payload: str, headers: Collection[str]) -> None:
+        if len(headers) != 1:
+            raise _invalid("Stripe-Signature", "exactly one signature header is required")
+        header = next(iter(headers))
+        try:
+            # Tolerance None: stripe would measure the age with time.time(); ours uses the injected clock.
+            stripe.WebhookSignature.verify_header(payload, header, self._secret, tolerance=None)
+            signed_at = _signed_at(header)
+        except (stripe.SignatureVerificationError, ValueError):
+            raise _invalid("Stripe-Signature", "does not match the body and the webhook secret") from None
+        if signed_at < self._clock() - self._tolerance:
+            raise _invalid("Stripe-Signature", f"signed more than {self._tolerance} seconds ago")
+
+    async def _record(self, event: Event, subscription: Subscription | None) -> tuple[dict[str, Any], str | None]:
+        """Apply the event in one transaction with its id; the answer, and the tenant to announce."""
+        now = datetime.fromtimestamp(self._clock(), UTC)
+        async with self._sessions() as session, session.begin():
+            if await session.get(StripeEvent, event.id) is not None:
+                return {"received": True, "duplicate": True}, None
+            if subscription is None:
+                session.add(StripeEvent(id=event.id, type=event.type, received_at=now))
+                return {"received": True, "ignored": event.type}, None
+            tenant_id, row, unusable = await self._find_tenant(session, subscription)
+            if unusable is not None:
+                # Not recorded: once the tenant is linked, a resend from the Stripe dashboard applies it.
+                log.warning("stripe webhook %s (%s): %s; subscription %s, customer %s", event.id, event.type,
+                            unusable, subscription.id, subscription.customer_id)
+                return {"received": True, "ignored": unusable}, None
+            session.add(StripeEvent(id=event.id, type=event.type, received_at=now))
+            at = datetime.fromtimestamp(event.created, UTC)
+            if row is not None and _is_stale(row, subscription, at):
+                log.info("stripe webhook %s: older than the state of tenant %s; skipped", event.id, tenant_id)
+                return {"received": True, "stale": True}, None
+            if (row is not None and row.stripe_subscription_id not in (None, subscription.id)
+                    and subscription.status in _TERMINAL):
+                # The end of a replaced subscription (e.g. after a switch to a new one) says nothing of the tenant.
+                return {"received": True, "ignored": "not the tenant's current subscription"}, None
+            plan = self._plan_for(event, subscription)
+            before = None if row is None else _state(row)
+            if row is None:
+                row = Tenant(id=tenant_id, plan=plan or NEW_TENANT_PLAN, status="active", created_at=now)
+                session.add(row)
+            elif plan is not None:
+                row.plan = plan
+            row.subscription_status = subscription.status
+            row.stripe_customer_id = subscription.customer_id
+            row.stripe_subscription_id = subscription.id
+            row.stripe_event_at = at
+            row.updated_at = now  # always: other instances reload what moved since their watermark
+            after = _state(row)
+            if after != before:
+                session.add(AuditEntry(at=now, actor=ACTOR, tenant_id=tenant_id, action=f"stripe.{event.type}",
+                                       before=before, after=after))
+            return {"received": True, "tenant": tenant_id, "plan": row.plan,
+                    "subscription_status": row.subscription_status}, tenant_id
+
+    async def _find_tenant(self, session: AsyncSession,
+                           subscription: Subscription) -> tuple[str, Tenant | None, str | None]:
+        """(tenant id, its locked row or None, None) or ("", None, why the event cannot be used)."""
+        if subscription.tenant_id is not None:
+            tenant_id = subscription.tenant_id
+            if not isinstance(tenant_id, str) or not _TENANT_ID.fullmatch(tenant_id):
+                return "", None, "invalid tenant id"
+            return tenant_id, await session.get(Tenant, tenant_id, with_for_update=True), None
+        rows = list((await session.scalars(
+            select(Tenant).where(Tenant.stripe_customer_id == subscription.customer_id)
+            .order_by(Tenant.id).limit(2).with_for_update())).all())
+        if not rows:
+            return "", None, "no tenant"
+        if len(rows) > 1:
+            return "", None, "several tenants share the customer"
+        return rows[0].id, rows[0], None
+
+    def _plan_for(self, event: Event, subscription: Subscription) -> str | None:
+        for key in subscription.lookup_keys:
+            plan = self._plans_by_lookup_key.get(key)
+            if plan is not None:
+                return plan
+        log.warning("stripe webhook %s: no price lookup key of subscription %s is in "
+                    "billing.stripe.plans_by_lookup_key (%s); the plan is kept", event.id, subscription.id,
+                    ", ".join(subscription.lookup_keys) or "none")
+        return None
+
+
+def _is_stale(row: Tenant, subscription: Subscription, at: datetime) -> bool:
+    applied = row.stripe_event_at
+    if applied is None:
+        return False
+    if at < applied:
+        return True
+    # Same second (Stripe's resolution): later arrival wins, except that an ended subscription stays ended.
+    return (at == applied and row.stripe_subscription_id == subscription.id
+            and row.subscription_status in _TERMINAL)
+
+
+def _check_lookup_keys(mapping: Any, known_plans: Collection[str]) -> dict[str, str]:
+    key = "billing.stripe.plans_by_lookup_key"
+    if not isinstance(mapping, Mapping):
+        raise ConfigurationError(key, f"expected a mapping, got {kind_of(mapping)}")
+    for lookup_key, plan in mapping.items():
+        if not isinstance(plan, str) or plan not in known_plans:
+            raise ConfigurationError(f"{key}.{lookup_key}", f"names no known plan ({kind_of(plan)}; "
+                                     f"known: {', '.join(sorted(known_plans))})")
+    return dict(mapping)
+
+
+async def _read_body(request: web.BaseRequest) -> str:
+    """The raw body, at most MAX_BODY_BYTES, as text (Stripe signs the UTF-8 text)."""
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise _body_too_large()
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(64 * 1024):
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _body_too_large()
+        chunks.append(chunk)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _invalid("body", "not UTF-8") from None
+
+
+def _body_too_large() -> _Problem:
+    return _Problem(413, "payload-too-large", "Payload too large", f"the body is over {MAX_BODY_BYTES} bytes")

@@ -1,0 +1,393 @@
+"""Stripe webhooks on a real aiohttp server, a real SQL store (SQLite and PostgreSQL) and a real TenantDirectory.
+
+Payloads are signed with stripe's own test helper, the way Stripe signs them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import stripe
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from billing_sync.webhooks import MAX_BODY_BYTES, StripeWebhooks
+from metering.db import create_engine, session_factory
+from metering.errors import ConfigurationError
+from metering.migrate import upgrade_async
+from metering.models import AuditEntry, StripeEvent, Tenant
+from quota.tenants import TenantDirectory
+from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
+
+SECRET = "whsec_test_0123456789abcdef"
+PATH = "/_gateway/webhooks/stripe"
+NOW = 1_800_000_000.0
+PROBLEM = "application/problem+json"
+LOOKUP_KEYS = {"starter_monthly": "starter", "professional_monthly": "professional",
+               "enterprise_yearly": "enterprise"}
+PLANS = ("starter", "professional", "enterprise", "sovereign")
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Hooks:
+    client: TestClient
+    directory: TenantDirectory
+    sessions: async_sessionmaker[AsyncSession]
+    clock: Clock
+
+    async def post(self, body: str | bytes, *, signed_at: float | None = None, secret: str = SECRET,
+                   signature: str | None = None) -> tuple[int, Any, str]:
+        text = body if isinstance(body, str) else body.decode("utf-8", "replace")
+        if signature is None:
+            timestamp = int(self.clock.now if signed_at is None else signed_at)
+            signature = stripe.WebhookSignature.generate_signature_header(text, secret, timestamp=timestamp)
+        headers = {"Stripe-Signature": signature, "Content-Type": "application/json"}
+        response = await self.client.post(PATH, data=body, headers=headers)
+        raw = await response.text()
+        return response.status, (json.loads(raw) if raw else None), response.content_type
+
+    async def send(self, event: dict[str, Any], **kwargs: Any) -> tuple[int, Any]:
+        status, answer, _ = await self.post(json.dumps(event), **kwargs)
+        return status, answer
+
+    async def tenant(self, tenant_id: str) -> Tenant | None:
+        async with self.sessions() as session:
+            return await session.get(Tenant, tenant_id)
+
+    async def audit(self, tenant_id: str) -> list[AuditEntry]:
+        async with self.sessions() as session:
+            query = select(AuditEntry).where(AuditEntry.tenant_id == tenant_id).order_by(AuditEntry.id)
+            return list((await session.scalars(query)).all())
+
+    async def count_events(self) -> int:
+        async with self.sessions() as session:
+            return int(await session.scalar(select(func.count()).select_from(StripeEvent)) or 0)
+
+
+async def _serve(handler: Any, aiohttp_client: Any) -> TestClient:
+    app = web.Application()
+    app.router.add_post(PATH, handler)
+    return await aiohttp_client(app)
+
+
+@pytest.fixture
+async def hooks(db_url: str, aiohttp_client: Any) -> AsyncIterator[Hooks]:  # noqa: F811
+    engine = create_engine(db_url)
+    await upgrade_async(engine)
+    sessions = session_factory(engine)
+    directory = TenantDirectory(sessions, None)
+    await directory.reload_changed()
+    clock = Clock(NOW)
+    webhooks = StripeWebhooks(secret=SECRET, sessions=sessions, directory=directory,
+                              plans_by_lookup_key=LOOKUP_KEYS, known_plans=PLANS, clock=clock)
+    client = await _serve(webhooks.handle, aiohttp_client)
+    yield Hooks(client, directory, sessions, clock)
+    await directory.close()
+    await engine.dispose()
+
+
+_counter = 0
+
+
+def event(kind: str = "updated", *, tenant: str | None = "acme", customer: str = "cus_1", sub: str = "sub_1",
+          status: str = "active", lookup_key: str | None = "professional_monthly", created: int = int(NOW) - 10,
+          event_id: str | None = None, customer_metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """A `customer.subscription.<kind>` event as Stripe sends it (the fields we read, and a few we do not)."""
+    global _counter
+    _counter += 1
+    metadata = {} if tenant is None else {"tenant_id": tenant}
+    items = [] if lookup_key is None else [
+        {"id": "si_1", "object": "subscription_item", "quantity": 1,
+         "price": {"id": "price_1", "object": "price", "lookup_key": lookup_key, "unit_amount": 4900}}]
+    subscription = {"id": sub, "object": "subscription", "status": status, "metadata": metadata,
+                    "customer": customer if customer_metadata is None else
+                    {"id": customer, "object": "customer", "metadata": customer_metadata},
+                    "items": {"object": "list", "data": items, "has_more": False}}
+    return {"id": event_id or f"evt_{_counter}", "object": "event", "api_version": "2025-03-31.basil",
+            "created": created, "livemode": False, "type": f"customer.subscription.{kind}",
+            "data": {"object": subscription}}
+
+
+async def seed(hooks: Hooks, tenant_id: str, **fields: Any) -> None:
+    async with hooks.sessions() as session, session.begin():
+        now = datetime.fromtimestamp(NOW - 3600, UTC)
+        session.add(Tenant(id=tenant_id, plan=fields.pop("plan", "starter"), status=fields.pop("status", "active"),
+                           created_at=now, updated_at=now, **fields))
+    await hooks.directory.reload(tenant_id)
+
+
+# --------------------------------------------------------------------------- applying subscriptions
+
+
+async def test_created_event_creates_the_tenant_and_the_directory_has_it_at_once(hooks: Hooks) -> None:
+    assert hooks.directory.get("acme") is None
+    status, answer = await hooks.send(event("created"))
+    assert status == 200
+    assert answer == {"received": True, "tenant": "acme", "plan": "professional", "subscription_status": "active"}
+    row = await hooks.tenant("acme")
+    assert row is not None
+    assert (row.plan, row.status, row.subscription_status) == ("professional", "active", "active")
+    assert (row.stripe_customer_id, row.stripe_subscription_id) == ("cus_1", "sub_1")
+    assert row.stripe_event_at == datetime.fromtimestamp(NOW - 10, UTC)
+    assert row.updated_at == datetime.fromtimestamp(NOW, UTC)
+    record = hooks.directory.get("acme")
+    assert record is not None
+    assert (record.plan, record.subscription_status, record.stripe_customer_id, record.stripe_subscription_id) == (
+        "professional", "active", "cus_1", "sub_1")
+
+
+async def test_updated_event_changes_plan_and_status_of_an_existing_tenant(hooks: Hooks) -> None:
+    await seed(hooks, "acme", plan="starter", status="suspended")
+    status, _ = await hooks.send(event("updated", status="past_due", lookup_key="enterprise_yearly"))
+    assert status == 200
+    record = hooks.directory.get("acme")
+    assert record is not None
+    # An operator's suspension is the operator's: Stripe sets plan and subscription status only.
+    assert (record.plan, record.status, record.subscription_status) == ("enterprise", "suspended", "past_due")
+
+
+async def test_deleted_event_marks_the_subscription_canceled(hooks: Hooks) -> None:
+    await hooks.send(event("created", created=int(NOW) - 100))
+    status, answer = await hooks.send(event("deleted", status="active", created=int(NOW) - 5))
+    assert status == 200
+    assert answer["subscription_status"] == "canceled"
+    record = hooks.directory.get("acme")
+    assert record is not None
+    assert record.subscription_status == "canceled"
+    assert record.plan == "professional"
+
+
+async def test_audit_entries_record_before_and_after(hooks: Hooks) -> None:
+    await hooks.send(event("created", created=int(NOW) - 100, lookup_key="starter_monthly"))
+    await hooks.send(event("updated", created=int(NOW) - 50, lookup_key="professional_monthly"))
+    await hooks.send(event("updated", created=int(NOW) - 40, lookup_key="professional_monthly"))  # no change
+    entries = await hooks.audit("acme")
+    assert [(e.actor, e.action) for e in entries] == [
+        ("stripe", "stripe.customer.subscription.created"), ("stripe", "stripe.customer.subscription.updated")]
+    assert entries[0].before is None
+    assert entries[0].after == {"plan": "starter", "status": "active", "subscription_status": "active",
+                                "stripe_customer_id": "cus_1", "stripe_subscription_id": "sub_1"}
+    assert entries[1].before is not None and entries[1].before["plan"] == "starter"
+    assert entries[1].after is not None and entries[1].after["plan"] == "professional"
+
+
+async def test_unknown_lookup_key_keeps_the_plan(hooks: Hooks) -> None:
+    await seed(hooks, "acme", plan="enterprise")
+    status, answer = await hooks.send(event(lookup_key="legacy_gold_2019", status="unpaid"))
+    assert status == 200
+    assert answer["plan"] == "enterprise"
+    record = hooks.directory.get("acme")
+    assert record is not None
+    assert (record.plan, record.subscription_status) == ("enterprise", "unpaid")
+
+
+async def test_new_tenant_without_a_mapped_lookup_key_starts_on_starter(hooks: Hooks) -> None:
+    status, answer = await hooks.send(event("created", lookup_key=None))
+    assert status == 200
+    assert answer["plan"] == "starter"
+
+
+async def test_first_mapped_item_decides_the_plan(hooks: Hooks) -> None:
+    payload = event("created", lookup_key="unknown_addon")
+    payload["data"]["object"]["items"]["data"].append(
+        {"id": "si_2", "price": {"id": "price_2", "lookup_key": "enterprise_yearly"}})
+    _, answer = await hooks.send(payload)
+    assert answer["plan"] == "enterprise"
+
+
+# --------------------------------------------------------------------------- finding the tenant
+
+
+async def test_tenant_found_by_stripe_customer_id_when_metadata_is_missing(hooks: Hooks) -> None:
+    await seed(hooks, "globex", plan="starter", stripe_customer_id="cus_globex")
+    status, answer = await hooks.send(event(tenant=None, customer="cus_globex", sub="sub_9"))
+    assert status == 200
+    assert answer["tenant"] == "globex"
+    record = hooks.directory.get("globex")
+    assert record is not None
+    assert (record.plan, record.stripe_subscription_id) == ("professional", "sub_9")
+
+
+async def test_tenant_found_by_metadata_of_an_expanded_customer(hooks: Hooks) -> None:
+    status, answer = await hooks.send(event(tenant=None, customer="cus_2", customer_metadata={"tenant_id": "init"}))
+    assert status == 200
+    assert answer["tenant"] == "init"
+    assert hooks.directory.get("init") is not None
+
+
+async def test_no_tenant_is_acknowledged_and_ignored(hooks: Hooks, caplog: pytest.LogCaptureFixture) -> None:
+    status, answer = await hooks.send(event(tenant=None, customer="cus_nobody"))
+    assert status == 200
+    assert answer == {"received": True, "ignored": "no tenant"}
+    assert "no tenant" in caplog.text
+    async with hooks.sessions() as session:
+        assert await session.scalar(select(func.count()).select_from(Tenant)) == 0
+
+
+@pytest.mark.parametrize("tenant_id", ["x" * 65, "acme/../root", "bad tenant", "a\r\nX-Evil: 1"])
+async def test_invalid_tenant_id_in_metadata_is_ignored(hooks: Hooks, tenant_id: str) -> None:
+    status, answer = await hooks.send(event(tenant=tenant_id))
+    assert status == 200
+    assert answer == {"received": True, "ignored": "invalid tenant id"}
+    assert hooks.directory.all() == {}
+
+
+# --------------------------------------------------------------------------- once, and in order
+
+
+async def test_replayed_event_id_changes_nothing_the_second_time(hooks: Hooks) -> None:
+    payload = event("created", event_id="evt_replay", lookup_key="starter_monthly")
+    assert (await hooks.send(payload))[0] == 200
+    # An operator changes the plan meanwhile; a redelivery of the old event must not undo it.
+    async with hooks.sessions() as session, session.begin():
+        row = await session.get(Tenant, "acme")
+        assert row is not None
+        row.plan = "sovereign"
+    status, answer = await hooks.send(payload)
+    assert (status, answer) == (200, {"received": True, "duplicate": True})
+    row = await hooks.tenant("acme")
+    assert row is not None and row.plan == "sovereign"
+    assert len(await hooks.audit("acme")) == 1
+    assert await hooks.count_events() == 1
+
+
+async def test_older_event_after_a_newer_one_is_recorded_but_not_applied(hooks: Hooks) -> None:
+    newer = event("updated", status="canceled", lookup_key="enterprise_yearly", created=int(NOW) - 10)
+    older = event("updated", status="active", lookup_key="starter_monthly", created=int(NOW) - 60)
+    await hooks.send(newer)
+    status, answer = await hooks.send(older)
+    assert (status, answer) == (200, {"received": True, "stale": True})
+    record = hooks.directory.get("acme")
+    assert record is not None
+    assert (record.plan, record.subscription_status) == ("enterprise", "canceled")
+    assert await hooks.count_events() == 2
+    assert (await hooks.send(older))[1] == {"received": True, "duplicate": True}
+
+
+async def test_same_second_update_does_not_revive_a_deleted_subscription(hooks: Hooks) -> None:
+    await hooks.send(event("deleted", created=int(NOW) - 10))
+    status, answer = await hooks.send(event("updated", status="active", created=int(NOW) - 10))
+    assert answer == {"received": True, "stale": True}
+    row = await hooks.tenant("acme")
+    assert row is not None and row.subscription_status == "canceled"
+
+
+async def test_end_of_a_replaced_subscription_does_not_cancel_the_new_one(hooks: Hooks) -> None:
+    await hooks.send(event("created", sub="sub_old", created=int(NOW) - 300))
+    await hooks.send(event("created", sub="sub_new", lookup_key="enterprise_yearly", created=int(NOW) - 200))
+    status, answer = await hooks.send(event("deleted", sub="sub_old", created=int(NOW) - 100))
+    assert (status, answer) == (200, {"received": True, "ignored": "not the tenant's current subscription"})
+    record = hooks.directory.get("acme")
+    assert record is not None
+    assert (record.stripe_subscription_id, record.subscription_status, record.plan) == (
+        "sub_new", "active", "enterprise")
+
+
+async def test_other_event_types_are_acknowledged_and_recorded(hooks: Hooks) -> None:
+    payload = {"id": "evt_inv", "object": "event", "type": "invoice.paid", "created": int(NOW),
+               "data": {"object": {"id": "in_1", "object": "invoice"}}}
+    status, answer = await hooks.send(payload)
+    assert (status, answer) == (200, {"received": True, "ignored": "invoice.paid"})
+    assert await hooks.count_events() == 1
+    assert (await hooks.send(payload))[1] == {"received": True, "duplicate": True}
+
+
+# --------------------------------------------------------------------------- refused deliveries
+
+
+async def _assert_problem(hooks: Hooks, result: tuple[int, Any, str], status: int, suffix: str) -> Any:
+    code, body, content_type = result
+    assert code == status
+    assert content_type == PROBLEM
+    assert body["status"] == status and body["type"].endswith("/" + suffix)
+    assert await hooks.count_events() == 0
+    assert hooks.directory.all() == {}
+    return body
+
+
+async def test_wrong_secret_is_400(hooks: Hooks) -> None:
+    result = await hooks.post(json.dumps(event()), secret="whsec_someone_else")
+    body = await _assert_problem(hooks, result, 400, "invalid-request")
+    assert body["errors"][0]["field"] == "Stripe-Signature"
+
+
+async def test_tampered_body_is_400(hooks: Hooks) -> None:
+    text = json.dumps(event(lookup_key="starter_monthly"))
+    signature = stripe.WebhookSignature.generate_signature_header(text, SECRET, timestamp=int(NOW))
+    tampered = text.replace("starter_monthly", "enterprise_yearly")
+    await _assert_problem(hooks, await hooks.post(tampered, signature=signature), 400, "invalid-request")
+
+
+@pytest.mark.parametrize("signature", ["", "garbage", "t=abc,v1=00", f"t={int(NOW)}", "v1=" + "0" * 64])
+async def test_malformed_signature_header_is_400(hooks: Hooks, signature: str) -> None:
+    await _assert_problem(hooks, await hooks.post(json.dumps(event()), signature=signature), 400, "invalid-request")
+
+
+async def test_missing_signature_header_is_400(hooks: Hooks) -> None:
+    response = await hooks.client.post(PATH, data=json.dumps(event()))
+    assert response.status == 400
+    assert response.content_type == PROBLEM
+
+
+async def test_signature_older_than_five_minutes_is_400(hooks: Hooks) -> None:
+    result = await hooks.post(json.dumps(event()), signed_at=NOW - 301)
+    body = await _assert_problem(hooks, result, 400, "invalid-request")
+    assert "300 seconds" in body["detail"]
+
+
+async def test_signature_within_five_minutes_is_accepted(hooks: Hooks) -> None:
+    status, _, _ = await hooks.post(json.dumps(event()), signed_at=NOW - 299)
+    assert status == 200
+
+
+@pytest.mark.parametrize("body", ["{not json", "[1, 2]", '"text"', '{"id": "evt_1", "type": "x"}',
+                                  '{"id": 5, "type": "x", "created": 1}',
+                                  '{"id": "evt_1", "type": "customer.subscription.updated", "created": 1}',
+                                  '{"id": "evt_1", "type": "customer.subscription.updated", "created": 1,'
+                                  ' "data": {"object": {"id": "sub_1", "status": "active"}}}'])
+async def test_malformed_event_is_400(hooks: Hooks, body: str) -> None:
+    await _assert_problem(hooks, await hooks.post(body), 400, "invalid-request")
+
+
+async def test_body_that_is_not_utf8_is_400(hooks: Hooks) -> None:
+    await _assert_problem(hooks, await hooks.post(b'{"id": "\xff"}', signature="t=1,v1=00"), 400, "invalid-request")
+
+
+async def test_body_over_one_mebibyte_is_413(hooks: Hooks) -> None:
+    payload = event()
+    payload["padding"] = "x" * MAX_BODY_BYTES
+    await _assert_problem(hooks, await hooks.post(json.dumps(payload)), 413, "payload-too-large")
+
+
+async def test_no_secret_configured_is_503(hooks: Hooks, aiohttp_client: Any) -> None:
+    webhooks = StripeWebhooks(secret=None, sessions=hooks.sessions, directory=hooks.directory,
+                              plans_by_lookup_key=LOOKUP_KEYS, known_plans=PLANS)
+    client = await _serve(webhooks.handle, aiohttp_client)
+    text = json.dumps(event())
+    response = await client.post(PATH, data=text, headers={
+        "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(text, SECRET)})
+    assert response.status == 503
+    assert response.content_type == PROBLEM
+    assert (await response.json())["type"].endswith("/webhooks-not-configured")
+
+
+def test_lookup_key_naming_an_unknown_plan_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        StripeWebhooks(secret=SECRET, sessions=None, directory=None,  # type: ignore[arg-type]
+                       plans_by_lookup_key={"gold_monthly": "gold"}, known_plans=PLANS)
+    assert caught.value.key == "billing.stripe.plans_by_lookup_key.gold_monthly"

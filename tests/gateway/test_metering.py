@@ -1,0 +1,447 @@
+"""Metering and quotas end to end (PRODUCT.md §4-§7): real gateways, a real redis-server, a real upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import Worker
+from gateway.devservices import RedisProcess
+from quota.alerts import verify_signature
+from tests.support import GatewayProcess, Upstream, bearer, config_dict, settings_for, upstream_app
+
+ADMIN = {"Authorization": "Bearer ops-token-0123456789"}
+PLANS: dict[str, Any] = {
+    "starter": {
+        "rate": {"per_second": 1000, "burst": 1000},
+        "quotas": {
+            "chain_deployments": {"limit": 50},
+            "chains": {"limit": 1, "guards": {"method": "POST", "path": "/api/chains"}},
+            "storage_gb": {"limit": 10},
+        },
+    },
+    "trickle": {"rate": {"per_second": 1, "burst": 3}, "quotas": {"chain_deployments": {"limit": 5}}},
+    "monthly": {"rate": {"per_second": 1000, "burst": 1000}, "quotas": {"chain_deployments": {"limit": 2}}},
+    "overage": {"rate": {"per_second": 1000, "burst": 1000},
+                "quotas": {"chain_deployments": {"limit": 2, "on_exceed": "overage"}}},
+}
+DEPLOY = "/api/chains/c1/deployments"
+
+
+def overrides(**extra: Any) -> dict[str, Any]:
+    return {"plans": PLANS, "auth": {"plan_claim": "plan"}, "admin": {"tokens": "ops:ops-token-0123456789"}, **extra}
+
+
+class Clock:
+    """A settable clock for the limiter: periods are crossed by moving it, never by waiting."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, when: datetime) -> None:
+        self.now = when.timestamp()
+
+
+MakeGateway = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+async def make_gateway(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[MakeGateway]:
+    started: list[Worker] = []
+
+    async def make(*, clock: Callable[[], float] = time.time, name: str = "a", **extra: Any) -> Worker:
+        extra.setdefault("redis", {"spool_dir": str(tmp_path / f"spool-{name}")})
+        settings = settings_for(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
+                                **overrides(**extra))
+        worker = Worker(settings, clock=clock)
+        await worker.start()
+        started.append(worker)
+        return worker
+
+    yield make
+    for worker in started:
+        await worker.stop()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+def url(worker: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{worker.proxy_port}{path}"
+
+
+def admin_url(worker: Worker, path: str) -> str:
+    return f"http://127.0.0.1:{worker.admin_port}{path}"
+
+
+async def usage(session: aiohttp.ClientSession, worker: Worker, tenant: str, **claims: Any) -> dict[str, Any]:
+    async with session.get(url(worker, "/_gateway/usage"), headers=bearer(tenant, **claims)) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def post_deploy(session: aiohttp.ClientSession, base: str, tenant: str, **claims: Any) -> int:
+    async with session.post(base + DEPLOY, headers=bearer(tenant, **claims), data=b"{}") as response:
+        await response.read()
+        return response.status
+
+
+# ------------------------------------------------------------------ exactness
+
+
+async def test_exactly_the_limit_admitted_across_two_processes(upstream: Upstream, redis_server: RedisProcess,
+                                                                tmp_path: Path) -> None:
+    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db", **overrides())
+    first = GatewayProcess({**config, "redis": {**config["redis"], "spool_dir": str(tmp_path / "s1")}},
+                           tmp_path).start()
+    second = GatewayProcess({**config, "redis": {**config["redis"], "spool_dir": str(tmp_path / "s2")}},
+                            tmp_path).start()
+    try:
+        connector = aiohttp.TCPConnector(limit=400)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            statuses = await asyncio.gather(*(
+                post_deploy(session, (first if i % 2 else second).url, "exact") for i in range(300)))
+            assert statuses.count(200) == 50
+            assert statuses.count(429) == 250
+            async with session.get(first.url + "/_gateway/usage", headers=bearer("exact")) as response:
+                view = await response.json()
+        assert view["meters"]["chain_deployments"]["used"] == 50
+        assert view["meters"]["chain_deployments"]["remaining"] == 0
+    finally:
+        first.terminate()
+        second.terminate()
+
+
+async def test_quota_exceeded_answer_and_headers(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    async with session.post(url(worker, DEPLOY), headers=bearer("heads"), data=b"{}") as response:
+        assert response.status == 200
+        assert response.headers["RateLimit-Policy"] == (
+            '"burst";q=1000;w=1, "chain_deployments";q=50;w=2678400')  # December: 31 days
+        assert '"chain_deployments";r=49;t=' in response.headers["RateLimit"]
+    for _ in range(49):
+        assert await post_deploy(session, url(worker, ""), "heads") == 200
+    async with session.post(url(worker, DEPLOY), headers=bearer("heads"), data=b"{}") as response:
+        assert response.status == 429
+        assert response.content_type == "application/problem+json"
+        body = await response.json()
+        now = datetime.now(UTC)
+        reset = datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+        assert body["type"].endswith("/quota-exceeded")
+        assert (body["meter"], body["limit"], body["used"]) == ("chain_deployments", 50, 50)
+        assert body["resets_at"] == reset.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert body["violated-policies"] == ["chain_deployments"]
+        assert abs(int(response.headers["Retry-After"]) - (reset - now).total_seconds()) < 5
+        assert response.headers["X-Request-Id"]
+
+
+async def test_rate_limited_and_rejected_requests_count_nothing(make_gateway: MakeGateway,
+                                                                session: aiohttp.ClientSession) -> None:
+    clock = Clock(datetime(2026, 12, 10, 12, 0, tzinfo=UTC))
+    worker = await make_gateway(clock=clock)
+    statuses = [await post_deploy(session, url(worker, ""), "slow", plan="trickle") for _ in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]  # burst 3
+    async with session.post(url(worker, DEPLOY), headers=bearer("slow", plan="trickle")) as response:
+        body = await response.json()
+        assert body["type"].endswith("/rate-limited")
+        assert body["violated-policies"] == ["burst"] and body["retry_after"] >= 1
+        assert int(response.headers["Retry-After"]) >= 1
+    view = await usage(session, worker, "slow", plan="trickle")
+    assert view["meters"]["chain_deployments"]["used"] == 3
+    assert view["meters"]["api_calls"]["used"] == 3  # the refused ones were not counted either
+    clock.set(datetime(2026, 12, 10, 12, 0, 2, tzinfo=UTC))  # two tokens back
+    assert await post_deploy(session, url(worker, ""), "slow", plan="trickle") == 200
+
+
+async def test_period_resets_at_the_boundary(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    clock = Clock(datetime(2026, 12, 31, 23, 59, 58, tzinfo=UTC))
+    worker = await make_gateway(clock=clock)
+    assert [await post_deploy(session, url(worker, ""), "boundary", plan="monthly") for _ in range(3)] == [
+        200, 200, 429]
+    clock.set(datetime(2026, 12, 31, 23, 59, 59, 999000, tzinfo=UTC))
+    assert await post_deploy(session, url(worker, ""), "boundary", plan="monthly") == 429
+    clock.set(datetime(2027, 1, 1, 0, 0, 0, tzinfo=UTC))  # the first instant of the new period
+    assert await post_deploy(session, url(worker, ""), "boundary", plan="monthly") == 200
+    view = await usage(session, worker, "boundary", plan="monthly")
+    assert view["period"] == {"start": "2027-01-01T00:00:00Z", "end": "2027-02-01T00:00:00Z"}
+    assert view["meters"]["chain_deployments"]["used"] == 1
+
+
+async def test_overage_serves_and_counts_past_the_limit(make_gateway: MakeGateway,
+                                                       session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    assert [await post_deploy(session, url(worker, ""), "big", plan="overage") for _ in range(5)] == [200] * 5
+    assert (await usage(session, worker, "big", plan="overage"))["meters"]["chain_deployments"]["used"] == 5
+
+
+async def test_server_errors_give_units_back(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    for status in (500, 503, 200, 404):
+        async with session.post(url(worker, DEPLOY + f"?status={status}"), headers=bearer("flaky")) as response:
+            assert response.status == status
+    await worker.limiter.drain()
+    view = await usage(session, worker, "flaky")
+    assert view["meters"]["chain_deployments"]["used"] == 2  # the 200 and the 404
+
+
+async def test_bytes_and_reported_gauges(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    async with session.get(url(worker, "/api/x?usage=chains%3D1,%20storage_gb%3D2.5,%20bogus%3D1"),
+                           headers=bearer("gauges")) as response:
+        body = await response.read()
+        assert "X-Cosmos-Usage" not in response.headers
+    await worker.limiter.drain()
+    view = await usage(session, worker, "gauges")
+    assert view["meters"]["chains"]["used"] == 1 and view["meters"]["storage_gb"]["used"] == 2.5
+    assert view["meters"]["bandwidth_bytes"]["used"] == len(body)
+    # The chains gauge is at the starter limit (1): creating a chain is refused, reading is not.
+    async with session.post(url(worker, "/api/chains"), headers=bearer("gauges")) as response:
+        assert response.status == 429
+        assert (await response.json())["meter"] == "chains"
+    async with session.get(url(worker, "/api/chains"), headers=bearer("gauges")) as response:
+        assert response.status == 200
+
+
+async def test_usage_endpoint_shows_only_the_caller(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    await post_deploy(session, url(worker, ""), "alpha")
+    await post_deploy(session, url(worker, ""), "alpha")
+    await post_deploy(session, url(worker, ""), "beta")
+    assert (await usage(session, worker, "alpha"))["meters"]["chain_deployments"]["used"] == 2
+    beta = await usage(session, worker, "beta")
+    assert beta["tenant"] == "beta" and beta["meters"]["chain_deployments"]["used"] == 1
+    async with session.get(url(worker, "/_gateway/usage?tenant=alpha"), headers=bearer("beta")) as response:
+        assert (await response.json())["tenant"] == "beta"
+    async with session.get(url(worker, "/_gateway/usage")) as response:
+        assert response.status == 401
+    async with session.get(url(worker, "/_gateway/other"), headers=bearer("beta")) as response:
+        assert response.status == 404
+
+
+# ------------------------------------------------------------------ operators
+
+
+async def test_override_applies_at_once_and_expires(make_gateway: MakeGateway,
+                                                    session: aiohttp.ClientSession) -> None:
+    clock = Clock(datetime(2026, 12, 10, tzinfo=UTC))
+    worker = await make_gateway(clock=clock)
+    body = {"limit": 1, "expires_at": "2026-12-11T00:00:00Z", "reason": "test"}
+    async with session.put(admin_url(worker, "/admin/tenants/ovr/overrides/chain_deployments"), json=body,
+                           headers=ADMIN) as response:
+        assert response.status == 200, await response.text()
+    assert await post_deploy(session, url(worker, ""), "ovr") == 200
+    assert await post_deploy(session, url(worker, ""), "ovr") == 429
+    clock.set(datetime(2026, 12, 11, 0, 0, 1, tzinfo=UTC))  # expired: back to the plan's 50
+    assert await post_deploy(session, url(worker, ""), "ovr") == 200
+    async with session.get(admin_url(worker, "/admin/audit?tenant=ovr"), headers=ADMIN) as response:
+        actions = [e["action"] for e in (await response.json())["entries"]]
+        assert "override.put" in actions
+
+
+async def test_changes_reach_another_instance_within_five_seconds(make_gateway: MakeGateway,
+                                                                  session: aiohttp.ClientSession) -> None:
+    first = await make_gateway(name="a")
+    second = await make_gateway(name="b")
+    assert await post_deploy(session, url(second, ""), "moving") == 200
+    async with session.put(admin_url(first, "/admin/tenants/moving"), json={"status": "suspended"},
+                           headers=ADMIN) as response:
+        assert response.status in (200, 201)
+    assert await post_deploy(session, url(first, ""), "moving") == 403  # the instance that took the call: at once
+    started = time.monotonic()
+    while await post_deploy(session, url(second, ""), "moving") != 403:
+        assert time.monotonic() - started < 5, "the suspension did not reach the second instance in 5 s"
+        await asyncio.sleep(0.05)
+    async with session.post(url(first, DEPLOY), headers=bearer("moving")) as response:
+        body = await response.json()
+        assert body["type"].endswith("/forbidden") and body["tenant"] == "moving"
+
+
+async def test_unknown_tenant_without_default_plan_is_forbidden(make_gateway: MakeGateway,
+                                                                session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway(default_plan=None)
+    assert await post_deploy(session, url(worker, ""), "stranger") == 403
+    async with session.put(admin_url(worker, "/admin/tenants/stranger"), json={"plan": "starter"},
+                           headers=ADMIN) as response:
+        assert response.status in (200, 201)
+    assert await post_deploy(session, url(worker, ""), "stranger") == 200
+
+
+async def test_rejections_and_usage_metrics(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    for _ in range(6):
+        await post_deploy(session, url(worker, ""), "metered", plan="trickle")
+    async with session.get(admin_url(worker, "/metrics")) as response:
+        text = await response.text()
+    samples = [s for f in text_string_to_metric_families(text) for s in f.samples]
+    assert any(s.name == "gateway_rejections_total" and s.labels.get("plan") == "trickle" and s.value >= 1
+               for s in samples)
+    assert any(s.name == "gateway_usage" and s.labels == {"tenant": "metered", "meter": "chain_deployments"}
+               for s in samples)
+
+
+# ------------------------------------------------------------------ failures
+
+
+async def test_redis_down_fail_open_spools_and_replays(make_gateway: MakeGateway, redis_server: RedisProcess,
+                                                       session: aiohttp.ClientSession) -> None:
+    worker = await make_gateway()
+    assert await post_deploy(session, url(worker, ""), "spooled") == 200
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        for _ in range(10):
+            assert await post_deploy(session, url(worker, ""), "spooled") == 200
+        assert time.monotonic() - started < 5
+        assert worker.spool.pending() >= 10
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 10
+    while worker.spool.pending():
+        assert time.monotonic() < deadline, "the spool was not replayed"
+        await asyncio.sleep(0.1)
+    # The test's redis-server keeps nothing on disk, so the restart forgot the first request's count:
+    # what is there now is exactly the ten requests served during the outage, replayed once.
+    assert (await usage(session, worker, "spooled"))["meters"]["chain_deployments"]["used"] == 10
+
+
+async def test_redis_down_fail_closed_refuses(make_gateway: MakeGateway, redis_server: RedisProcess,
+                                              session: aiohttp.ClientSession, upstream: Upstream) -> None:
+    worker = await make_gateway(redis={"on_error": "fail_closed"})
+    redis_server.stop()
+    try:
+        async with session.post(url(worker, DEPLOY), headers=bearer("closed")) as response:
+            assert response.status == 503
+            assert (await response.json())["type"].endswith("/limiter-unavailable")
+            assert response.headers["Retry-After"] == "1"
+        async with session.get(admin_url(worker, "/readyz")) as response:
+            assert response.status == 503
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 5
+    while await post_deploy(session, url(worker, ""), "closed") != 200:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert (await usage(session, worker, "closed"))["meters"]["chain_deployments"]["used"] == 1
+
+
+async def test_sigkill_under_load_loses_no_counted_response(upstream: Upstream, redis_server: RedisProcess,
+                                                            tmp_path: Path) -> None:
+    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
+                         **overrides(plans={"starter": {"rate": {"per_second": 100000, "burst": 100000}}}))
+    victim = GatewayProcess(config, tmp_path).start()
+    ok = 0
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal ok
+        while True:
+            try:
+                async with session.get(victim.url + "/api/load", headers=bearer("killed")) as response:
+                    await response.read()
+                    if response.status == 200:
+                        ok += 1
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return
+
+    async with aiohttp.ClientSession() as session:
+        clients = [asyncio.ensure_future(client(session)) for _ in range(16)]
+        await asyncio.sleep(1.0)
+        assert victim.process is not None
+        os.kill(victim.process.pid, signal.SIGKILL)
+        await asyncio.gather(*clients)
+    victim.stop()
+    survivor = GatewayProcess(config, tmp_path).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(survivor.url + "/_gateway/usage", headers=bearer("killed")) as response:
+                counted = (await response.json())["meters"]["api_calls"]["used"]
+    finally:
+        survivor.terminate()
+    assert ok > 50
+    assert counted >= ok  # every response a client received was counted (in-flight ones may be too)
+    assert counted <= ok + 16
+
+
+# ------------------------------------------------------------------ alerts
+
+
+async def test_threshold_alert_delivered_once_with_signature(make_gateway: MakeGateway,
+                                                             session: aiohttp.ClientSession) -> None:
+    received: list[tuple[dict[str, Any], str, bytes]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        raw = await request.read()
+        received.append((json.loads(raw), request.headers["X-Cosmos-Signature"], raw))
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = await Upstream(app).start()
+    try:
+        worker = await make_gateway(alerts={"thresholds": [0.8], "webhook_url": receiver.url + "/hook",
+                                            "webhook_secret": "whsec-test"})
+        for _ in range(45):  # 80 % of 50 is crossed at 40
+            await post_deploy(session, url(worker, ""), "alerted")
+        deadline = time.monotonic() + 5
+        while not received:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # nothing else may follow
+        assert len(received) == 1
+        body, signature, raw = received[0]
+        assert (body["tenant"], body["meter"], body["threshold"]) == ("alerted", "chain_deployments", 0.8)
+        assert verify_signature(signature, raw, "whsec-test", now=time.time())
+        view = await usage(session, worker, "alerted")
+        assert [a["threshold"] for a in view["alerts"]] == [0.8]
+    finally:
+        await receiver.close()
+
+
+# ------------------------------------------------------------------ Redis Cluster
+
+
+async def test_cluster_mode_is_exact(upstream: Upstream, tmp_path: Path) -> None:
+    from tests.metering.redis_cluster import RedisClusterProcess
+
+    cluster = RedisClusterProcess()
+    try:
+        await asyncio.to_thread(cluster.start)
+    except Exception as exc:  # pragma: no cover - redis-cli missing
+        pytest.skip(f"cannot start a Redis Cluster here: {exc}")
+    try:
+        settings = settings_for(upstream.url, cluster.url.replace("redis://", "redis+cluster://", 1),
+                                f"sqlite+aiosqlite:///{tmp_path}/gw.db", **overrides(
+                                    redis={"spool_dir": str(tmp_path / "spool")}))
+        worker = Worker(settings)
+        await worker.start()
+        try:
+            async with aiohttp.ClientSession() as session:
+                for tenant in ("c-one", "c-two", "c-three"):
+                    statuses = await asyncio.gather(*(post_deploy(session, url(worker, ""), tenant, plan="trickle")
+                                                      for _ in range(3)))
+                    assert statuses.count(200) == 3
+                    extra = [await post_deploy(session, url(worker, ""), tenant, plan="trickle") for _ in range(3)]
+                    assert 200 not in extra  # burst used up
+                    view = await usage(session, worker, tenant, plan="trickle")
+                    assert view["meters"]["chain_deployments"]["used"] == 3
+        finally:
+            await worker.stop()
+    finally:
+        await asyncio.to_thread(cluster.close)
