@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
+from billing_sync.webhooks import StripeWebhooks
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_app
 from gateway.admin_api import add_admin_api
@@ -100,9 +101,13 @@ class Worker:
         await self.directory.start()
         await self.alerts.start()
         self._replayer = asyncio.create_task(self._replay_spool())
+        webhooks = StripeWebhooks(
+            secret=settings.billing.stripe_webhook_secret, sessions=self.sessions, directory=self.directory,
+            plans_by_lookup_key=self.policy.stripe.plans_by_lookup_key, known_plans=self.policy.plans,
+            clock=self.clock, problem_type_base=settings.server.problem_type_base)
         own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
                            meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts,
-                           clock=self.clock)
+                           stripe_webhook=webhooks.handle, clock=self.clock)
         handler = ProxyHandler(settings, self.authenticator, self.pool, self.websockets, self.metrics,
                                self.access_log, limiter=self.limiter, own=own)
         http_limits = {

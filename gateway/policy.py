@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.config import ConfigError, Settings
+from billing_sync.settings import StripeSettings, parse_stripe_settings
 from metering.errors import ConfigurationError
 from metering.meters import Meter, MeterMatcher, parse_meters
 from quota.alerts import AlertSettings, parse_alert_settings
@@ -31,6 +32,7 @@ class Policy:
     plans: Mapping[str, Plan]
     alerts: AlertSettings
     metrics: MetricsOptions
+    stripe: StripeSettings
 
 
 def build_policy(settings: Settings) -> Policy:
@@ -38,12 +40,16 @@ def build_policy(settings: Settings) -> Policy:
         meters = parse_meters(settings.meters)
         plans = parse_plans(settings.plans, meters)
         alerts = parse_alert_settings(settings.alerts)
+        stripe = parse_stripe_settings(settings.billing.stripe, settings.billing.stripe_api_key)
     except ConfigurationError as exc:
         raise ConfigError(str(exc)) from None
+    for key, plan in stripe.plans_by_lookup_key.items():
+        if plan not in plans:
+            raise ConfigError(f"billing.stripe.plans_by_lookup_key.{key}: unknown plan {plan!r}")
     if settings.default_plan is not None and settings.default_plan not in plans:
         raise ConfigError(f"default_plan: unknown plan {settings.default_plan!r} "
                           f"(known: {', '.join(sorted(plans))})")
-    return Policy(meters, MeterMatcher(meters), plans, alerts, _metrics(settings.metrics))
+    return Policy(meters, MeterMatcher(meters), plans, alerts, _metrics(settings.metrics), stripe)
 
 
 def _metrics(raw: Mapping[str, Any]) -> MetricsOptions:

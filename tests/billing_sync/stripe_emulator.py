@@ -279,9 +279,7 @@ class StripeEmulator:
     def meter_for(self, event_name: str) -> Meter | None:
         return next((m for m in self.meters.values() if m.event_name == event_name), None)
 
-    def totals(
-        self, customer: str, event_name: str, start: float | None = None, end: float | None = None
-    ) -> Decimal:
+    def totals(self, customer: str, event_name: str, start: float | None = None, end: float | None = None) -> Decimal:
         """The meter's aggregate (by its formula) of accepted events for ``customer``; ``[start, end)`` optional."""
         meter = self.meter_for(event_name)
         formula = meter.formula if meter else "sum"
@@ -364,13 +362,13 @@ class StripeEmulator:
     def _request_id(self) -> str:
         return "req_" + secrets.token_hex(7)
 
-    def _response(
-        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-    ) -> web.Response:
+    def _response(self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
         all_headers = {"Request-Id": self._request_id(), "Stripe-Version": "2025-03-31.basil"}
         all_headers.update(headers or {})
         return web.Response(
-            status=status, text=json.dumps(body, default=_json_default), content_type="application/json",
+            status=status,
+            text=json.dumps(body, default=_json_default),
+            content_type="application/json",
             headers=all_headers,
         )
 
@@ -398,8 +396,6 @@ class StripeEmulator:
         self.request_log.append(entry)
         fault = self._take_fault(endpoint)
         slow = self._slow_for(endpoint)
-        if slow and not slow[1]:
-            await asyncio.sleep(slow[0])
         if fault and fault.kind == "drop" and not fault.after_accept:
             entry["status"] = "dropped"
             return self._drop(request)
@@ -436,6 +432,8 @@ class StripeEmulator:
                 return self._response(409, {"error": _default_error(409)})
             self._in_flight.add(key)
         try:
+            if slow and not slow[1]:  # slow while holding the idempotency key, as a slow Stripe would
+                await asyncio.sleep(slow[0])
             try:
                 status, body = process(request, raw)
                 headers: dict[str, str] = {}
@@ -462,7 +460,7 @@ class StripeEmulator:
         transport = request.transport
         if transport is not None:
             transport.abort()
-        raise _Drop_to_aiohttp()
+        raise _DroppedConnection()
 
     def _authenticate_secret_key(self, request: web.Request) -> None:
         key = _bearer(request)
@@ -485,52 +483,91 @@ class StripeEmulator:
     ) -> tuple[Meter, str, Decimal, str]:
         now = self.clock()
         if not event_name:
-            raise _StripeError(400, "Missing required param: event_name.", code="parameter_missing",
-                               param="event_name")
+            raise _StripeError(400, "Missing required param: event_name.", code="parameter_missing", param="event_name")
         if len(event_name) > 100:
-            raise _StripeError(400, "event_name is longer than 100 characters.", code="invalid_string_length",
-                               param="event_name")
+            raise _StripeError(
+                400, "event_name is longer than 100 characters.", code="invalid_string_length", param="event_name"
+            )
         meter = self.meter_for(event_name)
         if meter is None:
-            raise _StripeError(400, f"No active meter was found matching event_name `{event_name}`.",
-                               code=NO_METER_CODE, param="event_name")
+            raise _StripeError(
+                400,
+                f"No active meter was found matching event_name `{event_name}`.",
+                code=NO_METER_CODE,
+                param="event_name",
+            )
         customer = payload.get(meter.customer_key)
         if not customer:
-            raise _StripeError(400, f"The payload does not contain the customer mapping key `{meter.customer_key}`.",
-                               code=NO_CUSTOMER_CODE, param=f"payload[{meter.customer_key}]")
+            raise _StripeError(
+                400,
+                f"The payload does not contain the customer mapping key `{meter.customer_key}`.",
+                code=NO_CUSTOMER_CODE,
+                param=f"payload[{meter.customer_key}]",
+            )
         if customer not in self.customers:
-            raise _StripeError(400, f"No such customer: '{customer}'", code=CUSTOMER_NOT_FOUND_CODE,
-                               param=f"payload[{meter.customer_key}]")
+            raise _StripeError(
+                400,
+                f"No such customer: '{customer}'",
+                code=CUSTOMER_NOT_FOUND_CODE,
+                param=f"payload[{meter.customer_key}]",
+            )
         raw_value = payload.get(meter.value_key)
         if raw_value is None:
-            raise _StripeError(400, f"The payload does not contain the value key `{meter.value_key}`.",
-                               code=VALUE_NOT_FOUND_CODE, param=f"payload[{meter.value_key}]")
+            raise _StripeError(
+                400,
+                f"The payload does not contain the value key `{meter.value_key}`.",
+                code=VALUE_NOT_FOUND_CODE,
+                param=f"payload[{meter.value_key}]",
+            )
         value = _parse_value(raw_value, meter.value_key)
         if identifier is not None and len(identifier) > 100:
-            raise _StripeError(400, "identifier is longer than 100 characters.", code="invalid_string_length",
-                               param="identifier")
+            raise _StripeError(
+                400, "identifier is longer than 100 characters.", code="invalid_string_length", param="identifier"
+            )
         if timestamp < now - MAX_PAST_SECONDS:
-            raise _StripeError(400, "The timestamp must be within the past 35 calendar days.", code=TOO_OLD_CODE,
-                               param="timestamp")
+            raise _StripeError(
+                400, "The timestamp must be within the past 35 calendar days.", code=TOO_OLD_CODE, param="timestamp"
+            )
         if timestamp > now + MAX_FUTURE_SECONDS:
-            raise _StripeError(400, "The timestamp must not be more than 5 minutes in the future.",
-                               code=IN_FUTURE_CODE, param="timestamp")
+            raise _StripeError(
+                400,
+                "The timestamp must not be more than 5 minutes in the future.",
+                code=IN_FUTURE_CODE,
+                param="timestamp",
+            )
         ident = identifier or f"{via}_{secrets.token_hex(12)}"
         seen = self._identifiers.get(ident)
         if seen is not None and now - seen < self.identifier_ttl:
-            raise _StripeError(400, DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=ident),
-                               code=DUPLICATE_IDENTIFIER_CODE, param="identifier",
-                               headers={"Stripe-Should-Retry": "false"})
+            raise _StripeError(
+                400,
+                DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=ident),
+                code=DUPLICATE_IDENTIFIER_CODE,
+                param="identifier",
+                headers={"Stripe-Should-Retry": "false"},
+            )
         return meter, customer, value, ident
 
     def _accept(
-        self, event_name: str, ident: str, customer: str, value: Decimal, timestamp: int, payload: dict[str, str],
+        self,
+        event_name: str,
+        ident: str,
+        customer: str,
+        value: Decimal,
+        timestamp: int,
+        payload: dict[str, str],
         via: str,
     ) -> MeterEventRecord:
         now = self.clock()
         record = MeterEventRecord(
-            event_name=event_name, identifier=ident, customer=customer, value=value, timestamp=timestamp,
-            created=int(now), payload=dict(payload), via=via, seq=len(self.events),
+            event_name=event_name,
+            identifier=ident,
+            customer=customer,
+            value=value,
+            timestamp=timestamp,
+            created=int(now),
+            payload=dict(payload),
+            via=via,
+            seq=len(self.events),
         )
         self._identifiers[ident] = now
         self.events.append(record)
@@ -544,7 +581,9 @@ class StripeEmulator:
     def _process_meter_event(self, request: web.Request, raw: str) -> tuple[int, dict[str, Any]]:
         self._authenticate_secret_key(request)
         params = dict(parse_qsl(raw, keep_blank_values=True))
-        payload = {k[len("payload["):-1]: v for k, v in params.items() if k.startswith("payload[") and k.endswith("]")}
+        payload = {
+            k[len("payload[") : -1]: v for k, v in params.items() if k.startswith("payload[") and k.endswith("]")
+        }
         event_name = params.get("event_name")
         if not payload and event_name:
             raise _StripeError(400, "Missing required param: payload.", code="parameter_missing", param="payload")
@@ -555,8 +594,9 @@ class StripeEmulator:
             try:
                 timestamp = int(raw_ts)
             except ValueError:
-                raise _StripeError(400, f"Invalid integer: {raw_ts}", code="parameter_invalid_integer",
-                                   param="timestamp") from None
+                raise _StripeError(
+                    400, f"Invalid integer: {raw_ts}", code="parameter_invalid_integer", param="timestamp"
+                ) from None
         meter, customer, value, ident = self._validate_event(
             event_name, payload, params.get("identifier"), timestamp, "v1"
         )
@@ -598,11 +638,19 @@ class StripeEmulator:
         token = _bearer(request)
         session = self.sessions.get(token or "")
         if session is None:
-            raise _StripeError(401, "The meter event session authentication token is not valid.",
-                               type="invalid_request_error", code="invalid_api_key")
+            raise _StripeError(
+                401,
+                "The meter event session authentication token is not valid.",
+                type="invalid_request_error",
+                code="invalid_api_key",
+            )
         if self.clock() >= session["expires_at"]:
-            raise _StripeError(401, "The meter event session has expired. Create a new session.",
-                               type="temporary_session_expired", code=SESSION_EXPIRED_CODE)
+            raise _StripeError(
+                401,
+                "The meter event session has expired. Create a new session.",
+                type="temporary_session_expired",
+                code=SESSION_EXPIRED_CODE,
+            )
         try:
             body = json.loads(raw or "{}")
         except ValueError:
@@ -611,8 +659,12 @@ class StripeEmulator:
         if not isinstance(events, list) or not events:
             raise _StripeError(400, "Missing required param: events.", code="parameter_missing", param="events")
         if len(events) > MAX_STREAM_EVENTS:
-            raise _StripeError(400, f"events can contain at most {MAX_STREAM_EVENTS} items.",
-                               code="invalid_array_length", param="events")
+            raise _StripeError(
+                400,
+                f"events can contain at most {MAX_STREAM_EVENTS} items.",
+                code="invalid_array_length",
+                param="events",
+            )
         accepted: list[tuple[Meter, str, Decimal, str, int, dict[str, str]]] = []
         batch_identifiers: set[str] = set()
         snapshot = dict(self._identifiers)
@@ -623,17 +675,26 @@ class StripeEmulator:
                         raise _StripeError(400, "Each event must be an object.", param=f"events[{i}]")
                     payload = event.get("payload") or {}
                     if not isinstance(payload, dict) or not all(isinstance(v, str) for v in payload.values()):
-                        raise _StripeError(400, "payload must be a map of strings.", code="parameter_invalid",
-                                           param=f"events[{i}].payload")
-                    timestamp = _parse_rfc3339(event.get("timestamp"), i) if event.get("timestamp") else int(
-                        self.clock())
+                        raise _StripeError(
+                            400,
+                            "payload must be a map of strings.",
+                            code="parameter_invalid",
+                            param=f"events[{i}].payload",
+                        )
+                    timestamp = (
+                        _parse_rfc3339(event.get("timestamp"), i) if event.get("timestamp") else int(self.clock())
+                    )
                     meter, customer, value, ident = self._validate_event(
                         event.get("event_name"), payload, event.get("identifier"), timestamp, "v2"
                     )
                     if ident in batch_identifiers:
-                        raise _StripeError(400, DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=ident),
-                                           code=DUPLICATE_IDENTIFIER_CODE, param="identifier",
-                                           headers={"Stripe-Should-Retry": "false"})
+                        raise _StripeError(
+                            400,
+                            DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=ident),
+                            code=DUPLICATE_IDENTIFIER_CODE,
+                            param="identifier",
+                            headers={"Stripe-Should-Retry": "false"},
+                        )
                     batch_identifiers.add(ident)
                     self._identifiers[ident] = self.clock()  # so later events in the batch see it
                     accepted.append((meter, customer, value, ident, timestamp, payload))
@@ -659,18 +720,21 @@ class StripeEmulator:
         query = request.query
         limit = _int_param(query.get("limit"), "limit", 10)
         if not 1 <= limit <= 100:
-            raise _StripeError(400, "limit must be between 1 and 100.", code="parameter_invalid_integer",
-                               param="limit")
+            raise _StripeError(400, "limit must be between 1 and 100.", code="parameter_invalid_integer", param="limit")
         status = query.get("status")
         meters = [m for m in reversed(list(self.meters.values())) if status in (None, "active")]
         start = 0
         if query.get("starting_after"):
             ids = [m.id for m in meters]
             if query["starting_after"] not in ids:
-                raise _StripeError(400, f"No such billing meter: '{query['starting_after']}'",
-                                   code="resource_missing", param="starting_after")
+                raise _StripeError(
+                    400,
+                    f"No such billing meter: '{query['starting_after']}'",
+                    code="resource_missing",
+                    param="starting_after",
+                )
             start = ids.index(query["starting_after"]) + 1
-        page = meters[start:start + limit]
+        page = meters[start : start + limit]
         return 200, {
             "object": "list",
             "url": "/v1/billing/meters",
@@ -702,20 +766,27 @@ class StripeEmulator:
             if not query.get(name):
                 raise _StripeError(400, f"Missing required param: {name}.", code="parameter_missing", param=name)
         if query.get("value_grouping_window"):
-            raise _StripeError(400, "value_grouping_window is not supported by this emulator.",
-                               code="parameter_unknown", param="value_grouping_window")
+            raise _StripeError(
+                400,
+                "value_grouping_window is not supported by this emulator.",
+                code="parameter_unknown",
+                param="value_grouping_window",
+            )
         start = _int_param(query["start_time"], "start_time", 0)
         end = _int_param(query["end_time"], "end_time", 0)
         for name, value in (("start_time", start), ("end_time", end)):
             if value % 60:
-                raise _StripeError(400, f"{name} must be aligned with minute boundaries.",
-                                   code="parameter_invalid_integer", param=name)
+                raise _StripeError(
+                    400, f"{name} must be aligned with minute boundaries.", code="parameter_invalid_integer", param=name
+                )
         if end <= start:
-            raise _StripeError(400, "end_time must be after start_time.", code="parameter_invalid_integer",
-                               param="end_time")
+            raise _StripeError(
+                400, "end_time must be after start_time.", code="parameter_invalid_integer", param="end_time"
+            )
         customer = query["customer"]
         chosen = [
-            e for e in self.events
+            e
+            for e in self.events
             if e.event_name == meter.event_name and e.customer == customer and start <= e.timestamp < end
         ]
         total = _aggregate(chosen, meter.formula)
@@ -736,7 +807,7 @@ class StripeEmulator:
         }
 
 
-class _Drop_to_aiohttp(web.HTTPException):  # noqa: N801
+class _DroppedConnection(web.HTTPException):
     """Raised after aborting the transport: aiohttp then writes nothing and logs nothing."""
 
     status_code = 499
@@ -758,17 +829,24 @@ def _aggregate(events: list[MeterEventRecord], formula: str) -> Decimal:
 def _parse_value(raw: str, key: str) -> Decimal:
     match = _NUMBER.match(raw) if isinstance(raw, str) else None
     if match is None:
-        raise _StripeError(400, f"The value in the event payload must be a number. Received `{raw}`.",
-                           code=INVALID_VALUE_CODE, param=f"payload[{key}]")
+        raise _StripeError(
+            400,
+            f"The value in the event payload must be a number. Received `{raw}`.",
+            code=INVALID_VALUE_CODE,
+            param=f"payload[{key}]",
+        )
     digits = (match.group(1) + (match.group(2) or "")).lstrip("0")
     if len(digits) > MAX_VALUE_DIGITS:
-        raise _StripeError(400, f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. "
-                           f"Received `{raw}`.", code="meter_event_value_too_many_digits", param=f"payload[{key}]")
+        raise _StripeError(
+            400,
+            f"The value in the event payload can have at most {MAX_VALUE_DIGITS} digits. Received `{raw}`.",
+            code="meter_event_value_too_many_digits",
+            param=f"payload[{key}]",
+        )
     try:
         return Decimal(raw)
     except InvalidOperation:
-        raise _StripeError(400, f"Invalid value `{raw}`.", code=INVALID_VALUE_CODE,
-                           param=f"payload[{key}]") from None
+        raise _StripeError(400, f"Invalid value `{raw}`.", code=INVALID_VALUE_CODE, param=f"payload[{key}]") from None
 
 
 def _int_param(raw: str | None, name: str, default: int) -> int:
@@ -784,8 +862,9 @@ def _parse_rfc3339(raw: Any, index: int) -> int:
     try:
         parsed = datetime.fromisoformat(str(raw))
     except ValueError:
-        raise _StripeError(400, f"Invalid timestamp: {raw}", code="parameter_invalid",
-                           param=f"events[{index}].timestamp") from None
+        raise _StripeError(
+            400, f"Invalid timestamp: {raw}", code="parameter_invalid", param=f"events[{index}].timestamp"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp())
@@ -798,12 +877,12 @@ def _rfc3339(epoch: float) -> str:
 def _bearer(request: web.Request) -> str | None:
     header = request.headers.get("Authorization", "")
     if header.startswith("Bearer "):
-        return header[len("Bearer "):].strip() or None
+        return header[len("Bearer ") :].strip() or None
     if header.startswith("Basic "):
         import base64
 
         try:
-            decoded = base64.b64decode(header[len("Basic "):]).decode()
+            decoded = base64.b64decode(header[len("Basic ") :]).decode()
         except ValueError:
             return None
         return decoded.split(":", 1)[0] or None

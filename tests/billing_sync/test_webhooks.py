@@ -281,7 +281,7 @@ async def test_older_event_after_a_newer_one_is_recorded_but_not_applied(hooks: 
 
 async def test_same_second_update_does_not_revive_a_deleted_subscription(hooks: Hooks) -> None:
     await hooks.send(event("deleted", created=int(NOW) - 10))
-    status, answer = await hooks.send(event("updated", status="active", created=int(NOW) - 10))
+    _, answer = await hooks.send(event("updated", status="active", created=int(NOW) - 10))
     assert answer == {"received": True, "stale": True}
     row = await hooks.tenant("acme")
     assert row is not None and row.subscription_status == "canceled"
