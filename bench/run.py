@@ -71,6 +71,32 @@ class Result:
     rps: float
     p50_ms: float
     p99_ms: float
+    requests: int = 0
+
+
+METERED_TARGET = "(d) cosmos-gateway, JWT + metering and quotas"
+# (c): the proxy alone, nothing metered (no meters, plans without limits: no Redis call per request).
+AUTH_ONLY: dict[str, object] = {
+    "meters": {}, "plans": {p: {"quotas": {}} for p in ("starter", "professional", "enterprise", "sovereign")},
+}
+# (d): the default meters (api_calls, chain_deployments, bandwidth_bytes, gauges), a rate limit and a
+# quota checked on every request, limits high enough that wrk is never refused.
+METERED: dict[str, object] = {
+    "plans": {"starter": {"rate": {"per_second": 10_000_000, "burst": 10_000_000},
+                          "quotas": {"api_calls": {"limit": 10**15}, "chain_deployments": {"limit": 100}}}},
+}
+
+
+def redis_commands(url: str) -> int:
+    """Commands Redis has executed so far (the sum of INFO commandstats calls)."""
+    import redis as redis_sync
+
+    client = redis_sync.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(int(v["calls"]) for k, v in stats.items() if k.startswith("cmdstat_") and k != "cmdstat_info")
 
 
 def require(binary: str) -> str:
@@ -125,7 +151,8 @@ def run_wrk(wrk: str, url: str, *, seconds: int, connections: int, threads: int,
     if "Non-2xx" in out or "Socket errors" in out:
         print(f"  warning from wrk for {url}:\n{out}", file=sys.stderr)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    return Result(rps, _latency(out, "50%"), _latency(out, "99%"))
+    total = re.search(r"(\d+) requests in", out)
+    return Result(rps, _latency(out, "50%"), _latency(out, "99%"), int(total.group(1)) if total else 0)
 
 
 def _latency(out: str, pct: str) -> float:
@@ -159,25 +186,36 @@ def main() -> None:
                                      PROXY_SERVER.format(port=proxy_port, upstream=upstream_port), args.workers))
         wait_for_port(upstream_port)
         wait_for_port(proxy_port)
-        gateway, gateway_port = start_gateway(workdir, "auth", upstream_port, redis.url, args.workers)
+        gateway, gateway_port = start_gateway(workdir, "auth", upstream_port, redis.url, args.workers,
+                                              AUTH_ONLY)
         processes.append(gateway)
+        metered, metered_port = start_gateway(workdir, "metered", upstream_port, redis.url, args.workers, METERED)
+        processes.append(metered)
         auth = {"Authorization": f"Bearer {bench_token()}"}
         targets = {
             "(a) nginx static upstream": (f"http://127.0.0.1:{upstream_port}/api/chains", {}),
             "(b) nginx reverse proxy": (f"http://127.0.0.1:{proxy_port}/api/chains", {}),
             "(c) cosmos-gateway, JWT on": (f"http://127.0.0.1:{gateway_port}/api/chains", auth),
+            METERED_TARGET: (f"http://127.0.0.1:{metered_port}/api/chains", auth),
         }
         results: dict[str, list[Result]] = {name: [] for name in targets}
         for name, (url, headers) in targets.items():  # warm-up
             run_wrk(wrk, url, seconds=1, connections=args.connections, threads=args.threads, headers=headers)
+        commands_per_request: list[float] = []
         for round_no in range(args.rounds):
             for name, (url, headers) in targets.items():
+                before = redis_commands(redis.url) if name == METERED_TARGET else 0
                 result = run_wrk(wrk, url, seconds=args.seconds, connections=args.connections,
                                  threads=args.threads, headers=headers)
+                if name == METERED_TARGET and result.requests:
+                    commands_per_request.append((redis_commands(redis.url) - before) / result.requests)
                 results[name].append(result)
                 print(f"round {round_no + 1} {name}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
                       f"p99 {result.p99_ms:.2f} ms", file=sys.stderr)
         report(results, args)
+        if commands_per_request:
+            print(f"\nRedis commands per metered request (INFO commandstats, median over rounds): "
+                  f"{statistics.median(commands_per_request):.2f}")
     finally:
         for process in processes:
             process.terminate()
@@ -194,6 +232,7 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     median = {name: Result(statistics.median(r.rps for r in rs), statistics.median(r.p50_ms for r in rs),
                            statistics.median(r.p99_ms for r in rs)) for name, rs in results.items()}
     reference = median["(b) nginx reverse proxy"]
+    auth_only = median["(c) cosmos-gateway, JWT on"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"\n{dt.date.today().isoformat()} · {os.cpu_count()} cores ({cpu}) · {platform.system()} "
@@ -204,6 +243,10 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     for name, r in median.items():
         print(f"| {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.rps / reference.rps:.2f}× "
               f"| {r.p99_ms / reference.p99_ms:.2f}× |")
+    metered = median.get(METERED_TARGET)
+    if metered is not None:
+        print(f"\n(d)/(c) requests/s: {metered.rps / auth_only.rps:.2f}× (metering costs "
+              f"{(1 - metered.rps / auth_only.rps) * 100:.0f} %)")
 
 
 if __name__ == "__main__":

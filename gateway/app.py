@@ -77,7 +77,8 @@ class Worker:
         self.limiter = Limiter(
             self.store, self.policy.matcher, self.policy.plans, self.directory, self.spool, self.quota_metrics,
             LimiterSettings(default_plan=settings.default_plan, bucket_seconds=settings.billing.bucket_seconds,
-                            fail_open=settings.redis.on_error == "fail_open"),
+                            fail_open=settings.redis.on_error == "fail_open",
+                            grace_seconds=settings.billing.grace_seconds),
             on_counted=self._observe_usage, clock=clock,
         )
         self.access_log = AccessLog(enabled=settings.server.access_log)

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.config import ConfigError, Settings
 from billing_sync.settings import StripeSettings, parse_stripe_settings
+from gateway.config import ConfigError, Settings
 from metering.errors import ConfigurationError
 from metering.meters import Meter, MeterMatcher, parse_meters
 from quota.alerts import AlertSettings, parse_alert_settings

@@ -13,6 +13,7 @@ and one script can touch them atomically.
 
 from __future__ import annotations
 
+import functools
 import re
 
 PREFIX = "gw"
@@ -42,8 +43,9 @@ def tenant_slot_tag(tenant: str) -> str:
     return f"{{t:{_UNSAFE_CHAR.sub(_escape, tenant)}}}"
 
 
+@functools.lru_cache(maxsize=65_536)
 def tenant_prefix(tenant: str) -> str:
-    """`gw:{t:<tenant>}:`, the start of every key of the tenant."""
+    """`gw:{t:<tenant>}:`, the start of every key of the tenant (cached: built on every request)."""
     return f"{PREFIX}:{tenant_slot_tag(tenant)}:"
 
 

@@ -15,22 +15,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any, Literal
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
 from metering import keys
+from metering.resp import RespConnection
 
+log = logging.getLogger("cosmos_gateway.redis_store")
 PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (late records, usage view)
 RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week is applied once
 SEEN_EVERY = 60.0  # seconds between two SADDs of one tenant to the global set, per process
+MAX_PIPELINES_IN_FLIGHT = 2  # more calls wait for the next pipeline instead of opening another
 _SEEN_MEMORY = 100_000  # tenants remembered before the throttle starts over
 
 _REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
@@ -135,7 +140,43 @@ class _Call:
     keys: list[str]
     args: list[Any]
     parse: Callable[[Any], Any]
-    future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    future: asyncio.Future[Any] | None = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    on_failure: Callable[[StoreUnavailable], None] | None = None  # calls nobody awaits (record_later)
+    record: Record | None = None  # set for record_later calls, which a flush may merge
+
+
+def _sum_units(sections: list[Units]) -> Units:
+    totals: dict[str, int] = {}
+    for section in sections:
+        for meter, units in section:
+            totals[meter] = totals.get(meter, 0) + int(units)
+    return tuple(totals.items())
+
+
+def _merge_records(records: list[Record]) -> Record:
+    first = records[0]
+    gauges: dict[str, float] = {}
+    for record in records:
+        gauges.update(record.gauges)  # in arrival order: the last report wins, as in Redis
+    return replace(
+        first,
+        refund=_sum_units([r.refund for r in records]), add=_sum_units([r.add for r in records]),
+        count=_sum_units([r.count for r in records]), bill=_sum_units([r.bill for r in records]),
+        gauges=tuple(gauges.items()),
+    )
+
+
+def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
+    message = str(reply)
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+def _fail(call: _Call, error: StoreUnavailable) -> None:
+    if call.future is None:
+        if call.on_failure is not None:
+            call.on_failure(error)
+    elif not call.future.done():
+        call.future.set_exception(error)
 
 
 def _text(value: Any) -> str:
@@ -175,6 +216,8 @@ class RedisUsageStore:
         read_timeout: float = 1.0,
     ) -> None:
         self._client = client
+        # The hot path's script calls skip redis-py's Python packing and parsing on a single node.
+        self._resp = RespConnection.for_client(client)
         self._timeout = timeout  # the hot path: check() and record()
         self._read_timeout = read_timeout  # usage views and billing reads
         self._clock = clock
@@ -183,6 +226,7 @@ class RedisUsageStore:
         self._pending_seen: set[str] = set()
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Task[None]] = set()
+        self._flush_scheduled = False
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
 
     # -- the hot path -------------------------------------------------------------------------------
@@ -215,6 +259,18 @@ class RedisUsageStore:
         """Apply refunds, byte counts and gauges; False when `record_id` was already applied."""
         if record.is_empty():
             return True
+        return await self._submit(self._record_call(record), record.tenant)
+
+    def record_later(self, record: Record, on_failure: Callable[[Record], None]) -> None:
+        """`record()` without waiting for it (the request path): `on_failure(record)` if Redis fails."""
+        if record.is_empty():
+            return
+        call = self._record_call(record, awaited=False)
+        call.record = record
+        call.on_failure = lambda _: on_failure(record)
+        self._enqueue(call, record.tenant)
+
+    def _record_call(self, record: Record, *, awaited: bool = True) -> _Call:
         tenant, period = record.tenant, record.period_start
         bucket = keys.bucket_key(tenant, record.bucket_start)
         # Without an id the marker slot still needs a key of the tenant's slot; it is never touched.
@@ -236,7 +292,9 @@ class RedisUsageStore:
             if not math.isfinite(value):
                 raise ValueError(f"gauge {meter} must be finite, got {value!r}")
             args += [meter, repr(float(value))]
-        return await self._submit(_Call(RECORD_SCRIPT, key_list, args, _applied), tenant)
+        if awaited:
+            return _Call(RECORD_SCRIPT, key_list, args, _applied)
+        return _Call(RECORD_SCRIPT, key_list, args, _applied, future=None)
 
     # -- reads (admin, usage view, billing) ----------------------------------------------------------
 
@@ -278,40 +336,100 @@ class RedisUsageStore:
         """Wait for the pipelines in flight; the client belongs to the caller."""
         while self._flushes:
             await asyncio.gather(*self._flushes, return_exceptions=True)
+        if self._resp is not None:
+            self._resp.close()
 
     # -- batching ------------------------------------------------------------------------------------
 
     async def _submit(self, call: _Call, tenant: str) -> Any:
-        if not self._pending:
-            asyncio.get_running_loop().call_soon(self._start_flush)
+        self._enqueue(call, tenant)
+        assert call.future is not None
+        return await call.future
+
+    def _enqueue(self, call: _Call, tenant: str) -> None:
         self._pending.append(call)
+        if not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
         now = self._clock()
         if now - self._seen_at.get(tenant, -math.inf) >= SEEN_EVERY:
             if len(self._seen_at) >= _SEEN_MEMORY:
                 self._seen_at.clear()
             self._seen_at[tenant] = now
             self._pending_seen.add(tenant)
-        return await call.future
 
     def _start_flush(self) -> None:
-        batch, self._pending = self._pending, []
+        """Send everything pending as one pipeline.
+
+        At most MAX_PIPELINES_IN_FLIGHT pipelines are out at once; calls made meanwhile wait for the
+        next one. Under load the batches grow instead of the number of round trips, which is what
+        keeps Redis work per request flat.
+        """
+        self._flush_scheduled = False
+        if not self._pending or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
+            return
+        batch, self._pending = self._merged(self._pending), []
         seen, self._pending_seen = self._pending_seen, set()
         task = asyncio.get_running_loop().create_task(self._flush(batch, seen))
         self._flushes.add(task)
-        task.add_done_callback(self._flushes.discard)
+        task.add_done_callback(self._flush_done)
+
+    def _merged(self, calls: list[_Call]) -> list[_Call]:
+        """Fold the un-awaited records of one tenant and bucket into one script call.
+
+        Under load most requests of a tenant end in the same batch; their byte counts and refunds
+        add up (gauges keep the last value), so Redis runs one script for all of them. Nothing is
+        delayed by this: the merged call goes out in the same pipeline the parts would have.
+        """
+        groups: dict[tuple[Any, ...], list[_Call]] = {}
+        kept: list[_Call] = []
+        for call in calls:
+            record = call.record
+            if record is None or record.record_id is not None:
+                kept.append(call)
+                continue
+            key = (record.tenant, record.period_start, record.period_end, record.bucket_start, record.bucket_ttl)
+            groups.setdefault(key, []).append(call)
+        for group in groups.values():
+            if len(group) == 1:
+                kept.append(group[0])
+                continue
+            parts = [call.record for call in group if call.record is not None]
+            merged = _merge_records(parts)
+            call = self._record_call(merged, awaited=False)
+            call.record = merged
+            callbacks = [c.on_failure for c in group if c.on_failure is not None]
+            call.on_failure = lambda error, callbacks=callbacks: [cb(error) for cb in callbacks]  # type: ignore[misc]
+            kept.append(call)
+        return kept
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        if self._pending and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
         try:
-            async with self._guarded(self._timeout):
-                replies = await self._send(batch, seen)
+            try:
+                async with self._guarded(self._timeout):
+                    replies = await self._send(batch, seen)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # a bug here must not leave requests waiting forever
+                log.exception("unexpected error sending a Redis batch")
+                raise StoreUnavailable(f"unexpected error: {exc!r}") from exc
         except StoreUnavailable as exc:
             for tenant in seen:
                 self._seen_at.pop(tenant, None)
             for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(exc)
+                _fail(call, exc)
             return
         for call, reply in zip(batch, replies, strict=True):
+            if call.future is None:
+                if isinstance(reply, Exception):
+                    _fail(call, StoreUnavailable(f"redis: {reply}"))
+                continue
             if call.future.done():  # the caller was cancelled
                 continue
             if isinstance(reply, Exception):
@@ -336,6 +454,8 @@ class RedisUsageStore:
         return replies
 
     async def _pipeline(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+        if self._resp is not None:
+            return await self._resp_pipeline(batch, seen)
         pipe = self._client.pipeline(transaction=False)
         for call in batch:
             # Not pipe.evalsha(): redis-py blocks that name in cluster pipelines, as a script's keys could
@@ -350,6 +470,20 @@ class RedisUsageStore:
             for tenant in seen:
                 self._seen_at.pop(tenant, None)
         return replies[: len(batch)]
+
+    async def _resp_pipeline(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+        assert self._resp is not None
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args) for call in batch]
+        if seen:
+            commands.append(("SADD", keys.TENANTS_SEEN_KEY, *sorted(seen)))
+        self.round_trips += 1
+        replies = await self._resp.execute(commands)
+        if seen and isinstance(replies[-1], hiredis.ReplyError):
+            for tenant in seen:
+                self._seen_at.pop(tenant, None)
+        return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply
+                for reply in replies[: len(batch)]]
 
     async def _load(self) -> None:
         for script in (CHECK_SCRIPT, RECORD_SCRIPT):

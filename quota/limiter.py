@@ -84,6 +84,7 @@ class LimiterSettings:
     default_plan: str | None
     bucket_seconds: int
     fail_open: bool
+    grace_seconds: int = 10
 
 
 class Limiter:
@@ -100,7 +101,6 @@ class Limiter:
         self._clock = clock
         self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
         self._periods: dict[int | None, tuple[int, int]] = {}
-        self._pending: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ before the upstream
 
@@ -149,6 +149,8 @@ class Limiter:
             counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
         )
         admission = Admission(tenant, plan.name, period_start, period_end, bucket, counted, quotas)
+        if rate is None and not counters and not guards:
+            return admission  # nothing to check or count: no Redis round trip
         try:
             decision = await self._store.check(check)
         except StoreUnavailable:
@@ -208,27 +210,33 @@ class Limiter:
         if not (refund or add or gauges):
             return
         record = Record(tenant=admission.tenant, period_start=admission.period_start,
-                        period_end=admission.period_end, bucket_start=admission.bucket_start,
+                        period_end=admission.period_end, bucket_start=self._open_bucket(admission),
                         bucket_ttl=BUCKET_TTL, refund=refund, add=tuple(add), gauges=gauges)
         if admission.spooled:
             self._spool.append(record)
             return
-        task = asyncio.ensure_future(self._record(record))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        self._store.record_later(record, self._spool_failed)
 
-    async def _record(self, record: Record) -> None:
-        try:
-            await self._store.record(record)
-        except StoreUnavailable:
-            self._metrics.store_error()
-            self._spool.append(record)  # fail-open or not: a counted response is never lost
+    def _spool_failed(self, record: Record) -> None:
+        self._metrics.store_error()
+        self._spool.append(record)  # fail-open or not: a counted response is never lost
+
+    def _open_bucket(self, admission: Admission) -> int:
+        """The admission's billing bucket, unless the sync worker may have closed it by now.
+
+        A bucket is closed `grace_seconds` after its end and then moved to the ledger; a slow response
+        writes into the current bucket instead, so nothing lands in a bucket already billed. A refund
+        taken from the current bucket still leaves the tenant's billed total right.
+        """
+        settings = self._settings
+        now = self._clock()
+        closes = admission.bucket_start + settings.bucket_seconds + settings.grace_seconds - 1
+        return admission.bucket_start if now < closes else bucket_start(now, settings.bucket_seconds)
 
     async def drain(self) -> None:
-        """Wait for records in flight (shutdown)."""
-        if self._pending:
-            with contextlib.suppress(Exception):
-                await asyncio.wait(list(self._pending), timeout=5)
+        """Wait for records in flight (shutdown, tests)."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._store.aclose(), timeout=5)
 
     async def usage(self, tenant: str, record: TenantRecord | None, meters: Sequence[str]) -> dict[str, float]:
         start, _ = self.period(record.billing_anchor_day if record else None, self._clock())

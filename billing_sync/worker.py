@@ -1,0 +1,401 @@
+"""The billing sync worker: closed buckets into the ledger, pending ledger rows to Stripe (PRODUCT.md §8).
+
+One pass (`run_once`):
+
+    Redis buckets --move_closed_buckets--> usage_ledger (pending) --sender--> Stripe
+                                              |  2xx / duplicate -> sent
+                                              |  transient       -> pending, attempts+1, backoff
+                                              |  permanent       -> parked (reason)
+
+Exactly once does not rest on the leader lock: a bucket has one identifier forever, a row is marked sent
+only after Stripe's 2xx (or its duplicate answer), and so a pass cut short, a second worker or a lost
+answer only ever leads to a repeat that Stripe refuses as a duplicate. The lock just keeps two workers
+from doing the same work twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
+from sqlalchemy import func, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from billing_sync.ledger import move_closed_buckets
+from billing_sync.metrics import SyncMetrics
+from billing_sync.sender import DryRunSender, MeterEvent, MeterEventSender, Outcome, SendResult, build_sender
+from billing_sync.settings import StripeSettings
+from metering.meters import Meter
+from metering.models import LedgerEntry, Tenant
+
+log = logging.getLogger("cosmos_gateway.billing_sync")
+
+LEADER_KEY = "gw:sync:leader"
+LAST_RUN_KEY = "gw:sync:last_run"
+MAX_EVENT_AGE = 35 * 86_400  # Stripe refuses meter events older than 35 days
+ROWS_PER_QUERY = 1000
+_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+# Compare-and-delete / compare-and-extend: only the holder's token touches the lock.
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RENEW = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+          "return 0")
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    moved: int = 0  # buckets moved from Redis into the ledger
+    sent: int = 0  # rows Stripe answered 2xx (or the dry run recorded)
+    duplicates: int = 0  # rows Stripe already held: marked sent
+    retried: int = 0  # transient failures, back off
+    parked: int = 0  # newly parked
+    requeued: int = 0  # parked "no_customer" rows made pending again
+    pending: int = 0  # pending rows after the pass
+    leader: bool = True  # False: another worker held the lock, nothing was done
+
+
+def reason_of(last_error: str | None) -> str | None:
+    """The bounded reason at the head of `last_error` ("no_customer: tenant has no ...")."""
+    return last_error.partition(":")[0] if last_error else None
+
+
+class RateLimiter:
+    """At most `rate` events a second on average, no burst beyond one call; 0 = no cap."""
+
+    def __init__(self, rate: float, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._rate = rate
+        self._monotonic = monotonic
+        self._next = 0.0
+
+    async def acquire(self, events: int) -> None:
+        if self._rate <= 0:
+            return
+        now = self._monotonic()
+        start = max(now, self._next)
+        self._next = start + events / self._rate  # reserved before sleeping: concurrent callers queue up
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class SyncWorker:
+    def __init__(
+        self,
+        *,
+        redis: Redis | RedisCluster,
+        sessions: async_sessionmaker[AsyncSession],
+        meters: Mapping[str, Meter],
+        settings: StripeSettings,
+        bucket_seconds: int,
+        grace_seconds: int,
+        sender: MeterEventSender,
+        clock: Callable[[], float] = time.time,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        leader_lock: bool = True,
+        lock_ttl: float = 30.0,
+        jitter: Callable[[], float] = random.random,
+        metrics: SyncMetrics | None = None,
+    ) -> None:
+        self._redis = redis
+        self._sessions = sessions
+        self._meters = dict(meters)
+        self._settings = settings
+        self._bucket_seconds = bucket_seconds
+        self._grace_seconds = grace_seconds
+        self.sender = sender
+        self._clock = clock
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._leader_lock = leader_lock
+        self._lock_ttl_ms = int(lock_ttl * 1000)
+        self._jitter = jitter
+        self._limiter = RateLimiter(settings.max_events_per_second)
+        self._metrics = metrics or SyncMetrics(self._meters)
+        self._dry_run = isinstance(sender, DryRunSender)
+
+    # -- one pass ------------------------------------------------------------------------------------
+
+    async def run_once(self) -> PassResult:
+        token = await self._acquire_lock() if self._leader_lock else None
+        if token is False:
+            return PassResult(leader=False, pending=(await _counts(self._sessions))[0])
+        renew = asyncio.create_task(self._renew_lock(token)) if isinstance(token, str) else None
+        try:
+            return await self._pass()
+        finally:
+            if renew is not None:
+                renew.cancel()
+                await asyncio.gather(renew, return_exceptions=True)
+            if isinstance(token, str):
+                await self._release_lock(token)
+
+    async def _pass(self) -> PassResult:
+        now = self._clock()
+        moved = 0
+        try:
+            moved = await move_closed_buckets(
+                self._redis, self._sessions, self._meters, now=now,
+                bucket_seconds=self._bucket_seconds, grace_seconds=self._grace_seconds)
+        except _REDIS_ERRORS as exc:  # the ledger can still be sent
+            log.warning("billing sync: cannot read buckets from Redis: %r", exc)
+            self._metrics.failed("store")
+        requeued = await _requeue_with_customer(self._sessions)
+        tally = _Tally()
+        await self._send_due(now, tally)
+
+        pending, parked, oldest = await _counts(self._sessions)
+        end = self._clock()
+        lag = max(0.0, end - oldest.timestamp()) if oldest is not None else 0.0
+        self._metrics.state(pending=pending, parked=parked, lag_seconds=lag)
+        if tally.retried == 0:
+            self._metrics.success(end)
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await self._redis.set(LAST_RUN_KEY, repr(end))
+        return PassResult(moved, tally.sent, tally.duplicates, tally.retried, tally.parked, requeued, pending)
+
+    async def _send_due(self, now: float, tally: _Tally) -> None:
+        """Every pending row due at `now`, oldest first, each looked at once (keyset pages)."""
+        due_at = datetime.fromtimestamp(now, UTC)
+        customers: dict[str, str | None] = {}
+        after: tuple[datetime, str, str] | None = None
+        semaphore = asyncio.Semaphore(self._settings.concurrency)
+        while True:
+            query = (
+                select(LedgerEntry)
+                .where(LedgerEntry.state == "pending")
+                .where((LedgerEntry.next_attempt_at.is_(None)) | (LedgerEntry.next_attempt_at <= due_at))
+                .order_by(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter)
+                .limit(ROWS_PER_QUERY)
+            )
+            if after is not None:
+                query = query.where(
+                    tuple_(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter) > tuple_(*after))
+            async with self._sessions() as session:
+                rows = list((await session.scalars(query)).all())
+            if not rows:
+                return
+            after = (rows[-1].bucket_start, rows[-1].tenant_id, rows[-1].meter)
+            await self._load_customers(customers, {row.tenant_id for row in rows})
+
+            ready: list[tuple[LedgerEntry, MeterEvent]] = []
+            local: list[tuple[LedgerEntry, SendResult]] = []
+            for row in rows:
+                meter = self._meters.get(row.meter)
+                customer = customers.get(row.tenant_id)
+                start = int(row.bucket_start.timestamp())
+                if meter is None or meter.stripe_event is None:
+                    local.append((row, SendResult(Outcome.PARK, "unknown_meter", "meter not billed in the config")))
+                elif not customer:
+                    local.append((row, SendResult(Outcome.PARK, "no_customer", "tenant has no Stripe customer")))
+                elif start < now - MAX_EVENT_AGE:
+                    local.append((row, SendResult(Outcome.PARK, "too_old", "older than Stripe accepts (35 days)")))
+                else:
+                    ready.append((row, MeterEvent(row.identifier, meter.stripe_event, customer, row.value, start)))
+            if local:
+                await self._record(local, {}, tally)
+
+            size = max(1, self.sender.max_batch)
+            groups = [ready[i : i + size] for i in range(0, len(ready), size)]
+            async with asyncio.TaskGroup() as group_tasks:
+                for group in groups:
+                    group_tasks.create_task(self._send_group(group, semaphore, tally))
+
+    async def _send_group(self, group: list[tuple[LedgerEntry, MeterEvent]], semaphore: asyncio.Semaphore,
+                          tally: _Tally) -> None:
+        async with semaphore:
+            await self._limiter.acquire(len(group))
+            results = await self.sender.send([event for _, event in group])
+        customers = {row.identifier: event.customer for row, event in group}
+        await self._record(list(zip([row for row, _ in group], results, strict=True)), customers, tally)
+
+    async def _record(self, outcomes: Sequence[tuple[LedgerEntry, SendResult]], customers: Mapping[str, str],
+                      tally: _Tally) -> None:
+        """Write the outcomes in one transaction; a row another worker already sent is left alone."""
+        at = self._clock()
+        at_dt = datetime.fromtimestamp(at, UTC)
+        async with self._sessions() as session, session.begin():
+            for row, result in outcomes:
+                match = LedgerEntry.identifier == row.identifier
+                if result.delivered:
+                    note = "dry_run: not sent to Stripe" if self._dry_run else (
+                        "duplicate: Stripe already held it" if result.outcome is Outcome.DUPLICATE else None)
+                    values: dict[str, Any] = {
+                        "state": "sent", "sent_at": at_dt, "attempts": LedgerEntry.attempts + 1,
+                        "last_error": note, "next_attempt_at": None,
+                        "stripe_customer_id": customers.get(row.identifier),
+                    }
+                    await session.execute(update(LedgerEntry).where(match, LedgerEntry.state != "sent").values(values))
+                    continue
+                text = f"{result.reason}: {(result.detail or '')[:500]}"
+                if result.outcome is Outcome.RETRY:
+                    cap = min(self._backoff_max, self._backoff_base * 2 ** min(row.attempts, 32))
+                    retry_at = datetime.fromtimestamp(at + self._jitter() * cap, UTC)
+                    values = {"attempts": LedgerEntry.attempts + 1, "last_error": text, "next_attempt_at": retry_at}
+                else:
+                    values = {"state": "parked", "attempts": LedgerEntry.attempts + 1, "last_error": text}
+                await session.execute(update(LedgerEntry).where(match, LedgerEntry.state == "pending").values(values))
+        for row, result in outcomes:
+            if result.delivered:
+                self._metrics.sent(row.meter)
+                if result.outcome is Outcome.DUPLICATE:
+                    tally.duplicates += 1
+                else:
+                    tally.sent += 1
+            else:
+                self._metrics.failed(result.reason)
+                if result.outcome is Outcome.RETRY:
+                    tally.retried += 1
+                    log.info("billing sync: %s will be retried: %s", row.identifier, result.detail)
+                else:
+                    tally.parked += 1
+                    log.warning("billing sync: %s parked (%s): %s", row.identifier, result.reason, result.detail)
+
+    async def _load_customers(self, cache: dict[str, str | None], tenants: set[str]) -> None:
+        missing = [t for t in tenants if t not in cache]
+        if not missing:
+            return
+        async with self._sessions() as session:
+            found = dict((await session.execute(
+                select(Tenant.id, Tenant.stripe_customer_id).where(Tenant.id.in_(missing)))).tuples().all())
+        for tenant in missing:
+            cache[tenant] = found.get(tenant) or None
+
+    # -- the leader lock -----------------------------------------------------------------------------
+
+    async def _acquire_lock(self) -> str | bool | None:
+        """The token when held, False when another worker holds it, None when Redis cannot say."""
+        token = secrets.token_hex(16)
+        try:
+            got = await self._redis.set(LEADER_KEY, token, nx=True, px=self._lock_ttl_ms)
+        except _REDIS_ERRORS as exc:
+            log.warning("billing sync: leader lock unavailable, running without it: %r", exc)
+            return None
+        return token if got else False
+
+    async def _renew_lock(self, token: str) -> None:
+        while True:
+            await asyncio.sleep(self._lock_ttl_ms / 3000)
+            try:
+                if not await self._redis.eval(_RENEW, 1, LEADER_KEY, token, self._lock_ttl_ms):
+                    log.warning("billing sync: leader lock lost during a pass")
+                    return
+            except _REDIS_ERRORS as exc:
+                log.warning("billing sync: cannot renew the leader lock: %r", exc)
+
+    async def _release_lock(self, token: str) -> None:
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await self._redis.eval(_RELEASE, 1, LEADER_KEY, token)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    async def run_forever(self, stop: asyncio.Event, interval: float = 5.0) -> None:
+        """A pass every `interval` seconds until `stop` is set; a failed pass is logged and retried."""
+        while not stop.is_set():
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("billing sync pass failed")
+                self._metrics.failed("store")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def aclose(self) -> None:
+        await self.sender.aclose()
+
+
+@dataclass(slots=True)
+class _Tally:
+    sent: int = 0
+    duplicates: int = 0
+    retried: int = 0
+    parked: int = 0
+
+
+async def _requeue_with_customer(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Parked "no_customer" rows of tenants that now have a Stripe customer become pending again."""
+    with_customer = select(Tenant.id).where(Tenant.stripe_customer_id.is_not(None), Tenant.stripe_customer_id != "")
+    async with sessions() as session, session.begin():
+        result = await session.execute(
+            update(LedgerEntry)
+            .where(LedgerEntry.state == "parked", LedgerEntry.last_error.like("no_customer:%"),
+                   LedgerEntry.tenant_id.in_(with_customer))
+            .values(state="pending", next_attempt_at=None)
+        )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def requeue_parked(sessions: async_sessionmaker[AsyncSession], *, tenant: str | None = None,
+                         reason: str | None = None) -> int:
+    """Make parked rows pending again (admin action, after fixing the cause); returns how many."""
+    query = update(LedgerEntry).where(LedgerEntry.state == "parked")
+    if tenant is not None:
+        query = query.where(LedgerEntry.tenant_id == tenant)
+    if reason is not None:
+        query = query.where(LedgerEntry.last_error.like(f"{reason}:%"))
+    async with sessions() as session, session.begin():
+        result = await session.execute(query.values(state="pending", next_attempt_at=None))
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+async def _counts(sessions: async_sessionmaker[AsyncSession]) -> tuple[int, int, datetime | None]:
+    """(pending, parked, oldest pending bucket_start)."""
+    async with sessions() as session:
+        by_state = dict((await session.execute(
+            select(LedgerEntry.state, func.count()).where(LedgerEntry.state.in_(("pending", "parked")))
+            .group_by(LedgerEntry.state))).tuples().all())
+        oldest = await session.scalar(select(func.min(LedgerEntry.bucket_start)).where(LedgerEntry.state == "pending"))
+    if isinstance(oldest, str):  # SQLite hands an aggregate back untyped
+        oldest = datetime.fromisoformat(oldest)
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=UTC)
+    return by_state.get("pending", 0), by_state.get("parked", 0), oldest
+
+
+async def sync_state(redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession], *, now: float,
+                     parked_limit: int = 100) -> dict[str, Any]:
+    """The admin view: last pass, lag, pending and sent counts, and the parked buckets (oldest first).
+
+    `last_run_at` is epoch seconds (None: never, or Redis unreachable); `bucket_start` epoch seconds.
+    """
+    last_run: float | None = None
+    with contextlib.suppress(*_REDIS_ERRORS, ValueError):
+        raw = await redis.get(LAST_RUN_KEY)
+        last_run = float(raw) if raw is not None else None
+    pending, _, oldest = await _counts(sessions)
+    async with sessions() as session:
+        sent_total = await session.scalar(select(func.count()).where(LedgerEntry.state == "sent"))
+        parked = (await session.scalars(
+            select(LedgerEntry).where(LedgerEntry.state == "parked")
+            .order_by(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter).limit(parked_limit))).all()
+    return {
+        "last_run_at": last_run,
+        "lag_seconds": max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0,
+        "pending": pending,
+        "sent_total": int(sent_total or 0),
+        "parked": [
+            {"tenant": row.tenant_id, "meter": row.meter, "bucket_start": int(row.bucket_start.timestamp()),
+             "reason": reason_of(row.last_error), "detail": row.last_error, "value": str(row.value),
+             "identifier": row.identifier, "attempts": row.attempts}
+            for row in parked
+        ],
+    }
+
+
+def build_worker(*, redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession],
+                 meters: Iterable[Meter], stripe: StripeSettings, bucket_seconds: int, grace_seconds: int,
+                 clock: Callable[[], float] = time.time) -> SyncWorker:
+    """A worker as the configuration asks (dry run, v1 or v2 stream); `await worker.aclose()` when done."""
+    return SyncWorker(
+        redis=redis, sessions=sessions, meters={m.name: m for m in meters}, settings=stripe,
+        bucket_seconds=bucket_seconds, grace_seconds=grace_seconds, sender=build_sender(stripe, clock=clock),
+        clock=clock)
