@@ -17,7 +17,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +198,7 @@ def main() -> None:
             METERED_TARGET: (f"http://127.0.0.1:{metered_port}/api/chains", auth),
         }
         results: dict[str, list[Result]] = {name: [] for name in targets}
-        for name, (url, headers) in targets.items():  # warm-up
+        for url, headers in targets.values():  # warm-up
             run_wrk(wrk, url, seconds=1, connections=args.connections, threads=args.threads, headers=headers)
         commands_per_request: list[float] = []
         for round_no in range(args.rounds):

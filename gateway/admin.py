@@ -18,7 +18,8 @@ Check = Callable[[], Awaitable[None]]
 CHECK_TIMEOUT = 2.0
 
 
-def admin_app(*, redis_check: Check, database_check: Check, fail_closed: bool) -> web.Application:
+def admin_app(*, redis_check: Check, database_check: Check, fail_closed: bool,
+              before_metrics: Check | None = None) -> web.Application:
     app = web.Application()
 
     async def healthz(_: web.Request) -> web.Response:
@@ -38,6 +39,8 @@ def admin_app(*, redis_check: Check, database_check: Check, fail_closed: bool) -
                                  dumps=lambda o: json.dumps(o, separators=(",", ":")))
 
     async def metrics_endpoint(_: web.Request) -> web.Response:
+        if before_metrics is not None:
+            await before_metrics()
         body, content_type = metrics.render()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type

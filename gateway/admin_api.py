@@ -33,6 +33,7 @@ from gateway.admin_input import (
     tenant_body,
     tenant_param,
 )
+from gateway.admin_sync import SyncAdmin
 from gateway.auth import TENANT_ID, Authenticator
 from gateway.config import Settings
 from gateway.errors import GatewayError, InvalidRequest, LimiterUnavailable, NotFound, problem_response
@@ -85,10 +86,10 @@ def add_admin_api(app: web.Application, **dependencies: Any) -> web.Application:
 def admin_api_app(*, settings: Settings, sessions: async_sessionmaker[AsyncSession],
                   directory: TenantDirectory, authenticator: Authenticator, usage_reader: UsageReader,
                   plans: Mapping[str, Plan], meters: Sequence[Meter],
-                  clock: Callable[[], datetime] = utcnow) -> web.Application:
+                  clock: Callable[[], datetime] = utcnow, sync: SyncAdmin | None = None) -> web.Application:
     """The /admin sub-application (mount it with `app.add_subapp("/admin", ...)`)."""
     auth = AdminAuth(settings.admin.tokens, settings.admin.scope, authenticator)
-    handlers = _Handlers(settings, sessions, directory, usage_reader, plans, meters, clock)
+    handlers = _Handlers(settings, sessions, directory, usage_reader, plans, meters, clock, sync=sync is not None)
     api = web.Application(middlewares=[_problems(auth, settings.server.problem_type_base)])
     routes = [
         web.get("/openapi.json", handlers.openapi, allow_head=False),
@@ -100,6 +101,8 @@ def admin_api_app(*, settings: Settings, sessions: async_sessionmaker[AsyncSessi
         web.delete("/tenants/{tenant}/overrides/{meter}", handlers.delete_override),
         web.get("/audit", handlers.audit, allow_head=False),
     ]
+    if sync is not None:
+        routes += sync.routes()
     api.add_routes(routes)
     # Last: anything else under /admin gets a problem+json 404/405 instead of aiohttp's text page.
     api.router.add_route("*", "/{tail:.*}", _unmatched(api))
@@ -204,7 +207,7 @@ async def _with_retry(action: Callable[[], Awaitable[Any]]) -> Any:
 class _Handlers:
     def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession],
                  directory: TenantDirectory, usage_reader: UsageReader, plans: Mapping[str, Plan],
-                 meters: Sequence[Meter], clock: Callable[[], datetime]) -> None:
+                 meters: Sequence[Meter], clock: Callable[[], datetime], *, sync: bool = False) -> None:
         self._settings = settings
         self._sessions = sessions
         self._directory = directory
@@ -213,7 +216,7 @@ class _Handlers:
         self._meters = tuple(meters)
         self._meter_names = frozenset(m.name for m in meters)
         self._clock = clock
-        self._openapi = admin_openapi(settings.server.problem_type_base)
+        self._openapi = admin_openapi(settings.server.problem_type_base, sync=sync)
 
     # ---- reads
 

@@ -18,9 +18,11 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 
 from billing_sync.webhooks import StripeWebhooks
+from billing_sync.worker import SyncWorker, build_worker
 from gateway.accesslog import AccessLog
 from gateway.admin import admin_app
 from gateway.admin_api import add_admin_api
+from gateway.admin_sync import SyncAdmin
 from gateway.auth import Authenticator
 from gateway.config import Settings
 from gateway.listener import LimitedSockSite, ProblemServer, bind
@@ -31,7 +33,7 @@ from gateway.proxy import ProxyHandler
 from gateway.upstream import UpstreamPool
 from gateway.websocket import WebSocketRelay
 from metering import db
-from metering.migrate import current_revision_async, head_revision, upgrade_async
+from metering.migrate import prepare_schema
 from metering.redis_store import RedisUsageStore, StoreUnavailable
 from metering.spool import Spool
 from quota.alerts import Alerts
@@ -42,6 +44,7 @@ from quota.tenants import TenantDirectory
 log = logging.getLogger("cosmos_gateway.worker")
 TENANT_RELOAD_SECONDS = 2.0  # operator changes reach every instance well within the promised 5 s
 SPOOL_REPLAY_SECONDS = 1.0
+SYNC_METRICS_SECONDS = 5.0  # a scrape refreshes the billing_sync gauges from the ledger at most this often
 
 class Worker:
     """One gateway process: proxy listener, admin listener and the clients they share."""
@@ -78,9 +81,13 @@ class Worker:
             self.store, self.policy.matcher, self.policy.plans, self.directory, self.spool, self.quota_metrics,
             LimiterSettings(default_plan=settings.default_plan, bucket_seconds=settings.billing.bucket_seconds,
                             fail_open=settings.redis.on_error == "fail_open",
-                            grace_seconds=settings.billing.grace_seconds),
+                            grace_seconds=settings.billing.grace_seconds,
+                            past_due_grace_seconds=self.policy.stripe.past_due_grace_days * 86_400),
             on_counted=self._observe_usage, clock=clock,
         )
+        self.sync_admin = SyncAdmin(redis=self.redis, sessions=self.sessions, worker_factory=self._sync_worker,
+                                    clock=clock)
+        self._sync_metrics_at = float("-inf")
         self.access_log = AccessLog(enabled=settings.server.access_log)
         self.metrics = RequestMetrics(self.policy.plans)
         self._proxy_runner: web.ServerRunner | None = None
@@ -97,7 +104,7 @@ class Worker:
 
     async def start(self) -> None:
         settings = self.settings
-        await self._prepare_database()
+        await prepare_schema(self.engine)
         await self.authenticator.start()
         await self.directory.start()
         await self.alerts.start()
@@ -130,7 +137,7 @@ class Worker:
 
         admin = admin_app(
             redis_check=self._ping_redis, database_check=lambda: db.ping(self.engine),
-            fail_closed=settings.redis.on_error == "fail_closed",
+            fail_closed=settings.redis.on_error == "fail_closed", before_metrics=self._refresh_sync_metrics,
         )
         self._add_admin_api(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=grace,
@@ -143,17 +150,22 @@ class Worker:
     def _add_admin_api(self, app: web.Application) -> None:
         add_admin_api(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
                       authenticator=self.authenticator, usage_reader=self.store,
-                      plans=self.policy.plans, meters=self.policy.meters, clock=self._now)
+                      plans=self.policy.plans, meters=self.policy.meters, clock=self._now, sync=self.sync_admin)
 
-    async def _prepare_database(self) -> None:
-        """SQLite (single host, the development default) is migrated here; PostgreSQL must be at head."""
-        if self.engine.url.get_backend_name() == "sqlite":
-            await upgrade_async(self.engine)
+    def _sync_worker(self) -> SyncWorker:
+        billing = self.settings.billing
+        return build_worker(redis=self.redis, sessions=self.sessions, meters=self.policy.meters,
+                            stripe=self.policy.stripe, bucket_seconds=billing.bucket_seconds,
+                            grace_seconds=billing.grace_seconds, clock=self.clock)
+
+    async def _refresh_sync_metrics(self) -> None:
+        """The billing_sync gauges come from the shared ledger, so any instance's scrape shows them."""
+        now = time.monotonic()
+        if now - self._sync_metrics_at < SYNC_METRICS_SECONDS:
             return
-        current, head = await current_revision_async(self.engine), head_revision()
-        if current != head:
-            raise RuntimeError(f"the database schema is at {current or 'nothing'}, not {head}: "
-                               "run `cosmos-gateway db upgrade` first")
+        self._sync_metrics_at = now
+        with contextlib.suppress(Exception):  # a scrape never fails for the ledger's sake
+            await asyncio.wait_for(self.sync_admin.snapshot(), timeout=2)
 
     async def _ping_redis(self) -> None:
         await self.redis.ping()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import secrets
 import sys
 from collections.abc import Sequence
 
-from gateway.config import ConfigError, Settings, effective_config, load_settings
+from gateway.config import ConfigError, HostPort, Settings, effective_config, load_settings, parse_host_port
 
 EXIT_CONFIG = 2
 
@@ -32,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
 
     command("check-config", "validate the config and print it with secrets masked")
 
+    sync = command("sync", "run the billing sync worker (Redis buckets -> ledger -> Stripe Billing Meters)")
+    sync.add_argument("--once", action="store_true",
+                      help="one full pass; exit 0 when every closed bucket is sent or parked")
+    sync.add_argument("--metrics-listen", type=_host_port, default=None, metavar="HOST:PORT",
+                      help="serve this worker's /metrics and /healthz there")
+
+    rec = command("reconcile", "compare what the ledger sent with Stripe's meter event summaries")
+    rec.add_argument("--period", default=None, metavar="YYYY-MM", help="calendar month, UTC (default: this one)")
+
+    command("demo", "everything on loopback for a first look, with sample traffic that runs into a quota")
+
     token = command("token", "mint a development JWT with the HS256 secret")
     token.add_argument("--tenant", required=True)
     token.add_argument("--plan", default=None)
@@ -39,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--scope", default=None)
     token.add_argument("--subject", default=None)
     return parser
+
+
+def _host_port(text: str) -> HostPort:
+    try:
+        return parse_host_port(text, "--metrics-listen")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -55,12 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    env = dict(os.environ)
+    if args.command == "demo":
+        # The demo signs its own tokens; it needs no secret from the operator.
+        env.setdefault("GATEWAY_JWT_HS256_SECRET", secrets.token_urlsafe(32))
     try:
-        settings = load_settings(args.config)
+        settings = load_settings(args.config, env)
     except ConfigError as exc:
         print(f"cosmos-gateway: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    handler = {"serve": _serve, "db": _db, "check-config": _check_config, "token": _token}[args.command]
+    handler = {"serve": _serve, "db": _db, "check-config": _check_config, "token": _token, "sync": _sync,
+               "reconcile": _reconcile, "demo": _demo}[args.command]
     return handler(settings, args)
 
 
@@ -82,6 +107,24 @@ def _db(settings: Settings, args: argparse.Namespace) -> int:
     upgrade(settings.database.url)
     print("database is at the latest schema revision")
     return 0
+
+
+def _sync(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.billing_commands import run_sync
+
+    return run_sync(settings, once=args.once, metrics_listen=args.metrics_listen)
+
+
+def _reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.billing_commands import run_reconcile
+
+    return run_reconcile(settings, args.period)
+
+
+def _demo(settings: Settings, _: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(settings)
 
 
 def _check_config(settings: Settings, _: argparse.Namespace) -> int:

@@ -497,7 +497,7 @@ def _server(s: _Section) -> ServerSettings:
 def _billing(s: _Section) -> BillingSettings:
     return BillingSettings(
         period=s.choice("period", "calendar_month", ("calendar_month",)),
-        bucket_seconds=s.integer("bucket_seconds", 300, minimum=60, maximum=86_400),
+        bucket_seconds=s.integer("bucket_seconds", 300, minimum=1, maximum=86_400),
         grace_seconds=s.integer("grace_seconds", 10, minimum=0, maximum=3600),
         stripe=s.mapping("stripe"),
         stripe_api_key=s.string("stripe_api_key", None, nullable=True),

@@ -154,8 +154,38 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
-def admin_openapi(type_base: str) -> dict[str, Any]:
-    """The document; `type_base` is where the problem `type` URIs point."""
+_SYNC_PATHS: dict[str, Any] = {
+    "/admin/sync": {"get": {
+        "summary": "Billing sync state: last run, lag, pending, sent, parked buckets", "operationId": "getSync",
+        "responses": {"200": _json("sync state", _ref("SyncState")), **_ERRORS}}},
+    "/admin/sync/run": {"post": {
+        "summary": "Run one sync pass now (takes the sync leader lock)", "operationId": "runSync",
+        "responses": {"200": _json("the pass and the state after it", {
+            "type": "object", "properties": {"pass": {"type": "object"}, "state": _ref("SyncState")}}),
+            **_ERRORS}}},
+}
+_SYNC_STATE = {
+    "type": "object", "required": ["last_run_at", "lag_seconds", "pending", "sent_total", "parked"],
+    "properties": {
+        "last_run_at": {"type": ["string", "null"], "format": "date-time"},
+        "lag_seconds": {"type": "number"}, "pending": {"type": "integer"}, "sent_total": {"type": "integer"},
+        "parked": {"type": "array", "items": {"type": "object", "properties": {
+            "tenant": {"type": "string"}, "meter": {"type": "string"},
+            "bucket_start": {"type": "string", "format": "date-time"}, "reason": {"type": ["string", "null"]}}}},
+    },
+}
+
+
+def admin_openapi(type_base: str, *, sync: bool = False) -> dict[str, Any]:
+    """The document; `type_base` is where the problem `type` URIs point; `sync` adds /admin/sync."""
+    doc = _document(type_base)
+    if sync:
+        doc["paths"].update(_SYNC_PATHS)
+        doc["components"]["schemas"] = {**doc["components"]["schemas"], "SyncState": _SYNC_STATE}
+    return doc
+
+
+def _document(type_base: str) -> dict[str, Any]:
     view = _json("the tenant view", _ref("TenantView"))
     return {
         "openapi": "3.1.0",

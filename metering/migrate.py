@@ -100,3 +100,18 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+async def prepare_schema(engine: AsyncEngine) -> None:
+    """At start-up: SQLite (one host, the development default) is migrated; PostgreSQL must be at head.
+
+    Several hosts starting at once must not race to migrate a shared database, so for PostgreSQL
+    `cosmos-gateway db upgrade` is a deploy step and a process refuses to start on an older schema.
+    """
+    if engine.url.get_backend_name() == "sqlite":
+        await upgrade_async(engine)
+        return
+    current, head = await current_revision_async(engine), head_revision()
+    if current != head:
+        raise RuntimeError(f"the database schema is at {current or 'nothing'}, not {head}: "
+                           "run `cosmos-gateway db upgrade` first")

@@ -85,6 +85,7 @@ class LimiterSettings:
     bucket_seconds: int
     fail_open: bool
     grace_seconds: int = 10
+    past_due_grace_seconds: float = 7 * 86_400
 
 
 class Limiter:
@@ -110,7 +111,7 @@ class Limiter:
         if record is not None:
             if record.status == "suspended":
                 raise Refusal("forbidden", "the tenant is suspended", tenant=tenant, plan=record.plan)
-            if record.subscription_status in INACTIVE_SUBSCRIPTIONS:
+            if record.subscription_status in INACTIVE_SUBSCRIPTIONS or self._past_due_too_long(record):
                 raise Refusal("subscription_inactive", "the tenant's subscription is not active",
                               tenant=tenant, plan=record.plan, subscription_status=record.subscription_status)
         name = record.plan if record is not None else claimed_plan or self._settings.default_plan
@@ -121,6 +122,12 @@ class Limiter:
         if plan is None:
             raise Refusal("forbidden", "the tenant is unknown and there is no default plan", tenant=tenant)
         return record, plan
+
+    def _past_due_too_long(self, record: TenantRecord) -> bool:
+        """Past due is served for a grace (Stripe retries the payment meanwhile), then refused."""
+        since = record.subscription_changed_at
+        return (record.subscription_status == "past_due" and since is not None
+                and self._clock() - since.timestamp() > self._settings.past_due_grace_seconds)
 
     def period(self, anchor_day: int | None, now: float) -> tuple[int, int]:
         """[start, end) of the tenant's current period as epoch seconds, cached until it ends."""

@@ -12,7 +12,7 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.auth import AuthError, Authenticator, Identity, mint_token
+from gateway.auth import Authenticator, AuthError, Identity, mint_token
 from gateway.config import AuthSettings
 from tests.gateway.jwt_helpers import JwksServer, KeyPair, claims_for, ec_pair, rsa_pair
 from tests.support import AUDIENCE, ISSUER, SECRET, token
@@ -138,7 +138,8 @@ async def test_missing_tenant_is_403() -> None:
 
 
 async def test_wrong_secret_is_bad_signature() -> None:
-    error = await refused(Authenticator(settings()), "Bearer " + token(secret="another-secret-0123456789abcdef-0123456789"))
+    wrong = token(secret="another-secret-0123456789abcdef-0123456789")
+    error = await refused(Authenticator(settings()), "Bearer " + wrong)
     assert error.reason == "bad_signature"
 
 

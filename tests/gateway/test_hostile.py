@@ -20,11 +20,11 @@ class Harness:
         self.worker = worker
         self.seen = seen
 
-    async def exchange(self, raw: bytes, timeout: float = 5.0) -> bytes:
+    async def exchange(self, raw: bytes, wait: float = 5.0) -> bytes:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.worker.proxy_port)
         writer.write(raw)
         try:
-            return await asyncio.wait_for(reader.read(), timeout)
+            return await asyncio.wait_for(reader.read(), wait)
         finally:
             writer.close()
 

@@ -1,0 +1,197 @@
+"""`cosmos-gateway sync`, `reconcile` and `demo` as real processes, against a gateway's real traffic.
+
+The gateway (in-process) counts usage into billing buckets of one second; `sync --once` moves the
+closed ones into the ledger and sends them to the Stripe emulator; `reconcile` compares both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from gateway.app import Worker
+from gateway.devservices import RedisProcess
+from tests.billing_sync.stripe_emulator import StripeEmulator
+from tests.support import ROOT, SECRET, Upstream, bearer, config_dict, settings_for
+
+ADMIN = {"Authorization": "Bearer ops-token-0123456789"}
+EVENTS = ("api_calls", "chain_deployments", "bandwidth_bytes", "storage_gb")
+
+
+def billing_overrides(emulator_url: str, tmp_path: Path) -> dict[str, Any]:
+    return {
+        "admin": {"tokens": "ops:ops-token-0123456789"},
+        "plans": {"starter": {"rate": {"per_second": 1000, "burst": 1000}}},
+        "billing": {"bucket_seconds": 1, "grace_seconds": 0, "stripe_api_key": "sk_test_commands",
+                    "stripe": {"mode": "live", "api_base": emulator_url, "max_events_per_second": 0}},
+        "redis": {"spool_dir": str(tmp_path / "spool")},
+    }
+
+
+class Env:
+    def __init__(self, emulator: StripeEmulator, worker: Worker, config_path: Path) -> None:
+        self.emulator = emulator
+        self.worker = worker
+        self.config_path = config_path
+
+    async def run(self, *args: str, kill_after: float | None = None) -> tuple[int, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY", "STRIPE", "REDIS", "DATABASE"))}
+        env.update({"STRIPE_API_KEY": "sk_test_commands", "GATEWAY_JWT_HS256_SECRET": SECRET})
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway.cli", *args, "--config", str(self.config_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
+        if kill_after is not None:
+            await asyncio.sleep(kill_after)
+            process.send_signal(signal.SIGKILL)
+        out, _ = await asyncio.wait_for(process.communicate(), 120)
+        return process.returncode or 0, out.decode(errors="replace")
+
+
+@pytest.fixture
+async def env(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[Env]:
+    emulator = await StripeEmulator().start()
+    for event in EVENTS:
+        emulator.add_meter(event, formula="last" if event == "storage_gb" else "sum")
+    database = f"sqlite+aiosqlite:///{tmp_path}/gw.db"
+    overrides = billing_overrides(emulator.url, tmp_path)
+    worker = Worker(settings_for(upstream.url, redis_server.url, database, **overrides))
+    await worker.start()
+    raw = config_dict(upstream.url, redis_server.url, database, **overrides)
+    raw["auth"].pop("hs256_secret")  # secrets come from the environment, as in production
+    raw["billing"].pop("stripe_api_key")
+    config_path = tmp_path / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    try:
+        yield Env(emulator, worker, config_path)
+    finally:
+        await worker.stop()
+        await emulator.close()
+
+
+async def traffic(env: Env, tenants: dict[str, str | None], requests: int = 6) -> None:
+    """Customers set through the admin API, then requests whose buckets close a second later."""
+    base = f"http://127.0.0.1:{env.worker.proxy_port}"
+    admin = f"http://127.0.0.1:{env.worker.admin_port}"
+    async with aiohttp.ClientSession() as http:
+        for tenant, customer in tenants.items():
+            if customer is not None:
+                env.emulator.add_customer(customer)
+            async with http.put(f"{admin}/admin/tenants/{tenant}", json={"stripe_customer_id": customer},
+                                headers=ADMIN) as response:
+                assert response.status in (200, 201), await response.text()
+            for i in range(requests):
+                path = "/api/chains/c1/deployments" if i % 2 else "/api/chains?usage=storage_gb%3D3"
+                async with http.post(base + path, headers=bearer(tenant), data=b"{}") as response:
+                    assert response.status == 200
+    await env.worker.limiter.drain()
+    await asyncio.sleep(1.1)  # the one-second buckets close (grace 0)
+
+
+async def counted(env: Env, tenant: str) -> dict[str, float]:
+    start, _ = env.worker.limiter.period(None, time.time())
+    return await env.worker.store.usage(tenant, start, list(EVENTS))
+
+
+async def test_sync_once_sends_every_counted_unit_once(env: Env) -> None:
+    await traffic(env, {"acme": "cus_acme", "globex": "cus_globex"})
+    code, out = await env.run("sync", "--once")
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["pending"] == 0
+    for tenant in ("acme", "globex"):
+        usage = await counted(env, tenant)
+        for meter in ("api_calls", "chain_deployments", "bandwidth_bytes"):
+            assert env.emulator.totals(f"cus_{tenant}", meter) == usage[meter], (tenant, meter)
+        assert env.emulator.totals(f"cus_{tenant}", "storage_gb") == 3
+    sent = len(env.emulator.events)
+    assert (await env.run("sync", "--once"))[0] == 0
+    assert len(env.emulator.events) == sent  # nothing twice
+
+    code, out = await env.run("reconcile")
+    assert code == 0, out
+    assert "No differences" in out
+
+
+async def test_sigkill_mid_pass_then_rerun_is_exact(env: Env) -> None:
+    await traffic(env, {f"t{i}": f"cus_t{i}" for i in range(8)}, requests=4)
+    env.emulator.slow(0.15)  # long enough to be killed in the middle of the pass
+    code, _ = await env.run("sync", "--once", kill_after=1.0)
+    assert code == -signal.SIGKILL
+    partial = len(env.emulator.events)
+    env.emulator.slow(0)
+    code, out = await env.run("sync", "--once")
+    assert code == 0, out
+    assert len(env.emulator.events) > partial
+    for i in range(8):
+        usage = await counted(env, f"t{i}")
+        for meter in ("api_calls", "chain_deployments", "bandwidth_bytes"):
+            assert env.emulator.totals(f"cus_t{i}", meter) == usage[meter]
+
+
+async def test_missing_customer_parks_until_mapped(env: Env) -> None:
+    await traffic(env, {"nocus": None}, requests=2)
+    code, out = await env.run("sync", "--once")
+    assert code == 0, out  # parked counts as done for --once
+    admin = f"http://127.0.0.1:{env.worker.admin_port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{admin}/admin/sync", headers=ADMIN) as response:
+            state = await response.json()
+        assert {p["reason"] for p in state["parked"] if p["tenant"] == "nocus"} == {"no_customer"}
+        env.emulator.add_customer("cus_late")
+        async with http.put(f"{admin}/admin/tenants/nocus", json={"stripe_customer_id": "cus_late"},
+                            headers=ADMIN) as response:
+            assert response.status == 200
+        async with http.post(f"{admin}/admin/sync/run", headers=ADMIN) as response:
+            assert response.status == 200, await response.text()
+            result = await response.json()
+    assert result["state"]["parked"] == []
+    usage = await counted(env, "nocus")
+    assert env.emulator.totals("cus_late", "api_calls") == usage["api_calls"] == 2
+
+
+async def test_reconcile_reports_differences(env: Env) -> None:
+    await traffic(env, {"acme": "cus_acme"}, requests=2)
+    assert (await env.run("sync", "--once"))[0] == 0
+    async with aiohttp.ClientSession() as http:  # Stripe receives something the gateway never counted
+        async with http.post(f"{env.emulator.url}/v1/billing/meter_events",
+                             headers={"Authorization": "Bearer sk_test_x"},
+                             data={"event_name": "api_calls", "identifier": "stray-1",
+                                   "timestamp": str(int(time.time())), "payload[stripe_customer_id]": "cus_acme",
+                                   "payload[value]": "5"}) as response:
+            assert response.status == 200, await response.text()
+    code, out = await env.run("reconcile")
+    assert code == 1
+    assert "acme" in out and "cus_acme" in out and "api_calls" in out
+    code, out = await env.run("reconcile", "--period", "2026-13")
+    assert code == 2 and "--period" in out
+
+
+async def test_metrics_show_the_sync_state(env: Env) -> None:
+    await traffic(env, {"acme": "cus_acme"}, requests=2)
+    assert (await env.run("sync", "--once"))[0] == 0
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{env.worker.admin_port}/metrics") as response:
+            text = await response.text()
+    assert "billing_sync_pending_buckets 0.0" in text
+    assert "billing_sync_lag_seconds" in text
+
+
+async def test_demo_runs_into_a_quota() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "demo", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY", "STRIPE", "REDIS"))})
+    out, _ = await asyncio.wait_for(process.communicate(), 120)
+    text = out.decode()
+    assert process.returncode == 0, text
+    assert "429: " in text and "what the billing sync would send" in text
