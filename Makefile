@@ -11,7 +11,10 @@ CONFIG ?= config/example.yaml
 DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs256-secret-change-me-0123456789abcdef} \
                GATEWAY_ADMIN_TOKENS=$${GATEWAY_ADMIN_TOKENS:-dev:dev-admin-token-change-me}
 
-.PHONY: run test bench lint token redis-server clean
+.PHONY: run test bench bench-sync lint token redis-server clean demo
+
+demo: $(STAMP) redis-server
+	$(BIN)/cosmos-gateway demo --config $(CONFIG)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +43,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.sync $(BENCH_SYNC_ARGS)
+
+bench-sync: $(STAMP)
+	$(BIN)/python -m bench.sync $(BENCH_SYNC_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

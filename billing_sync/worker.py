@@ -207,16 +207,21 @@ class SyncWorker:
             size = max(1, self.sender.max_batch)
             groups = [ready[i : i + size] for i in range(0, len(ready), size)]
             async with asyncio.TaskGroup() as group_tasks:
-                for group in groups:
-                    group_tasks.create_task(self._send_group(group, semaphore, tally))
+                tasks = [group_tasks.create_task(self._send_group(group, semaphore)) for group in groups]
+            # One transaction for the page's outcomes, not one per event: with SQLite each commit is an
+            # fsync, which would cap the pass far below what Stripe accepts. A crash before this commit
+            # only means those rows are sent again, and Stripe answers "duplicate" for them.
+            outcomes = [outcome for task in tasks for outcome in task.result()]
+            customers = {row.identifier: event.customer for row, event in ready}
+            if outcomes:
+                await self._record(outcomes, customers, tally)
 
-    async def _send_group(self, group: list[tuple[LedgerEntry, MeterEvent]], semaphore: asyncio.Semaphore,
-                          tally: _Tally) -> None:
+    async def _send_group(self, group: list[tuple[LedgerEntry, MeterEvent]],
+                          semaphore: asyncio.Semaphore) -> list[tuple[LedgerEntry, SendResult]]:
         async with semaphore:
             await self._limiter.acquire(len(group))
             results = await self.sender.send([event for _, event in group])
-        customers = {row.identifier: event.customer for row, event in group}
-        await self._record(list(zip([row for row, _ in group], results, strict=True)), customers, tally)
+        return list(zip([row for row, _ in group], results, strict=True))
 
     async def _record(self, outcomes: Sequence[tuple[LedgerEntry, SendResult]], customers: Mapping[str, str],
                       tally: _Tally) -> None:
