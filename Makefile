@@ -13,9 +13,6 @@ DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs
 
 .PHONY: run test bench bench-sync lint token redis-server clean demo
 
-demo: $(STAMP) redis-server
-	$(BIN)/cosmos-gateway demo --config $(CONFIG)
-
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -34,6 +31,9 @@ run: $(STAMP) redis-server
 
 test: $(STAMP) redis-server
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP) redis-server
+	$(BIN)/cosmos-gateway demo --config $(CONFIG)
 
 token: $(STAMP)
 	@env $(DEV_SECRETS) $(BIN)/cosmos-gateway token --config $(CONFIG) --tenant $(or $(TENANT),acme)

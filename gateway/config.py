@@ -539,4 +539,6 @@ def effective_config(settings: Settings) -> dict[str, Any]:
             data[section][key] = MASK
     for key in ("algorithms", "public_paths"):
         data["auth"][key] = list(data["auth"][key])
+    if data.get("alerts", {}).get("webhook_secret"):
+        data["alerts"] = {**data["alerts"], "webhook_secret": MASK}
     return data

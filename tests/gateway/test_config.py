@@ -87,9 +87,10 @@ def test_check_config_masks_secrets(tmp_path: Path, capsys: pytest.CaptureFixtur
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://gw:dbpassword@db:5432/gw")
     monkeypatch.setenv("GATEWAY_ADMIN_TOKENS", "ops:0123456789abcdef0123")
     monkeypatch.setenv("STRIPE_API_KEY", "sk_test_abcdef")
+    monkeypatch.setenv("GATEWAY__ALERTS__WEBHOOK_SECRET", "whsec-alerts-secret")
     assert main(["check-config", "--config", str(path)]) == 0
     out = capsys.readouterr().out
-    for secret in (SECRET, "dbpassword", "0123456789abcdef0123", "sk_test_abcdef"):
+    for secret in (SECRET, "dbpassword", "0123456789abcdef0123", "sk_test_abcdef", "whsec-alerts-secret"):
         assert secret not in out
     shown = yaml.safe_load(out)
     assert shown["auth"]["hs256_secret"] == "***"
