@@ -66,12 +66,8 @@ async def fill(redis_url: str, tenants: int, bucket: int) -> None:
         await client.aclose()
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace, redis: RedisProcess, emulator: subprocess.Popen[bytes], port: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="cosmos-bench-sync-"))
-    redis = RedisProcess().start()
-    port = free_port()
-    emulator = subprocess.Popen([sys.executable, "-c", EMULATOR.format(
-        root=str(ROOT), port=port, meters=METERS, tenants=args.tenants)], stdout=subprocess.PIPE)
     engine = db.create_engine(f"sqlite+aiosqlite:///{workdir}/bench.db")
     client = aioredis.Redis.from_url(redis.url)
     try:
@@ -107,9 +103,6 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         await client.aclose()
         await engine.dispose()
-        emulator.terminate()
-        emulator.wait(10)
-        redis.close()
 
 
 def main() -> None:
@@ -117,7 +110,17 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=10_000)
     parser.add_argument("--capped-tenants", type=int, default=1_000, help="tenants in the capped pass")
     parser.add_argument("--concurrency", type=int, default=32)
-    asyncio.run(run(parser.parse_args()))
+    args = parser.parse_args()
+    redis = RedisProcess().start()
+    port = free_port()
+    emulator = subprocess.Popen([sys.executable, "-c", EMULATOR.format(
+        root=str(ROOT), port=port, meters=METERS, tenants=args.tenants)], stdout=subprocess.DEVNULL)
+    try:
+        asyncio.run(run(args, redis, emulator, port))
+    finally:
+        emulator.terminate()
+        emulator.wait(10)
+        redis.close()
 
 
 if __name__ == "__main__":
