@@ -102,7 +102,7 @@ class SyncWorker:
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         leader_lock: bool = True,
-        lock_ttl: float = 30.0,
+        lock_ttl: float = 10.0,
         jitter: Callable[[], float] = random.random,
         metrics: SyncMetrics | None = None,
     ) -> None:

@@ -34,6 +34,7 @@ log = logging.getLogger("cosmos_gateway.sync")
 EXIT_PENDING = 1  # --once: buckets are still waiting for a retry
 EXIT_DIFFERENCES = 1
 EXIT_SETUP = 2
+LOCK_WAIT_SECONDS = 15.0  # longer than the leader lock's time to live (10 s)
 
 
 @contextlib.asynccontextmanager
@@ -63,6 +64,12 @@ async def _sync(settings: Settings, *, once: bool, metrics_listen: HostPort | No
         try:
             if once:
                 result = await worker.run_once()
+                # A worker that died holding the leader lock blocks others until the lock expires; a
+                # one-off pass waits that long rather than doing nothing.
+                deadline = time.monotonic() + LOCK_WAIT_SECONDS
+                while not result.leader and time.monotonic() < deadline:
+                    await asyncio.sleep(1.0)
+                    result = await worker.run_once()
                 print(json.dumps({"mode": policy.stripe.mode, **asdict(result)}))
                 if not result.leader:
                     print("another sync worker holds the leader lock; nothing was done", file=sys.stderr)

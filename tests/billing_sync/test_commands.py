@@ -45,14 +45,16 @@ class Env:
         self.worker = worker
         self.config_path = config_path
 
-    async def run(self, *args: str, kill_after: float | None = None) -> tuple[int, str]:
+    async def run(self, *args: str, kill_after_events: int | None = None) -> tuple[int, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY", "STRIPE", "REDIS", "DATABASE"))}
         env.update({"STRIPE_API_KEY": "sk_test_commands", "GATEWAY_JWT_HS256_SECRET": SECRET})
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.cli", *args, "--config", str(self.config_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
-        if kill_after is not None:
-            await asyncio.sleep(kill_after)
+        if kill_after_events is not None:  # SIGKILL in the middle of the pass, once Stripe got some events
+            deadline = time.monotonic() + 60
+            while len(self.emulator.events) < kill_after_events and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             process.send_signal(signal.SIGKILL)
         out, _ = await asyncio.wait_for(process.communicate(), 120)
         return process.returncode or 0, out.decode(errors="replace")
@@ -125,13 +127,14 @@ async def test_sync_once_sends_every_counted_unit_once(env: Env) -> None:
 async def test_sigkill_mid_pass_then_rerun_is_exact(env: Env) -> None:
     await traffic(env, {f"t{i}": f"cus_t{i}" for i in range(8)}, requests=4)
     env.emulator.slow(0.15)  # long enough to be killed in the middle of the pass
-    code, _ = await env.run("sync", "--once", kill_after=1.0)
+    code, _ = await env.run("sync", "--once", kill_after_events=5)
     assert code == -signal.SIGKILL
     partial = len(env.emulator.events)
+    assert 5 <= partial < 8 * 3
     env.emulator.slow(0)
     code, out = await env.run("sync", "--once")
     assert code == 0, out
-    assert len(env.emulator.events) > partial
+    assert len(env.emulator.events) > partial  # the rerun waited out the dead worker's lock, then finished
     for i in range(8):
         usage = await counted(env, f"t{i}")
         for meter in ("api_calls", "chain_deployments", "bandwidth_bytes"):
