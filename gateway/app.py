@@ -16,6 +16,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from billing_sync.webhooks import StripeWebhooks
 from billing_sync.worker import SyncWorker, build_worker
@@ -107,6 +109,7 @@ class Worker:
         await prepare_schema(self.engine)
         await self.authenticator.start()
         await self.directory.start()
+        await self._warm_up_redis()
         await self.alerts.start()
         self._replayer = asyncio.create_task(self._replay_spool())
         webhooks = StripeWebhooks(
@@ -167,6 +170,13 @@ class Worker:
         with contextlib.suppress(Exception):  # a scrape never fails for the ledger's sake
             await asyncio.wait_for(self.sync_admin.snapshot(), timeout=2)
 
+    async def _warm_up_redis(self) -> None:
+        """Connect and load the scripts now, so the first requests do not pay for it (or time out on it)."""
+        try:
+            await asyncio.wait_for(self.store.load_scripts(), timeout=5)
+        except Exception as exc:  # Redis down at start: fail_open serves anyway, the store retries later
+            log.warning("Redis is not reachable at start (%r); the limiter will retry", exc)
+
     async def _ping_redis(self) -> None:
         await self.redis.ping()
 
@@ -213,8 +223,11 @@ def is_cluster_url(url: str) -> bool:
 def redis_client(url: str) -> aioredis.Redis | RedisCluster:
     """A client for `redis://`, `rediss://`, `unix://` or (`redis+cluster://`) a Redis Cluster."""
     if is_cluster_url(url):
+        # No whole-pipeline retries: redis-py would send a batch again after a timeout although some
+        # nodes may have run it, counting those requests twice. MOVED/ASK are still followed (they mean
+        # "not run here"); a failed batch is fail-open/fail-closed business, decided by the limiter.
         return RedisCluster.from_url(url.replace("+cluster", "", 1), socket_timeout=0.5,
-                                     socket_connect_timeout=0.5)
+                                     socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 

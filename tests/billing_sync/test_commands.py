@@ -53,7 +53,7 @@ class Env:
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
         if kill_after_events is not None:  # SIGKILL in the middle of the pass, once Stripe got some events
             deadline = time.monotonic() + 60
-            while len(self.emulator.events) < kill_after_events and time.monotonic() < deadline:
+            while len(self.emulator.events) < kill_after_events and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
             process.send_signal(signal.SIGKILL)
         out, _ = await asyncio.wait_for(process.communicate(), 120)
