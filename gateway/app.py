@@ -90,6 +90,7 @@ class Worker:
         self.sync_admin = SyncAdmin(redis=self.redis, sessions=self.sessions, worker_factory=self._sync_worker,
                                     clock=clock)
         self._sync_metrics_at = float("-inf")
+        self._period_starts: dict[int, datetime] = {}
         self.access_log = AccessLog(enabled=settings.server.access_log)
         self.metrics = RequestMetrics(self.policy.plans)
         self._proxy_runner: web.ServerRunner | None = None
@@ -102,7 +103,12 @@ class Worker:
         return datetime.fromtimestamp(self.clock(), UTC)
 
     def _observe_usage(self, tenant: str, meter: str, period_start: int, used: float, limit: float) -> None:
-        self.alerts.observe(tenant, meter, datetime.fromtimestamp(period_start, UTC), used, limit)
+        start = self._period_starts.get(period_start)
+        if start is None:
+            if len(self._period_starts) > 1000:
+                self._period_starts.clear()
+            start = self._period_starts[period_start] = datetime.fromtimestamp(period_start, UTC)
+        self.alerts.observe(tenant, meter, start, used, limit)
 
     async def start(self) -> None:
         settings = self.settings

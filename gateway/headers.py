@@ -7,6 +7,7 @@ headers (two `Set-Cookie`) survive. Names are compared lower-cased.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -46,7 +47,17 @@ def request_id(headers: RawHeaders) -> str:
             if _REQUEST_ID_RE.match(value):
                 return value.decode("ascii")
             break
-    return os.urandom(12).hex()
+    return _next_request_id()
+
+
+# A random prefix per process and a counter: unique across processes and instances like a random id,
+# without a getrandom() syscall on every request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
+def _next_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 
 def is_trusted(peer: str | None, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:

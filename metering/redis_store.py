@@ -134,6 +134,15 @@ CHECK_SCRIPT = _Script("check_and_count.lua")
 RECORD_SCRIPT = _Script("record.lua")
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedCheck:
+    """A check's script keys and arguments except the time (see `RedisUsageStore.prepare`)."""
+
+    tenant: str
+    keys: list[str]
+    args: list[Any]
+
+
 @dataclass(slots=True)
 class _Call:
     script: _Script
@@ -142,7 +151,6 @@ class _Call:
     parse: Callable[[Any], Any]
     future: asyncio.Future[Any] | None = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     on_failure: Callable[[StoreUnavailable], None] | None = None  # calls nobody awaits (record_later)
-    record: Record | None = None  # set for record_later calls, which a flush may merge
 
 
 def _sum_units(sections: list[Units]) -> Units:
@@ -189,13 +197,14 @@ def _number(value: Any) -> float:
 
 def _decision(reply: Any) -> Decision:
     allowed, reason, meter, retry_after, remaining, used = reply
-    flat = [_text(item) for item in used]
+    # float() takes the bytes of a number as they are; only the names need decoding.
+    names, values = used[0::2], used[1::2]
     return Decision(
         allowed=allowed == 1,
         reason=_text(reason) or None,  # type: ignore[arg-type]
         meter=_text(meter) or None,
-        retry_after=float(_text(retry_after)),
-        used={flat[i]: float(flat[i + 1]) for i in range(0, len(flat), 2)},
+        retry_after=float(retry_after),
+        used={_text(name): float(value) for name, value in zip(names, values, strict=True)},
         rate_remaining=None if remaining < 0 else int(remaining),
     )
 
@@ -227,17 +236,26 @@ class RedisUsageStore:
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
+        self._pending_records: dict[tuple[Any, ...], list[tuple[Record, Callable[[Record], None]]]] = {}
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
 
     # -- the hot path -------------------------------------------------------------------------------
 
     async def check(self, check: Check) -> Decision:
         """Decide and count one request; batched with the calls of the same loop iteration."""
+        return await self.check_prepared(self.prepare(check), check.now)
+
+    def prepare(self, check: Check) -> PreparedCheck:
+        """The script's keys and arguments for `check`, all but the time: reusable while they stay the same.
+
+        A tenant's requests to one route within one billing bucket differ only in `now`; the limiter keeps
+        the prepared form and skips rebuilding a dozen key strings per request.
+        """
         counter_keys = [keys.quota_key(check.tenant, c.meter, check.period_start) for c in check.counters]
         gauge_keys = [keys.gauge_key(check.tenant, g.meter) for g in check.guards]
         rate = check.rate
         args: list[Any] = [
-            repr(float(check.now)), check.period_end + PERIOD_KEY_GRACE, check.period_end, check.bucket_ttl,
+            check.period_end + PERIOD_KEY_GRACE, check.period_end, check.bucket_ttl,
             1 if rate else 0, repr(float(rate.per_second)) if rate else 0, rate.burst if rate else 0,
             len(check.counters),
         ]
@@ -253,7 +271,11 @@ class RedisUsageStore:
             keys.rate_key(check.tenant), keys.bucket_key(check.tenant, check.bucket_start),
             *counter_keys, *gauge_keys,
         ]
-        return await self._submit(_Call(CHECK_SCRIPT, key_list, args, _decision), check.tenant)
+        return PreparedCheck(check.tenant, key_list, args)
+
+    async def check_prepared(self, prepared: PreparedCheck, now: float) -> Decision:
+        call = _Call(CHECK_SCRIPT, prepared.keys, [repr(float(now)), *prepared.args], _decision)
+        return await self._submit(call, prepared.tenant)
 
     async def record(self, record: Record) -> bool:
         """Apply refunds, byte counts and gauges; False when `record_id` was already applied."""
@@ -262,13 +284,25 @@ class RedisUsageStore:
         return await self._submit(self._record_call(record), record.tenant)
 
     def record_later(self, record: Record, on_failure: Callable[[Record], None]) -> None:
-        """`record()` without waiting for it (the request path): `on_failure(record)` if Redis fails."""
+        """`record()` without waiting for it (the request path): `on_failure(record)` if Redis fails.
+
+        Records of one tenant and bucket that wait for the same pipeline are folded into one script
+        call (byte counts and refunds add up, gauges keep the last value). Nothing is delayed by this:
+        the merged call goes out in the pipeline the parts would have taken.
+        """
         if record.is_empty():
             return
-        call = self._record_call(record, awaited=False)
-        call.record = record
-        call.on_failure = lambda _: on_failure(record)
-        self._enqueue(call, record.tenant)
+        if record.record_id is not None:  # idempotent replays stay one call each
+            call = self._record_call(record, awaited=False)
+            call.on_failure = lambda _: on_failure(record)
+            self._enqueue(call, record.tenant)
+            return
+        key = (record.tenant, record.period_start, record.period_end, record.bucket_start, record.bucket_ttl)
+        group = self._pending_records.get(key)
+        if group is None:
+            group = self._pending_records[key] = []
+        group.append((record, on_failure))
+        self._schedule_flush()
 
     def _record_call(self, record: Record, *, awaited: bool = True) -> _Call:
         tenant, period = record.tenant, record.period_start
@@ -332,10 +366,16 @@ class RedisUsageStore:
         async with self._guarded(self._read_timeout):
             await self._load()
 
-    async def aclose(self) -> None:
-        """Wait for the pipelines in flight; the client belongs to the caller."""
-        while self._flushes:
+    async def flush(self) -> None:
+        """Send what is pending and wait for the pipelines in flight."""
+        while self._flushes or self._pending or self._pending_records:
+            if not self._flushes:
+                self._start_flush()
             await asyncio.gather(*self._flushes, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """`flush()`, then close this store's own connection; the client belongs to the caller."""
+        await self.flush()
         if self._resp is not None:
             self._resp.close()
 
@@ -348,15 +388,18 @@ class RedisUsageStore:
 
     def _enqueue(self, call: _Call, tenant: str) -> None:
         self._pending.append(call)
-        if not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+        self._schedule_flush()
         now = self._clock()
         if now - self._seen_at.get(tenant, -math.inf) >= SEEN_EVERY:
             if len(self._seen_at) >= _SEEN_MEMORY:
                 self._seen_at.clear()
             self._seen_at[tenant] = now
             self._pending_seen.add(tenant)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_flush)
 
     def _start_flush(self) -> None:
         """Send everything pending as one pipeline.
@@ -366,46 +409,31 @@ class RedisUsageStore:
         keeps Redis work per request flat.
         """
         self._flush_scheduled = False
-        if not self._pending or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
+        if not (self._pending or self._pending_records) or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
             return
-        batch, self._pending = self._merged(self._pending), []
+        batch, self._pending = self._pending, []
+        if self._pending_records:
+            batch += self._record_groups()
         seen, self._pending_seen = self._pending_seen, set()
         task = asyncio.get_running_loop().create_task(self._flush(batch, seen))
         self._flushes.add(task)
         task.add_done_callback(self._flush_done)
 
-    def _merged(self, calls: list[_Call]) -> list[_Call]:
-        """Fold the un-awaited records of one tenant and bucket into one script call.
-
-        Under load most requests of a tenant end in the same batch; their byte counts and refunds
-        add up (gauges keep the last value), so Redis runs one script for all of them. Nothing is
-        delayed by this: the merged call goes out in the same pipeline the parts would have.
-        """
-        groups: dict[tuple[Any, ...], list[_Call]] = {}
-        kept: list[_Call] = []
-        for call in calls:
-            record = call.record
-            if record is None or record.record_id is not None:
-                kept.append(call)
-                continue
-            key = (record.tenant, record.period_start, record.period_end, record.bucket_start, record.bucket_ttl)
-            groups.setdefault(key, []).append(call)
-        for group in groups.values():
-            if len(group) == 1:
-                kept.append(group[0])
-                continue
-            parts = [call.record for call in group if call.record is not None]
-            merged = _merge_records(parts)
+    def _record_groups(self) -> list[_Call]:
+        calls = []
+        for group in self._pending_records.values():
+            records = [record for record, _ in group]
+            merged = records[0] if len(records) == 1 else _merge_records(records)
             call = self._record_call(merged, awaited=False)
-            call.record = merged
-            callbacks = [c.on_failure for c in group if c.on_failure is not None]
-            call.on_failure = lambda error, callbacks=callbacks: [cb(error) for cb in callbacks]  # type: ignore[misc]
-            kept.append(call)
-        return kept
+            callbacks = [(record, on_failure) for record, on_failure in group]
+            call.on_failure = lambda _, callbacks=callbacks: [cb(r) for r, cb in callbacks]  # type: ignore[misc]
+            calls.append(call)
+        self._pending_records = {}
+        return calls
 
     def _flush_done(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
-        if self._pending and not self._flush_scheduled:
+        if (self._pending or self._pending_records) and not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._start_flush)
 

@@ -28,6 +28,7 @@ from metering.redis_store import (
     CounterRule,
     Decision,
     GuardRule,
+    PreparedCheck,
     RateRule,
     Record,
     RedisUsageStore,
@@ -41,6 +42,7 @@ from quota.tenants import TenantDirectory, TenantRecord
 
 log = logging.getLogger("cosmos_gateway.limiter")
 
+COMPILED_CACHE_SIZE = 20_000  # (tenant, route, bucket) entries; cleared whole when full
 BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete_expired"})
 
@@ -80,6 +82,17 @@ class Admission:
 
 
 @dataclass(frozen=True, slots=True)
+class _Compiled:
+    """What admit() derives from the tenant, plan, route, period and bucket (everything but the time)."""
+
+    counted: tuple[Meter, ...]
+    quotas: Mapping[str, Quota]
+    rate: Rate | None
+    check: Check  # its `now` is the first request's; kept for the fail-open spool, which ignores it
+    prepared: PreparedCheck | None  # None: nothing to check or count
+
+
+@dataclass(frozen=True, slots=True)
 class LimiterSettings:
     default_plan: str | None
     bucket_seconds: int
@@ -102,6 +115,7 @@ class Limiter:
         self._clock = clock
         self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
         self._periods: dict[int | None, tuple[int, int]] = {}
+        self._compiled: dict[tuple[object, ...], _Compiled] = {}
 
     # ------------------------------------------------------------------ before the upstream
 
@@ -141,38 +155,57 @@ class Limiter:
     async def admit(self, tenant: str, claimed_plan: str | None, method: str, path: str) -> Admission:
         record, plan = self.resolve(tenant, claimed_plan)
         now = self._clock()
-        if record is not None and record.overrides:
-            rate, quotas, _ = effective(plan, record.overrides, datetime.fromtimestamp(now, UTC))
-        else:
-            rate, quotas = plan.rate, plan.quotas
-        period_start, period_end = self.period(record.billing_anchor_day if record else None, now)
-        counted = self._matcher.request_meters(method, path)
-        counters = tuple(_counter_rule(m, quotas.get(m.name)) for m in counted)
-        guards = _guard_rules(quotas, method, path)
+        anchor = record.billing_anchor_day if record else None
+        period_start, period_end = self.period(anchor, now)
         bucket = bucket_start(now, self._settings.bucket_seconds)
-        check = Check(
-            tenant=tenant, now=now, period_start=period_start, period_end=period_end, bucket_start=bucket,
-            bucket_ttl=BUCKET_TTL, rate=RateRule(rate.per_second, rate.burst) if rate else None,
-            counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
-        )
-        admission = Admission(tenant, plan.name, period_start, period_end, bucket, counted, quotas)
-        if rate is None and not counters and not guards:
+        overridden = record is not None and bool(record.overrides)
+        # Everything but the time is the same for a tenant's requests to one route in one bucket.
+        key = None if overridden else (tenant, plan.name, method, path, period_start, bucket)
+        compiled = self._compiled.get(key) if key is not None else None
+        if compiled is None:
+            compiled = self._compile(tenant, plan, record, method, path, now, period_start, period_end, bucket)
+            if key is not None:
+                if len(self._compiled) >= COMPILED_CACHE_SIZE:
+                    self._compiled.clear()
+                self._compiled[key] = compiled
+        admission = Admission(tenant, plan.name, period_start, period_end, bucket, compiled.counted,
+                              compiled.quotas)
+        if compiled.prepared is None:
             return admission  # nothing to check or count: no Redis round trip
         try:
-            decision = await self._store.check(check)
+            decision = await self._store.check_prepared(compiled.prepared, now)
         except StoreUnavailable:
             self._metrics.store_error()
             if not self._settings.fail_open:
                 raise Refusal("unavailable", "the usage store is unavailable", tenant=tenant,
                               plan=plan.name, retry_after=1) from None
-            self._spool.append(check)  # replayed into Redis, once, when it is back
+            self._spool.append(compiled.check)  # replayed into Redis, once, when it is back
             admission.spooled = True
             return admission
+        rate = compiled.rate
         if not decision.allowed:
             raise self._refusal(decision, admission, rate, now)
-        admission.headers = _ratelimit_headers(rate, decision, counted, quotas, period_start, period_end, now)
+        admission.headers = _ratelimit_headers(rate, decision, compiled.counted, compiled.quotas, period_start,
+                                               period_end, now)
         self._observe(admission, decision.used)
         return admission
+
+    def _compile(self, tenant: str, plan: Plan, record: TenantRecord | None, method: str, path: str, now: float,
+                 period_start: int, period_end: int, bucket: int) -> _Compiled:
+        if record is not None and record.overrides:
+            rate, quotas, _ = effective(plan, record.overrides, datetime.fromtimestamp(now, UTC))
+        else:
+            rate, quotas = plan.rate, plan.quotas
+        counted = self._matcher.request_meters(method, path)
+        counters = tuple(_counter_rule(m, quotas.get(m.name)) for m in counted)
+        guards = _guard_rules(quotas, method, path)
+        check = Check(
+            tenant=tenant, now=now, period_start=period_start, period_end=period_end, bucket_start=bucket,
+            bucket_ttl=BUCKET_TTL, rate=RateRule(rate.per_second, rate.burst) if rate else None,
+            counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
+        )
+        prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
+        return _Compiled(counted, quotas, rate, check, prepared)
 
     def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
         plan, tenant = admission.plan, admission.tenant
@@ -243,7 +276,7 @@ class Limiter:
     async def drain(self) -> None:
         """Wait for records in flight (shutdown, tests)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._store.aclose(), timeout=5)
+            await asyncio.wait_for(self._store.flush(), timeout=5)
 
     async def usage(self, tenant: str, record: TenantRecord | None, meters: Sequence[str]) -> dict[str, float]:
         start, _ = self.period(record.billing_anchor_day if record else None, self._clock())

@@ -66,11 +66,13 @@ if has_rate then
   if tat < now then tat = now end
   new_tat = tat + interval
   local allow_at = new_tat - burst * interval
-  if now < allow_at then
+  -- The TAT is stored with microsecond precision, so compare with that much slack: otherwise a TAT
+  -- rounded up by a fraction of a microsecond could refuse the last request of a burst.
+  if allow_at - now > 1e-6 then
     reason, retry_after = 'rate', allow_at - now
     rate_remaining = 0
   else
-    rate_remaining = math.floor((now - allow_at) / interval + 1e-9)
+    rate_remaining = math.max(0, math.floor((now - allow_at + 1e-6) / interval))
   end
 end
 

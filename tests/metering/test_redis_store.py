@@ -100,6 +100,14 @@ async def test_gcra_admits_the_burst_then_refuses_until_a_token_frees(store: Red
     assert (rested.allowed, rested.rate_remaining) == (True, 4)
 
 
+@pytest.mark.parametrize("now", [NOW + 0.1234567, NOW + 0.9999996, NOW + 0.5000004, NOW + 0.3333333])
+async def test_gcra_full_burst_at_one_instant_whatever_the_digits(store: RedisUsageStore, now: float) -> None:
+    """The TAT is stored to the microsecond; rounding it must never cost the last request of a burst."""
+    t, rate = tenant(), RateRule(per_second=1, burst=3)
+    allowed = [(await store.check(make_check(t, now, rate=rate))).allowed for _ in range(4)]
+    assert allowed == [True, True, True, False]
+
+
 async def test_gcra_high_rate_keeps_sub_millisecond_precision(store: RedisUsageStore) -> None:
     t, rate = tenant(), RateRule(per_second=1000, burst=1)
     assert (await store.check(make_check(t, rate=rate))).allowed
