@@ -84,7 +84,8 @@ class Worker:
             LimiterSettings(default_plan=settings.default_plan, bucket_seconds=settings.billing.bucket_seconds,
                             fail_open=settings.redis.on_error == "fail_open",
                             grace_seconds=settings.billing.grace_seconds,
-                            past_due_grace_seconds=self.policy.stripe.past_due_grace_days * 86_400),
+                            past_due_grace_seconds=self.policy.stripe.past_due_grace_days * 86_400,
+                            alert_from=min(self.policy.alerts.thresholds, default=1.0)),
             on_counted=self._observe_usage, clock=clock,
         )
         self.sync_admin = SyncAdmin(redis=self.redis, sessions=self.sessions, worker_factory=self._sync_worker,
@@ -146,7 +147,7 @@ class Worker:
 
         admin = admin_app(
             redis_check=self._ping_redis, database_check=lambda: db.ping(self.engine),
-            fail_closed=settings.redis.on_error == "fail_closed", before_metrics=self._refresh_sync_metrics,
+            fail_closed=settings.redis.on_error == "fail_closed", before_metrics=self._before_metrics,
         )
         self._add_admin_api(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=grace,
@@ -166,6 +167,10 @@ class Worker:
         return build_worker(redis=self.redis, sessions=self.sessions, meters=self.policy.meters,
                             stripe=self.policy.stripe, bucket_seconds=billing.bucket_seconds,
                             grace_seconds=billing.grace_seconds, clock=self.clock)
+
+    async def _before_metrics(self) -> None:
+        self.quota_metrics.publish()
+        await self._refresh_sync_metrics()
 
     async def _refresh_sync_metrics(self) -> None:
         """The billing_sync gauges come from the shared ledger, so any instance's scrape shows them."""
@@ -187,8 +192,10 @@ class Worker:
         await self.redis.ping()
 
     async def _replay_spool(self) -> None:
-        """Fail-open: move spooled usage into Redis as soon as it answers again."""
+        """Once a second: fail-open spool replay (as soon as Redis answers again), and metrics upkeep."""
         while True:
+            # Also the per-tenant usage gauges: with several workers each publishes its own, every second.
+            self.quota_metrics.publish()
             self.quota_metrics.spool_pending(self.spool.pending())
             if self.spool.pending():
                 try:

@@ -90,6 +90,8 @@ class _Compiled:
     rate: Rate | None
     check: Check  # its `now` is the first request's; kept for the fail-open spool, which ignores it
     prepared: PreparedCheck | None  # None: nothing to check or count
+    policy: str | None  # the RateLimit-Policy header
+    limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,7 @@ class LimiterSettings:
     fail_open: bool
     grace_seconds: int = 10
     past_due_grace_seconds: float = 7 * 86_400
+    alert_from: float = 0.0  # the lowest alert threshold (a fraction of the limit)
 
 
 class Limiter:
@@ -185,8 +188,7 @@ class Limiter:
         rate = compiled.rate
         if not decision.allowed:
             raise self._refusal(decision, admission, rate, now)
-        admission.headers = _ratelimit_headers(rate, decision, compiled.counted, compiled.quotas, period_start,
-                                               period_end, now)
+        admission.headers = _ratelimit_headers(compiled, decision, period_end, now)
         self._observe(admission, decision.used)
         return admission
 
@@ -205,7 +207,8 @@ class Limiter:
             counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
         )
         prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
-        return _Compiled(counted, quotas, rate, check, prepared)
+        policy, limited = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
+        return _Compiled(counted, quotas, rate, check, prepared, policy, limited)
 
     def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
         plan, tenant = admission.plan, admission.tenant
@@ -225,7 +228,9 @@ class Limiter:
         for meter, value in used.items():
             self._metrics.usage(admission.tenant, meter, value)
             quota = admission.quotas.get(meter)
-            if self._on_counted is not None and quota is not None and quota.limit is not None:
+            # Alerts only care from the lowest threshold on; below it, skip the call altogether.
+            if (self._on_counted is not None and quota is not None and quota.limit is not None
+                    and value >= quota.limit * self._settings.alert_from):
                 self._on_counted(admission.tenant, meter, admission.period_start, value, quota.limit)
 
     # ------------------------------------------------------------------ after the upstream
@@ -308,27 +313,35 @@ def _guard_path(glob: str, path: str) -> bool:
     return pattern.fullmatch(path.partition("?")[0]) is not None
 
 
-def _ratelimit_headers(rate: Rate | None, decision: Decision, counted: Sequence[Meter],
-                       quotas: Mapping[str, Quota], period_start: int, period_end: int,
-                       now: float) -> list[tuple[str, str]]:
-    """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers structured fields)."""
-    policies, limits = [], []
-    if rate is not None:
-        policies.append(f'"burst";q={rate.burst};w=1')
-        if decision.rate_remaining is not None:
-            limits.append(f'"burst";r={max(0, decision.rate_remaining)};t=1')
-    window = period_end - period_start
-    reset = max(0, math.ceil(period_end - now))
+def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mapping[str, Quota],
+                      window: int) -> tuple[str | None, tuple[tuple[str, int], ...]]:
+    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers), and the limited meters for RateLimit.
+
+    The policy is the same for every request of a compiled check, so it is built once.
+    """
+    policies = [f'"burst";q={rate.burst};w=1'] if rate is not None else []
+    limited = []
     for meter in counted:
         quota = quotas.get(meter.name)
-        if quota is None or quota.limit is None:
-            continue
-        policies.append(f'"{meter.name}";q={int(quota.limit)};w={window}')
-        used = decision.used.get(meter.name, 0)
-        limits.append(f'"{meter.name}";r={max(0, int(quota.limit - used))};t={reset}')
-    headers = []
-    if policies:
-        headers.append(("RateLimit-Policy", ", ".join(policies)))
+        if quota is not None and quota.limit is not None:
+            policies.append(f'"{meter.name}";q={int(quota.limit)};w={window}')
+            limited.append((meter.name, int(quota.limit)))
+    return (", ".join(policies) if policies else None), tuple(limited)
+
+
+def _ratelimit_headers(compiled: _Compiled, decision: Decision, period_end: int, now: float) -> list[tuple[str, str]]:
+    """RateLimit-Policy and RateLimit: what is left of each policy, and when it is whole again."""
+    if compiled.policy is None:
+        return []
+    limits = []
+    if compiled.rate is not None and decision.rate_remaining is not None:
+        limits.append(f'"burst";r={max(0, decision.rate_remaining)};t=1')
+    if compiled.limited:
+        reset = max(0, math.ceil(period_end - now))
+        used = decision.used
+        for name, limit in compiled.limited:
+            limits.append(f'"{name}";r={max(0, int(limit - used.get(name, 0)))};t={reset}')
+    headers = [("RateLimit-Policy", compiled.policy)]
     if limits:
         headers.append(("RateLimit", ", ".join(limits)))
     return headers

@@ -29,22 +29,28 @@ class QuotaMetrics:
         self._max_tenants = max_tenants
         self._tenants: set[str] = set()
         self._usage_children: dict[tuple[str, str], Gauge] = {}
+        self._latest: dict[tuple[str, str], float] = {}
 
     def rejected(self, reason: str, plan: str | None, meter: str) -> None:
         REJECTIONS.labels(reason, plan if plan in self._plans else "other",
                           meter if meter in self._meters else "other").inc()
 
     def usage(self, tenant: str, meter: str, value: float) -> None:
-        if not self._tenant_usage:
-            return
-        child = self._usage_children.get((tenant, meter))
-        if child is None:
-            if tenant not in self._tenants:
-                if len(self._tenants) >= self._max_tenants:
-                    return
-                self._tenants.add(tenant)
-            child = self._usage_children[(tenant, meter)] = USAGE.labels(tenant, meter)
-        child.set(value)
+        """Remember the value; `publish()` sets the gauges when Prometheus scrapes (not per request)."""
+        if self._tenant_usage:
+            self._latest[(tenant, meter)] = value
+
+    def publish(self) -> None:
+        latest, self._latest = self._latest, {}
+        for (tenant, meter), value in latest.items():
+            child = self._usage_children.get((tenant, meter))
+            if child is None:
+                if tenant not in self._tenants:
+                    if len(self._tenants) >= self._max_tenants:
+                        continue
+                    self._tenants.add(tenant)
+                child = self._usage_children[(tenant, meter)] = USAGE.labels(tenant, meter)
+            child.set(value)
 
     @staticmethod
     def store_error() -> None:

@@ -102,24 +102,30 @@ if reason == '' then
     local c = counters[i]
     if c.units ~= 0 then
       c.used = redis.call('INCRBY', c.key, c.units)
+      -- Only this script and record.lua create counters, and both set the expiry in the same atomic
+      -- call, so a key whose value is just these units is new: one EXPIREAT per key and period.
+      if c.used == c.units then
+        redis.call('EXPIREAT', c.key, expire_at)
+      end
     end
-    redis.call('EXPIREAT', c.key, expire_at)
   end
   if has_rate then
     -- Once the TAT is in the past the bucket is full, so the key may go then.
     local ttl_ms = math.ceil((new_tat - now) * 1000) + 1000
     redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', ttl_ms)
   end
-  local billed = false
+  local fresh = false
   for i = 1, nb do
     local units = tonumber(ARGV[a + 1])
     if units ~= 0 then
-      redis.call('HINCRBY', KEYS[2], ARGV[a], units)
-      billed = true
+      -- A field equal to these units was just created: (re)set the bucket's expiry then, not every time.
+      if redis.call('HINCRBY', KEYS[2], ARGV[a], units) == units then
+        fresh = true
+      end
     end
     a = a + 2
   end
-  if billed then
+  if fresh then
     redis.call('EXPIRE', KEYS[2], bucket_ttl)
   end
 end
