@@ -36,7 +36,16 @@ from gateway.admin_input import (
 from gateway.admin_sync import SyncAdmin
 from gateway.auth import TENANT_ID, Authenticator
 from gateway.config import Settings
-from gateway.errors import GatewayError, InvalidRequest, LimiterUnavailable, NotFound, problem_response
+from gateway.errors import (
+    DatabaseUnavailable,
+    GatewayError,
+    InvalidRequest,
+    LimiterUnavailable,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    problem_response,
+)
 from gateway.headers import request_id
 from gateway.openapi import admin_openapi
 from metering.meters import Meter
@@ -58,18 +67,6 @@ class UsageReader(Protocol):
     async def usage(self, tenant: str, period_start: int, meters: Sequence[str]) -> dict[str, float]: ...
 
     async def tenants_seen(self) -> set[str]: ...
-
-
-class MethodNotAllowed(GatewayError):
-    status, suffix, title = 405, "method-not-allowed", "Method not allowed"
-
-
-class PayloadTooLarge(GatewayError):
-    status, suffix, title = 413, "payload-too-large", "Payload too large"
-
-
-class DatabaseUnavailable(GatewayError):
-    status, suffix, title = 503, "database-unavailable", "Database unavailable"
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -6,10 +6,13 @@ GatewayError
 ├── SubscriptionInactive  402 subscription-inactive
 ├── Forbidden             403 forbidden
 ├── NotFound              404 not-found
+├── MethodNotAllowed      405 method-not-allowed      (admin API)
+├── PayloadTooLarge       413 payload-too-large       (admin API)
 ├── RateLimited           429 rate-limited
 ├── QuotaExceeded         429 quota-exceeded
 ├── BadGateway            502 bad-gateway
 ├── LimiterUnavailable    503 limiter-unavailable
+├── DatabaseUnavailable   503 database-unavailable    (admin API)
 └── GatewayTimeout        504 gateway-timeout
 """
 
@@ -72,6 +75,14 @@ class NotFound(GatewayError):
     status, suffix, title = 404, "not-found", "Not found"
 
 
+class MethodNotAllowed(GatewayError):
+    status, suffix, title = 405, "method-not-allowed", "Method not allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status, suffix, title = 413, "payload-too-large", "Payload too large"
+
+
 class RateLimited(GatewayError):
     status, suffix, title = 429, "rate-limited", "Rate limit exceeded"
 
@@ -86,6 +97,10 @@ class BadGateway(GatewayError):
 
 class LimiterUnavailable(GatewayError):
     status, suffix, title = 503, "limiter-unavailable", "Limiter unavailable"
+
+
+class DatabaseUnavailable(GatewayError):
+    status, suffix, title = 503, "database-unavailable", "Database unavailable"
 
 
 class GatewayTimeout(GatewayError):
