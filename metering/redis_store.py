@@ -136,11 +136,17 @@ RECORD_SCRIPT = _Script("record.lua")
 
 @dataclass(frozen=True, slots=True)
 class PreparedCheck:
-    """A check's script keys and arguments except the time (see `RedisUsageStore.prepare`)."""
+    """A check's script keys and arguments except the time (see `RedisUsageStore.prepare`).
+
+    `head` and `tail` are the EVALSHA command already in RESP around the time argument, so sending it
+    costs a concatenation instead of packing two dozen arguments per request.
+    """
 
     tenant: str
     keys: list[str]
     args: list[Any]
+    head: bytes
+    tail: bytes
 
 
 @dataclass(slots=True)
@@ -151,6 +157,13 @@ class _Call:
     parse: Callable[[Any], Any]
     future: asyncio.Future[Any] | None = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     on_failure: Callable[[StoreUnavailable], None] | None = None  # calls nobody awaits (record_later)
+    packed: bytes | None = None  # the command in RESP already (prepared checks), for the RESP connection
+
+
+def _bulk(value: Any) -> bytes:
+    """One RESP bulk string, encoded as redis-py and hiredis encode arguments."""
+    data = value if isinstance(value, bytes) else str(value).encode()
+    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 def _sum_units(sections: list[Units]) -> Units:
@@ -271,10 +284,14 @@ class RedisUsageStore:
             keys.rate_key(check.tenant), keys.bucket_key(check.tenant, check.bucket_start),
             *counter_keys, *gauge_keys,
         ]
-        return PreparedCheck(check.tenant, key_list, args)
+        parts = [b"EVALSHA", CHECK_SCRIPT.sha, len(key_list), *key_list]
+        head = b"*%d\r\n" % (len(parts) + 1 + len(args)) + b"".join(_bulk(part) for part in parts)
+        return PreparedCheck(check.tenant, key_list, args, head, b"".join(_bulk(arg) for arg in args))
 
     async def check_prepared(self, prepared: PreparedCheck, now: float) -> Decision:
-        call = _Call(CHECK_SCRIPT, prepared.keys, [repr(float(now)), *prepared.args], _decision)
+        now_text = repr(float(now))
+        call = _Call(CHECK_SCRIPT, prepared.keys, [now_text, *prepared.args], _decision,
+                     packed=prepared.head + _bulk(now_text) + prepared.tail)
         return await self._submit(call, prepared.tenant)
 
     async def record(self, record: Record) -> bool:
@@ -501,8 +518,10 @@ class RedisUsageStore:
 
     async def _resp_pipeline(self, batch: list[_Call], seen: set[str]) -> list[Any]:
         assert self._resp is not None
-        commands: list[tuple[Any, ...]] = [
-            ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args) for call in batch]
+        commands: list[bytes | tuple[Any, ...]] = [
+            call.packed if call.packed is not None
+            else ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
+            for call in batch]
         if seen:
             commands.append(("SADD", keys.TENANTS_SEEN_KEY, *sorted(seen)))
         self.round_trips += 1

@@ -77,12 +77,14 @@ class RespConnection:
         return cls(kwargs["host"], int(kwargs.get("port", 6379)), db=int(kwargs.get("db", 0) or 0),
                    username=kwargs.get("username"), password=kwargs.get("password"))
 
-    async def execute(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    async def execute(self, commands: Sequence[bytes | Sequence[Any]]) -> list[Any]:
+        """Send the commands (argument sequences, or bytes already in RESP) and return their replies."""
         protocol = await self._connected()
         assert protocol.transport is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.waiting.append((future, [], len(commands)))
-        protocol.transport.write(b"".join([hiredis.pack_command(tuple(c)) for c in commands]))
+        protocol.transport.write(b"".join([c if isinstance(c, bytes) else hiredis.pack_command(tuple(c))
+                                           for c in commands]))
         try:
             return await future
         except asyncio.CancelledError:

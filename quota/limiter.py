@@ -238,10 +238,11 @@ class Limiter:
     def complete(self, admission: Admission, status: int, request_bytes: int, response_bytes: int,
                  usage_report: str | None) -> None:
         """Record what the response adds or gives back; the request does not wait for it."""
-        refund = tuple((m.name, 1) for m in admission.counted if status >= 500 and not m.bill_server_errors)
+        failed = status >= 500
+        refund = tuple((m.name, 1) for m in admission.counted if not m.bill_server_errors) if failed else ()
         add = []
         for meter in self._matcher.byte_meters:
-            if status >= 500 and not meter.bill_server_errors:
+            if failed and not meter.bill_server_errors:
                 continue
             units = request_bytes if meter.source == "request_bytes" else response_bytes
             if units > 0:
