@@ -23,7 +23,9 @@ from urllib.parse import unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 from sqlalchemy import insert as generic_insert
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -99,6 +101,72 @@ def _insert_ignoring_conflicts(session: AsyncSession, rows: list[dict[str, Any]]
     return generic_insert(LedgerEntry).values(rows)  # other backends: a repeat raises instead
 
 
+STAGING_SUFFIX = ":moving"  # same hash tag as the bucket: one slot, so RENAME works in a cluster
+# Carries a bucket's debits (late refunds) into the next bucket and forgets the staged bucket, atomically,
+# so an interrupted pass never carries them twice.
+_CARRY_AND_DELETE = """
+for i = 1, #ARGV - 1, 2 do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+if #ARGV > 0 then redis.call('EXPIRE', KEYS[2], 604800) end
+redis.call('DEL', KEYS[1])
+return 1
+"""
+
+
+async def _move_staged(redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession],
+                       meters: Mapping[str, Meter], staging: str, tenant: str, bucket_start: int,
+                       bucket_seconds: int, created_at: datetime, *, fresh: bool) -> None:
+    """Ledger rows for a staged bucket, then its debits (and late units) carried on, then it goes.
+
+    `fresh`: staged by this pass. A row that exists already then means units written after the bucket was
+    billed (a late write); they are carried into the next bucket instead of being lost. A staging key left
+    by an interrupted pass is not fresh: its rows may have been committed just before the interruption.
+    """
+    raw = await redis.hgetall(staging)
+    rows: list[dict[str, Any]] = []
+    debits: list[Any] = []
+    for field, raw_value in raw.items():
+        name = field.decode() if isinstance(field, bytes) else str(field)
+        meter = meters.get(name)
+        value = _decimal(raw_value)
+        if value is None:
+            log.error("bucket %s: meter %s holds %r, not a number; not billed", staging, name, raw_value)
+            continue
+        if value < 0:
+            # A refund that arrived after its own bucket closed: taken off the tenant's next bucket.
+            debits += [name, int(value)]
+            continue
+        if meter is not None and meter.stripe_event is None:
+            continue
+        # A counter's empty bucket is not sent. A gauge field exists only when the upstream reported it,
+        # and its Stripe meter keeps the last value: a drop to 0 must reach Stripe too.
+        if value == 0 and (meter is None or meter.kind == "counter"):
+            continue
+        rows.append({
+            "tenant_id": tenant, "meter": name, "bucket_start": bucket_datetime(bucket_start),
+            "value": value, "kind": meter.kind if meter is not None else "counter", "state": "pending",
+            "identifier": bucket_identifier(tenant, name, bucket_start), "attempts": 0,
+            "created_at": created_at,
+        })
+    if rows:
+        async with sessions() as session, session.begin():
+            if fresh:
+                billed = set((await session.scalars(select(LedgerEntry.identifier).where(
+                    LedgerEntry.identifier.in_([row["identifier"] for row in rows])))).all())
+                for row in [r for r in rows if r["identifier"] in billed]:
+                    rows.remove(row)
+                    if row["kind"] == "counter":
+                        debits += [row["meter"], int(row["value"])]  # late units: billed with the next bucket
+                    log.warning("bucket %s of %s: %s %s arrived after it was billed; carried to the next bucket",
+                                bucket_start, tenant, row["value"], row["meter"])
+            if rows:
+                await session.execute(_insert_ignoring_conflicts(session, rows))
+    # Durable first: the staged hash goes only after the rows are committed.
+    next_bucket = keys.bucket_key(tenant, bucket_start + bucket_seconds)
+    await redis.eval(_CARRY_AND_DELETE, 2, staging, next_bucket, *debits)
+
+
 async def move_closed_buckets(
     redis: Redis | RedisCluster,
     sessions: async_sessionmaker[AsyncSession],
@@ -115,46 +183,36 @@ async def move_closed_buckets(
     Fields of meters no longer configured are kept as pending rows and parked at send time, so a
     configuration slip is visible rather than dropped. `limit` caps the buckets moved in one call.
     """
-    closed: list[tuple[str, str, int]] = []
+    closed: dict[str, tuple[str, int]] = {}
     async for key in scan_bucket_keys(redis):
-        parsed = parse_bucket_key(key)
+        staged = key.endswith(STAGING_SUFFIX)
+        live_key = key[: -len(STAGING_SUFFIX)] if staged else key
+        parsed = parse_bucket_key(live_key)
         if parsed is None:
             continue
         tenant, bucket_start = parsed
-        if now >= bucket_start + bucket_seconds + grace_seconds:
-            closed.append((key, tenant, bucket_start))
-    closed.sort(key=lambda item: item[2])  # oldest first: a capped pass still drains in order
+        # A staged bucket was being moved when a pass stopped: finish it whatever the time.
+        if staged or now >= bucket_start + bucket_seconds + grace_seconds:
+            closed[live_key] = (tenant, bucket_start)
+    ordered = sorted(closed.items(), key=lambda item: item[1][1])  # oldest first: a capped pass drains in order
     if limit is not None:
-        closed = closed[:limit]
+        ordered = ordered[:limit]
 
     moved = 0
     created_at = datetime.fromtimestamp(now, UTC)
-    for key, tenant, bucket_start in closed:
-        raw = await redis.hgetall(key)
-        rows: list[dict[str, Any]] = []
-        for field, raw_value in raw.items():
-            name = field.decode() if isinstance(field, bytes) else str(field)
-            meter = meters.get(name)
-            if meter is not None and meter.stripe_event is None:
-                continue
-            value = _decimal(raw_value)
-            if value is None:
-                log.error("bucket %s: meter %s holds %r, not a number; not billed", key, name, raw_value)
-                continue
-            # A counter's empty bucket is not sent. A gauge field exists only when the upstream reported it,
-            # and its Stripe meter keeps the last value: a drop to 0 must reach Stripe too.
-            if value < 0 or (value == 0 and (meter is None or meter.kind == "counter")):
-                continue
-            rows.append({
-                "tenant_id": tenant, "meter": name, "bucket_start": bucket_datetime(bucket_start),
-                "value": value, "kind": meter.kind if meter is not None else "counter", "state": "pending",
-                "identifier": bucket_identifier(tenant, name, bucket_start), "attempts": 0,
-                "created_at": created_at,
-            })
-        if rows:
-            async with sessions() as session, session.begin():
-                await session.execute(_insert_ignoring_conflicts(session, rows))
-        # Durable first: the hash goes only after the rows are committed.
-        await redis.delete(key)
+    for key, (tenant, bucket_start) in ordered:
+        staging = key + STAGING_SUFFIX
+        # Left by an interrupted pass: finish it first, since RENAME would overwrite it.
+        if await redis.exists(staging):
+            await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds, created_at,
+                               fresh=False)
+        try:
+            # RENAME first: a write racing the move (a late record, a spool replay) then creates a new key
+            # that the next pass moves, instead of being deleted with this one unseen.
+            await redis.rename(key, staging)
+        except ResponseError:  # no such key: it was only staged
+            continue
+        await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds, created_at,
+                           fresh=True)
         moved += 1
     return moved

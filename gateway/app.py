@@ -199,7 +199,7 @@ class Worker:
             self.quota_metrics.spool_pending(self.spool.pending())
             if self.spool.pending():
                 try:
-                    await self.spool.replay(self.store)
+                    await self.spool.replay(self.store, rebucket=self.limiter.rebucket)
                 except StoreUnavailable:
                     pass
                 except Exception:

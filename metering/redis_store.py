@@ -101,7 +101,7 @@ class Record:
     period_end: int
     bucket_start: int
     bucket_ttl: int
-    refund: Units = ()  # give back: period counter and bucket, never below 0
+    refund: Units = ()  # give back: period counter (never below 0) and bucket (a late refund may go below 0)
     add: Units = ()  # byte meters: period counter and bucket
     gauges: tuple[tuple[str, float], ...] = ()  # SET the gauge; the bucket field holds the last value
     count: Units = ()  # period counter only
@@ -289,10 +289,17 @@ class RedisUsageStore:
         return PreparedCheck(check.tenant, key_list, args, head, b"".join(_bulk(arg) for arg in args))
 
     async def check_prepared(self, prepared: PreparedCheck, now: float) -> Decision:
+        return await self.submit_check(prepared, now)
+
+    def submit_check(self, prepared: PreparedCheck, now: float) -> asyncio.Future[Decision]:
+        """`check_prepared()` as a future, which the caller may shield: once sent, a check may be counted
+        whether or not anybody still waits for its answer."""
         now_text = repr(float(now))
         call = _Call(CHECK_SCRIPT, prepared.keys, [now_text, *prepared.args], _decision,
                      packed=prepared.head + _bulk(now_text) + prepared.tail)
-        return await self._submit(call, prepared.tenant)
+        self._enqueue(call, prepared.tenant)
+        assert call.future is not None
+        return call.future
 
     async def record(self, record: Record) -> bool:
         """Apply refunds, byte counts and gauges; False when `record_id` was already applied."""
@@ -428,7 +435,9 @@ class RedisUsageStore:
         self._flush_scheduled = False
         if not (self._pending or self._pending_records) or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
             return
-        batch, self._pending = self._pending, []
+        # A call whose caller gave up before it was sent is dropped: it must count nothing.
+        batch = [call for call in self._pending if call.future is None or not call.future.done()]
+        self._pending = []
         if self._pending_records:
             batch += self._record_groups()
         seen, self._pending_seen = self._pending_seen, set()

@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -153,10 +153,12 @@ class Spool:
             self._flusher = None
         await self.flush()
 
-    async def replay(self, store: RedisUsageStore) -> int:
+    async def replay(self, store: RedisUsageStore, *, rebucket: Callable[[Record], Record] | None = None) -> int:
         """Apply every spooled entry exactly once; returns how many left the spool.
 
-        On StoreUnavailable the entries not applied stay in the file and the error propagates.
+        `rebucket` may move an entry whose billing bucket has closed meanwhile (the sync worker may have
+        billed it already) into the open one. On StoreUnavailable the entries not applied stay in the
+        file and the error propagates.
         """
         async with self._lock:
             await self._write_buffer()
@@ -170,7 +172,8 @@ class Spool:
             failure: StoreUnavailable | None = None
             for start in range(0, len(records), REPLAY_BATCH):
                 batch = records[start : start + REPLAY_BATCH]
-                results = await asyncio.gather(*(store.record(r) for r in batch), return_exceptions=True)
+                sent = batch if rebucket is None else [rebucket(r) for r in batch]
+                results = await asyncio.gather(*(store.record(r) for r in sent), return_exceptions=True)
                 left: list[Record] = []
                 for record, result in zip(batch, results, strict=True):
                     if isinstance(result, StoreUnavailable):

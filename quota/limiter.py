@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -175,8 +176,14 @@ class Limiter:
                               compiled.quotas)
         if compiled.prepared is None:
             return admission  # nothing to check or count: no Redis round trip
+        pending = self._store.submit_check(compiled.prepared, now)
         try:
-            decision = await self._store.check_prepared(compiled.prepared, now)
+            # Shielded: if the client goes away meanwhile, the check still completes, and what it
+            # counted for a request that will never be forwarded is given back.
+            decision = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(lambda done: self._give_back(admission, done))
+            raise
         except StoreUnavailable:
             self._metrics.store_error()
             if not self._settings.fail_open:
@@ -209,6 +216,17 @@ class Limiter:
         prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
         policy, limited = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
         return _Compiled(counted, quotas, rate, check, prepared, policy, limited)
+
+    def _give_back(self, admission: Admission, done: asyncio.Future[Decision]) -> None:
+        """Undo an admitted check whose request was abandoned before reaching the upstream."""
+        if done.cancelled() or done.exception() is not None or not done.result().allowed:
+            return
+        refund = tuple((m.name, 1) for m in admission.counted)
+        if refund:
+            self._store.record_later(
+                Record(tenant=admission.tenant, period_start=admission.period_start,
+                       period_end=admission.period_end, bucket_start=self._open_bucket(admission),
+                       bucket_ttl=BUCKET_TTL, refund=refund), self._spool_failed)
 
     def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
         plan, tenant = admission.plan, admission.tenant
@@ -266,6 +284,14 @@ class Limiter:
     def _spool_failed(self, record: Record) -> None:
         self._metrics.store_error()
         self._spool.append(record)  # fail-open or not: a counted response is never lost
+
+    def rebucket(self, record: Record) -> Record:
+        """A spooled record whose billing bucket has closed meanwhile, moved into the open bucket."""
+        settings = self._settings
+        now = self._clock()
+        if now < record.bucket_start + settings.bucket_seconds + settings.grace_seconds - 1:
+            return record
+        return dataclasses.replace(record, bucket_start=bucket_start(now, settings.bucket_seconds))
 
     def _open_bucket(self, admission: Admission) -> int:
         """The admission's billing bucket, unless the sync worker may have closed it by now.

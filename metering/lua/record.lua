@@ -6,7 +6,7 @@
 -- KEYS[3..] one key per refund, add and count entry (period counter) and per gauge entry (gauge key)
 -- ARGV: expire_at (period keys), bucket_ttl, marker_ttl, n_refund, n_add, n_count, n_bill, n_gauge,
 --       then the entries in that order, each (meter, value):
---   refund  take units back from the period counter and the bucket, never below 0
+--   refund  take units back from the period counter (never below 0) and the bucket (may go below 0)
 --   add     add units to the period counter and the bucket (byte meters)
 --   count   add units to the period counter only (spooled admitted checks)
 --   bill    add units to the bucket only (spooled admitted checks; no key)
@@ -17,10 +17,10 @@ local expire_at = tonumber(ARGV[1])
 local bucket_ttl = tonumber(ARGV[2])
 local marker_ttl = tonumber(ARGV[3])
 
-if marker_ttl > 0 then
-  if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', marker_ttl) then
-    return 0
-  end
+-- Scripts do not roll back: the marker is checked first but set last, after every write succeeded,
+-- so a replay that failed halfway is not taken for done the next time.
+if marker_ttl > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
 end
 
 local bucket = KEYS[1]
@@ -44,12 +44,11 @@ each(tonumber(ARGV[4]), function(meter, value)
   if back > 0 then
     redis.call('DECRBY', key, back)
   end
-  local billed = tonumber(redis.call('HGET', bucket, meter) or '0') or 0
-  back = math.min(billed, units)
-  if back > 0 then
-    redis.call('HINCRBY', bucket, meter, -back)
-    touched = true
-  end
+  -- The bucket is not clamped: a refund arriving after the admission's bucket closed lands in the
+  -- current one and may take it below 0; the sync worker carries such a debit into the next bucket,
+  -- so the tenant's billed total is right either way.
+  redis.call('HINCRBY', bucket, meter, -units)
+  touched = true
 end)
 
 local function count(meter, value)
@@ -79,5 +78,8 @@ end)
 
 if touched then
   redis.call('EXPIRE', bucket, bucket_ttl)
+end
+if marker_ttl > 0 then
+  redis.call('SET', KEYS[2], '1', 'EX', marker_ttl)
 end
 return 1

@@ -1,0 +1,115 @@
+"""The limiter against a real redis-server: abandoned requests, late refunds, spool replay into open buckets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.config import parse_settings
+from gateway.devservices import RedisProcess
+from gateway.policy import build_policy
+from metering import keys
+from metering.redis_store import RedisUsageStore
+from metering.spool import Spool
+from quota.limiter import Limiter, LimiterSettings
+from quota.metrics import QuotaMetrics
+from quota.tenants import TenantDirectory
+
+PLANS = {"starter": {"rate": {"per_second": 1000, "burst": 1000}, "quotas": {"chain_deployments": {"limit": 50}}}}
+DEPLOY = "/api/chains/c1/deployments"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time() // 300 * 300 + 10  # 10 s into a billing bucket
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def setup(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[tuple[Limiter, RedisUsageStore, Redis,
+                                                                                    Clock, Spool]]:
+    policy = build_policy(parse_settings({"plans": PLANS, "auth": {"algorithms": ["HS256"], "hs256_secret": "x" * 40}}))
+    client = Redis.from_url(redis_server.url)
+    clock = Clock()
+    store = RedisUsageStore(client, timeout=0.5)
+    spool = Spool(tmp_path / "spool.jsonl")
+    limiter = Limiter(store, policy.matcher, policy.plans, TenantDirectory(None, None), spool,  # type: ignore[arg-type]
+                      QuotaMetrics(policy.plans, [m.name for m in policy.meters]),
+                      LimiterSettings(default_plan="starter", bucket_seconds=300, fail_open=True, grace_seconds=10),
+                      clock=clock)
+    yield limiter, store, client, clock, spool
+    await store.aclose()
+    await spool.aclose()
+    await client.aclose()
+
+
+async def counted(limiter: Limiter, tenant: str) -> dict[str, float]:
+    await limiter.drain()
+    return await limiter.usage(tenant, None, ["chain_deployments", "api_calls"])
+
+
+async def test_abandoned_admission_counts_nothing(setup) -> None:
+    limiter, store, client, clock, _ = setup
+    # Cancelled before its batch is sent: never counted.
+    task = asyncio.ensure_future(limiter.admit("gone", None, "POST", DEPLOY))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await counted(limiter, "gone") == {"chain_deployments": 0, "api_calls": 0}
+    # Cancelled after the batch went out: counted by the script, then given back.
+    await client.execute_command("CLIENT", "PAUSE", 200, "WRITE")
+    task = asyncio.ensure_future(limiter.admit("gone", None, "POST", DEPLOY))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.3)
+    assert await counted(limiter, "gone") == {"chain_deployments": 0, "api_calls": 0}
+    bucket = await store.bucket("gone", int(clock.now // 300 * 300))
+    assert bucket.get("chain_deployments", 0) == 0
+
+
+async def test_admitted_and_completed_request_is_counted(setup) -> None:
+    limiter, *_ = setup
+    admission = await limiter.admit("kept", None, "POST", DEPLOY)
+    limiter.complete(admission, 200, 10, 90, None)
+    usage = await counted(limiter, "kept")
+    assert usage == {"chain_deployments": 1, "api_calls": 1}
+
+
+async def test_slow_server_error_refund_reaches_the_bill(setup) -> None:
+    """A 5xx that completes after its bucket closed still takes its units off the tenant's billed total."""
+    limiter, store, _, clock, _ = setup
+    admission = await limiter.admit("slow", None, "POST", DEPLOY)
+    first = admission.bucket_start
+    clock.now += 330  # the admission's bucket closed meanwhile (300 s + 10 s grace)
+    limiter.complete(admission, 504, 0, 0, None)
+    await limiter.drain()
+    billed = (await store.bucket("slow", first)).get("chain_deployments", 0) + \
+        (await store.bucket("slow", first + 300)).get("chain_deployments", 0)
+    assert billed == 0
+    assert (await counted(limiter, "slow"))["chain_deployments"] == 0
+
+
+async def test_spool_replayed_after_its_bucket_closed_lands_in_an_open_one(setup, redis_server: RedisProcess) -> None:
+    limiter, store, client, clock, spool = setup
+    redis_server.stop()
+    try:
+        admission = await limiter.admit("late", None, "POST", DEPLOY)  # fail-open: served and spooled
+        assert admission.spooled
+        await spool.flush()
+    finally:
+        redis_server.start()
+    clock.now += 600  # the outage outlasted the bucket and its grace: the sync may have moved it
+    await spool.replay(store, rebucket=limiter.rebucket)
+    assert await client.exists(keys.bucket_key("late", admission.bucket_start)) == 0
+    open_bucket = int(clock.now // 300 * 300)
+    assert (await store.bucket("late", open_bucket)).get("chain_deployments") == 1
