@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -102,6 +103,9 @@ def _insert_ignoring_conflicts(session: AsyncSession, rows: list[dict[str, Any]]
 
 
 STAGING_SUFFIX = ":moving"  # same hash tag as the bucket: one slot, so RENAME works in a cluster
+LOCK_SUFFIX = ":lock"
+BUCKET_LOCK_MS = 60_000  # a mover that dies holding it is replaced after this
+_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 # Carries a bucket's debits (late refunds) into the next bucket and forgets the staged bucket, atomically,
 # so an interrupted pass never carries them twice.
 _CARRY_AND_DELETE = """
@@ -201,18 +205,26 @@ async def move_closed_buckets(
     moved = 0
     created_at = datetime.fromtimestamp(now, UTC)
     for key, (tenant, bucket_start) in ordered:
-        staging = key + STAGING_SUFFIX
-        # Left by an interrupted pass: finish it first, since RENAME would overwrite it.
-        if await redis.exists(staging):
-            await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds, created_at,
-                               fresh=False)
-        try:
-            # RENAME first: a write racing the move (a late record, a spool replay) then creates a new key
-            # that the next pass moves, instead of being deleted with this one unseen.
-            await redis.rename(key, staging)
-        except ResponseError:  # no such key: it was only staged
+        # One mover per bucket at a time, even with two workers and no leader lock: the ledger's
+        # "already billed" test below must not see the other mover's rows.
+        lock, token = key + LOCK_SUFFIX, secrets.token_hex(8)
+        if not await redis.set(lock, token, nx=True, px=BUCKET_LOCK_MS):
             continue
-        await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds, created_at,
-                           fresh=True)
-        moved += 1
+        try:
+            staging = key + STAGING_SUFFIX
+            # Left by an interrupted pass: finish it first, since RENAME would overwrite it.
+            if await redis.exists(staging):
+                await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds,
+                                   created_at, fresh=False)
+            try:
+                # RENAME first: a write racing the move (a late record, a spool replay) then creates a new
+                # key that the next pass moves, instead of being deleted with this one unseen.
+                await redis.rename(key, staging)
+            except ResponseError:  # no such key: it was only staged, or another mover took it
+                continue
+            await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds, created_at,
+                               fresh=True)
+            moved += 1
+        finally:
+            await redis.eval(_RELEASE_LOCK, 1, lock, token)
     return moved

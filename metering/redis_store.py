@@ -36,16 +36,27 @@ PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (
 RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week is applied once
 SEEN_EVERY = 60.0  # seconds between two SADDs of one tenant to the global set, per process
 MAX_PIPELINES_IN_FLIGHT = 2  # more calls wait for the next pipeline instead of opening another
+LATE_REPLY_SECONDS = 5.0  # how long a timed-out batch's replies are awaited before the connection is dropped
 _SEEN_MEMORY = 100_000  # tenants remembered before the throttle starts over
 
 _REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 Reason = Literal["rate", "quota", "guard"]
+OnFailure = Callable[["Record", "StoreUnavailable"], None]
 Units = tuple[tuple[str, int], ...]
 
 
 class StoreUnavailable(Exception):
-    """Redis is down, timed out or failed; the caller fails open (spool) or closed (503)."""
+    """Redis is down, timed out or failed; the caller fails open (spool) or closed (503).
+
+    `applied` is set when the call was sent and may still run (a timeout): it resolves to whether Redis
+    did count it once the reply arrives late, or to False if the connection is lost first. Spooling
+    must wait for it, or a call Redis ran would be counted twice.
+    """
+
+    def __init__(self, message: str, *, applied: asyncio.Future[bool] | None = None) -> None:
+        super().__init__(message)
+        self.applied = applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +203,18 @@ def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
+def _resolve_late(batch: list[_Call], done: asyncio.Future[list[Any]], outcomes: list[asyncio.Future[bool]]) -> None:
+    """Whether each call of a timed-out batch counted, from its late reply (False when none came)."""
+    replies: list[Any] = [] if done.cancelled() or done.exception() is not None else done.result()
+    for i, (call, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+        reply = replies[i] if i < len(replies) else None
+        counted = reply is not None and not isinstance(reply, hiredis.ReplyError)
+        if counted and call.script is CHECK_SCRIPT:
+            counted = bool(reply[0] == 1)  # a refused check counted nothing
+        if not outcome.done():
+            outcome.set_result(counted)
+
+
 def _fail(call: _Call, error: StoreUnavailable) -> None:
     if call.future is None:
         if call.on_failure is not None:
@@ -249,7 +272,7 @@ class RedisUsageStore:
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
-        self._pending_records: dict[tuple[Any, ...], list[tuple[Record, Callable[[Record], None]]]] = {}
+        self._pending_records: dict[tuple[Any, ...], list[tuple[Record, OnFailure]]] = {}
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
 
     # -- the hot path -------------------------------------------------------------------------------
@@ -307,8 +330,8 @@ class RedisUsageStore:
             return True
         return await self._submit(self._record_call(record), record.tenant)
 
-    def record_later(self, record: Record, on_failure: Callable[[Record], None]) -> None:
-        """`record()` without waiting for it (the request path): `on_failure(record)` if Redis fails.
+    def record_later(self, record: Record, on_failure: OnFailure) -> None:
+        """`record()` without waiting for it (the request path): `on_failure(record, error)` if Redis fails.
 
         Records of one tenant and bucket that wait for the same pipeline are folded into one script
         call (byte counts and refunds add up, gauges keep the last value). Nothing is delayed by this:
@@ -318,7 +341,7 @@ class RedisUsageStore:
             return
         if record.record_id is not None:  # idempotent replays stay one call each
             call = self._record_call(record, awaited=False)
-            call.on_failure = lambda _: on_failure(record)
+            call.on_failure = lambda error: on_failure(record, error)
             self._enqueue(call, record.tenant)
             return
         key = (record.tenant, record.period_start, record.period_end, record.bucket_start, record.bucket_ttl)
@@ -452,7 +475,7 @@ class RedisUsageStore:
             merged = records[0] if len(records) == 1 else _merge_records(records)
             call = self._record_call(merged, awaited=False)
             callbacks = [(record, on_failure) for record, on_failure in group]
-            call.on_failure = lambda _, callbacks=callbacks: [cb(r) for r, cb in callbacks]  # type: ignore[misc]
+            call.on_failure = lambda error, callbacks=callbacks: [cb(r, error) for r, cb in callbacks]  # type: ignore[misc]
             calls.append(call)
         self._pending_records = {}
         return calls
@@ -464,10 +487,11 @@ class RedisUsageStore:
             asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
+        sent: list[asyncio.Future[list[Any]]] = []  # the RESP reply futures of what was written
         try:
             try:
                 async with self._guarded(self._timeout):
-                    replies = await self._send(batch, seen)
+                    replies = await self._send(batch, seen, sent)
             except StoreUnavailable:
                 raise
             except Exception as exc:  # a bug here must not leave requests waiting forever
@@ -476,8 +500,19 @@ class RedisUsageStore:
         except StoreUnavailable as exc:
             for tenant in seen:
                 self._seen_at.pop(tenant, None)
-            for call in batch:
-                _fail(call, exc)
+            late = sent[0] if len(sent) == 1 and not sent[0].done() else None
+            if late is None:
+                for call in batch:
+                    _fail(call, exc)
+                return
+            # Written but unanswered in time: the scripts may still run. Each caller learns later whether
+            # its call counted, and the connection is dropped if the replies do not come at all.
+            assert self._resp is not None
+            asyncio.get_running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
+            outcomes = [asyncio.get_running_loop().create_future() for _ in batch]
+            late.add_done_callback(lambda done: _resolve_late(batch, done, outcomes))
+            for call, applied in zip(batch, outcomes, strict=True):
+                _fail(call, StoreUnavailable(str(exc), applied=applied))
             return
         for call, reply in zip(batch, replies, strict=True):
             if call.future is None:
@@ -496,10 +531,11 @@ class RedisUsageStore:
                 except (TypeError, ValueError) as exc:  # a script and this module out of step
                     call.future.set_exception(StoreUnavailable(f"unexpected reply {reply!r}: {exc}"))
 
-    async def _send(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+    async def _send(self, batch: list[_Call], seen: set[str],
+                    sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
         if not self._loaded:
             await self._load()
-        replies = await self._pipeline(batch, seen)
+        replies = await self._pipeline(batch, seen, sent)
         again = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if again:  # Redis restarted (or SCRIPT FLUSH): load and send just those once more
             await self._load()
@@ -507,9 +543,10 @@ class RedisUsageStore:
                 replies[i] = reply
         return replies
 
-    async def _pipeline(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+    async def _pipeline(self, batch: list[_Call], seen: set[str],
+                        sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
         if self._resp is not None:
-            return await self._resp_pipeline(batch, seen)
+            return await self._resp_pipeline(batch, seen, sent)
         pipe = self._client.pipeline(transaction=False)
         for call in batch:
             # Not pipe.evalsha(): redis-py blocks that name in cluster pipelines, as a script's keys could
@@ -525,7 +562,8 @@ class RedisUsageStore:
                 self._seen_at.pop(tenant, None)
         return replies[: len(batch)]
 
-    async def _resp_pipeline(self, batch: list[_Call], seen: set[str]) -> list[Any]:
+    async def _resp_pipeline(self, batch: list[_Call], seen: set[str],
+                             sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
         assert self._resp is not None
         commands: list[bytes | tuple[Any, ...]] = [
             call.packed if call.packed is not None
@@ -534,7 +572,12 @@ class RedisUsageStore:
         if seen:
             commands.append(("SADD", keys.TENANTS_SEEN_KEY, *sorted(seen)))
         self.round_trips += 1
-        replies = await self._resp.execute(commands)
+        protocol = await self._resp.connect()
+        reply = self._resp.send(commands, protocol)
+        if sent is not None:
+            sent.append(reply)
+        # Shielded: a timeout must leave the reply future alone, so that it still tells what happened.
+        replies = await asyncio.shield(reply)
         if seen and isinstance(replies[-1], hiredis.ReplyError):
             for tenant in seen:
                 self._seen_at.pop(tenant, None)

@@ -79,19 +79,26 @@ class RespConnection:
 
     async def execute(self, commands: Sequence[bytes | Sequence[Any]]) -> list[Any]:
         """Send the commands (argument sequences, or bytes already in RESP) and return their replies."""
-        protocol = await self._connected()
+        return await self.send(commands, await self._connected())
+
+    async def connect(self) -> _Protocol:
+        return await self._connected()
+
+    def send(self, commands: Sequence[bytes | Sequence[Any]], protocol: _Protocol) -> asyncio.Future[list[Any]]:
+        """Write the commands now; the future holds their replies. Once written, they may run even if the
+        caller stops waiting: the future still resolves when the replies come (or fails if the connection
+        is lost), which is how a caller that timed out learns what happened."""
         assert protocol.transport is not None
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         protocol.waiting.append((future, [], len(commands)))
         protocol.transport.write(b"".join([c if isinstance(c, bytes) else hiredis.pack_command(tuple(c))
                                            for c in commands]))
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # Timed out: the server may be gone without the socket knowing. Start over on a new one.
-            if protocol.transport is not None:
-                protocol.transport.close()
-            raise
+        return future
+
+    def give_up(self, future: asyncio.Future[list[Any]]) -> None:
+        """Replies still missing after the grace: the server is gone or stuck. Close, failing what waits."""
+        if not future.done() and self._protocol is not None and self._protocol.transport is not None:
+            self._protocol.transport.close()
 
     async def _connected(self) -> _Protocol:
         protocol = self._protocol

@@ -184,12 +184,14 @@ class Limiter:
         except asyncio.CancelledError:
             pending.add_done_callback(lambda done: self._give_back(admission, done))
             raise
-        except StoreUnavailable:
+        except StoreUnavailable as error:
             self._metrics.store_error()
             if not self._settings.fail_open:
+                if error.applied is not None:  # refused here, but Redis may count it late: give it back then
+                    error.applied.add_done_callback(lambda done: self._give_back_late(admission, done))
                 raise Refusal("unavailable", "the usage store is unavailable", tenant=tenant,
                               plan=plan.name, retry_after=1) from None
-            self._spool.append(compiled.check)  # replayed into Redis, once, when it is back
+            self._spool_unless_applied(compiled.check, error)  # replayed into Redis, once, when it is back
             admission.spooled = True
             return admission
         rate = compiled.rate
@@ -219,8 +221,17 @@ class Limiter:
 
     def _give_back(self, admission: Admission, done: asyncio.Future[Decision]) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
-        if done.cancelled() or done.exception() is not None or not done.result().allowed:
+        if done.cancelled():
             return
+        error = done.exception()
+        if isinstance(error, StoreUnavailable) and error.applied is not None:
+            error.applied.add_done_callback(lambda applied: self._give_back_late(admission, applied))
+            return
+        if error is not None or not done.result().allowed:
+            return
+        self._refund_all(admission)
+
+    def _refund_all(self, admission: Admission) -> None:
         refund = tuple((m.name, 1) for m in admission.counted)
         if refund:
             self._store.record_later(
@@ -281,9 +292,21 @@ class Limiter:
             return
         self._store.record_later(record, self._spool_failed)
 
-    def _spool_failed(self, record: Record) -> None:
+    def _spool_failed(self, record: Record, error: StoreUnavailable) -> None:
         self._metrics.store_error()
-        self._spool.append(record)  # fail-open or not: a counted response is never lost
+        self._spool_unless_applied(record, error)  # fail-open or not: a counted response is never lost
+
+    def _spool_unless_applied(self, item: Record | Check, error: StoreUnavailable) -> None:
+        """Spool what Redis did not count. A call that timed out after it was sent may still have run:
+        then wait for its late answer, since spooling it as well would count it twice."""
+        if error.applied is None:
+            self._spool.append(item)
+            return
+        error.applied.add_done_callback(lambda done: None if done.result() else self._spool.append(item))
+
+    def _give_back_late(self, admission: Admission, applied: asyncio.Future[bool]) -> None:
+        if applied.result():
+            self._refund_all(admission)
 
     def rebucket(self, record: Record) -> Record:
         """A spooled record whose billing bucket has closed meanwhile, moved into the open bucket."""

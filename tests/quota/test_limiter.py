@@ -113,3 +113,23 @@ async def test_spool_replayed_after_its_bucket_closed_lands_in_an_open_one(setup
     assert await client.exists(keys.bucket_key("late", admission.bucket_start)) == 0
     open_bucket = int(clock.now // 300 * 300)
     assert (await store.bucket("late", open_bucket)).get("chain_deployments") == 1
+
+
+async def test_a_timed_out_check_that_redis_ran_late_is_not_spooled_again(setup, redis_server: RedisProcess) -> None:
+    """Sent, then timed out (fail-open admits): Redis runs it when it wakes up. Counted once, not twice."""
+    limiter, store, _, _, spool = setup
+    store._timeout = 0.05  # the production hot-path timeout
+    pause = Redis.from_url(redis_server.url)
+    try:
+        await pause.execute_command("CLIENT", "PAUSE", 300, "WRITE")
+        admission = await limiter.admit("sleepy", None, "POST", DEPLOY)
+        assert admission.spooled  # the check timed out: served under fail-open
+        limiter.complete(admission, 200, 0, 100, None)
+        await asyncio.sleep(0.5)  # Redis resumes and runs the check and the record late
+    finally:
+        await pause.aclose()
+    store._timeout = 0.5
+    await spool.flush()
+    await spool.replay(store)
+    usage = await counted(limiter, "sleepy")
+    assert usage == {"chain_deployments": 1, "api_calls": 1}
