@@ -157,7 +157,7 @@ async def test_missing_customer_parks_until_mapped(env: Env) -> None:
         async with http.post(f"{admin}/admin/sync/run", headers=ADMIN) as response:
             assert response.status == 200, await response.text()
             result = await response.json()
-    assert result["state"]["parked"] == []
+    assert result["state"]["parked"] == [], result
     usage = await counted(env, "nocus")
     assert env.emulator.totals("cus_late", "api_calls") == usage["api_calls"] == 2
 
