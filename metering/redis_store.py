@@ -208,7 +208,7 @@ def _resolve_late(batch: list[_Call], done: asyncio.Future[list[Any]], outcomes:
     replies: list[Any] = [] if done.cancelled() or done.exception() is not None else done.result()
     for i, (call, outcome) in enumerate(zip(batch, outcomes, strict=True)):
         reply = replies[i] if i < len(replies) else None
-        counted = reply is not None and not isinstance(reply, hiredis.ReplyError)
+        counted = reply is not None and not isinstance(reply, hiredis.ReplyError | Exception)
         if counted and call.script is CHECK_SCRIPT:
             counted = bool(reply[0] == 1)  # a refused check counted nothing
         if not outcome.done():
@@ -498,6 +498,14 @@ class RedisUsageStore:
                 log.exception("unexpected error sending a Redis batch")
                 raise StoreUnavailable(f"unexpected error: {exc!r}") from exc
         except StoreUnavailable as exc:
+            answered = len(sent) == 1 and sent[0].done() and not sent[0].cancelled() and sent[0].exception() is None
+            if answered:
+                # The replies were in just as the time ran out: they count, exactly as if on time.
+                convert = self._resp_replies if self._resp is not None else self._pipeline_replies
+                replies = convert(list(sent[0].result()), len(batch), seen)
+                if not any(isinstance(reply, NoScriptError) for reply in replies):
+                    self._deliver(batch, replies)
+                    return
             for tenant in seen:
                 self._seen_at.pop(tenant, None)
             late = sent[0] if len(sent) == 1 and not sent[0].done() else None
@@ -507,13 +515,17 @@ class RedisUsageStore:
                 return
             # Written but unanswered in time: the scripts may still run. Each caller learns later whether
             # its call counted, and the connection is dropped if the replies do not come at all.
-            assert self._resp is not None
-            asyncio.get_running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
+            if self._resp is not None:  # redis-py's own socket timeouts end a cluster pipeline
+                asyncio.get_running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
             outcomes = [asyncio.get_running_loop().create_future() for _ in batch]
             late.add_done_callback(lambda done: _resolve_late(batch, done, outcomes))
             for call, applied in zip(batch, outcomes, strict=True):
                 _fail(call, StoreUnavailable(str(exc), applied=applied))
             return
+        self._deliver(batch, replies)
+
+    @staticmethod
+    def _deliver(batch: list[_Call], replies: list[Any]) -> None:
         for call, reply in zip(batch, replies, strict=True):
             if call.future is None:
                 if isinstance(reply, Exception):
@@ -556,11 +568,17 @@ class RedisUsageStore:
             # The global set has no hash tag, so it cannot be written by a script; it rides along.
             pipe.sadd(keys.TENANTS_SEEN_KEY, *sorted(seen))
         self.round_trips += 1
-        replies = list(await pipe.execute(raise_on_error=False))
+        # A task, shielded, so that a timeout still learns what the pipeline did (see _flush).
+        execution: asyncio.Future[list[Any]] = asyncio.ensure_future(pipe.execute(raise_on_error=False))
+        if sent is not None:
+            sent.append(execution)
+        return self._pipeline_replies(list(await asyncio.shield(execution)), len(batch), seen)
+
+    def _pipeline_replies(self, replies: list[Any], calls: int, seen: set[str]) -> list[Any]:
         if seen and isinstance(replies[-1], Exception):
             for tenant in seen:
                 self._seen_at.pop(tenant, None)
-        return replies[: len(batch)]
+        return replies[:calls]
 
     async def _resp_pipeline(self, batch: list[_Call], seen: set[str],
                              sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
@@ -577,12 +595,13 @@ class RedisUsageStore:
         if sent is not None:
             sent.append(reply)
         # Shielded: a timeout must leave the reply future alone, so that it still tells what happened.
-        replies = await asyncio.shield(reply)
+        return self._resp_replies(await asyncio.shield(reply), len(batch), seen)
+
+    def _resp_replies(self, replies: list[Any], calls: int, seen: set[str]) -> list[Any]:
         if seen and isinstance(replies[-1], hiredis.ReplyError):
             for tenant in seen:
                 self._seen_at.pop(tenant, None)
-        return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply
-                for reply in replies[: len(batch)]]
+        return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply for reply in replies[:calls]]
 
     async def _load(self) -> None:
         for script in (CHECK_SCRIPT, RECORD_SCRIPT):

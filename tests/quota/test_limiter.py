@@ -133,3 +133,27 @@ async def test_a_timed_out_check_that_redis_ran_late_is_not_spooled_again(setup,
     await spool.replay(store)
     usage = await counted(limiter, "sleepy")
     assert usage == {"chain_deployments": 1, "api_calls": 1}
+
+
+async def test_exact_when_most_batches_time_out(setup) -> None:
+    """A hot-path timeout far below Redis's answer time: every served request still counts exactly once,
+    whether Redis ran its check in time, late, or not at all (then the spool has it)."""
+    limiter, store, _, _, spool = setup
+    store._timeout = 0.001
+    served = 0
+
+    async def one() -> None:
+        nonlocal served
+        admission = await limiter.admit("hurried", None, "POST", DEPLOY)
+        served += 1
+        limiter.complete(admission, 200, 0, 10, None)
+
+    await asyncio.gather(*(one() for _ in range(500)))
+    await asyncio.sleep(0.5)  # late replies resolve
+    store._timeout = 2
+    await limiter.drain()
+    await spool.flush()
+    await spool.replay(store)
+    usage = await limiter.usage("hurried", None, ["chain_deployments", "api_calls", "bandwidth_bytes"])
+    assert served == 500
+    assert usage == {"chain_deployments": 500, "api_calls": 500, "bandwidth_bytes": 5000}
