@@ -35,18 +35,20 @@ def serve(settings: Settings, workers: int) -> int:
         return _supervise(resolved, workers)
 
 
-def _run_worker(settings: Settings, *, reuse_port: bool, index: int = 0) -> int:
+def _run_worker(settings: Settings, *, reuse_port: bool, index: int = 0,
+                supervisor: int | None = None) -> int:
     _install_uvloop()
-    return asyncio.run(_worker_main(settings, reuse_port=reuse_port, index=index))
+    return asyncio.run(_worker_main(settings, reuse_port=reuse_port, index=index, supervisor=supervisor))
 
 
-async def _worker_main(settings: Settings, *, reuse_port: bool, index: int) -> int:
+async def _worker_main(settings: Settings, *, reuse_port: bool, index: int, supervisor: int | None) -> int:
     from gateway.app import Worker, run_until_stopped
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphan_watch = asyncio.create_task(_stop_when_orphaned(stop, supervisor)) if supervisor else None
 
     def started(worker: Worker) -> None:
         # Everything allocated at start-up lives for the whole process: keep it out of the cyclic GC's
@@ -57,9 +59,23 @@ async def _worker_main(settings: Settings, *, reuse_port: bool, index: int) -> i
         log.info("worker %d: proxy on %s, admin on %s, upstream %s", os.getpid(),
                  settings.listen.proxy, settings.listen.admin, settings.upstream.url)
 
-    await run_until_stopped(Worker(settings, reuse_port=reuse_port, index=index), stop, started)
+    try:
+        await run_until_stopped(Worker(settings, reuse_port=reuse_port, index=index), stop, started)
+    finally:
+        if orphan_watch is not None:
+            orphan_watch.cancel()
     log.info("worker %d: drained, exiting", os.getpid())
     return 0
+
+
+async def _stop_when_orphaned(stop: asyncio.Event, supervisor: int) -> None:
+    """A forked worker whose supervisor died (SIGKILL, OOM) drains and exits instead of serving alone."""
+    while not stop.is_set():
+        if os.getppid() != supervisor:  # reparented: the supervisor is gone (perhaps before we looked)
+            log.warning("worker %d: the supervisor is gone; draining and exiting", os.getpid())
+            stop.set()
+            return
+        await asyncio.sleep(1.0)
 
 
 def _supervise(settings: Settings, workers: int) -> int:
@@ -114,6 +130,7 @@ def _migrate_once(settings: Settings) -> None:
 
 
 def _fork_worker(settings: Settings, index: int) -> int:
+    supervisor = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -121,7 +138,7 @@ def _fork_worker(settings: Settings, index: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     code = 1
     try:
-        code = _run_worker(settings, reuse_port=True, index=index)
+        code = _run_worker(settings, reuse_port=True, index=index, supervisor=supervisor)
     except BaseException:
         log.exception("worker %d failed", os.getpid())
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -213,6 +214,7 @@ class GatewayProcess:
             [sys.executable, "-m", "gateway.cli", "serve", "--config", str(self.config_path),
              "--workers", str(self.workers)],
             stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+            start_new_session=True,  # its own process group: stop() takes the workers down with it
         )
         wait_for_port(self.proxy_port, timeout=20, process=self.process)
         wait_for_port(self.admin_port, timeout=20, process=self.process)
@@ -241,8 +243,9 @@ class GatewayProcess:
             self.stop()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         if hasattr(self, "_log"):
             self._log.close()

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.devservices import RedisProcess
-from tests.support import GatewayProcess, Upstream, bearer, config_dict
+from tests.support import GatewayProcess, Upstream, _children, bearer, config_dict
 
 MiB = 1024 * 1024
 
@@ -139,3 +142,30 @@ async def test_100_mib_each_way_with_flat_memory(process_factory) -> None:
         await watcher
     assert received == size
     assert peak - baseline < 64 * MiB, f"gateway RSS grew by {(peak - baseline) / MiB:.1f} MiB"
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(process_factory) -> None:
+    gateway = process_factory(workers=2)
+    assert gateway.process is not None
+    workers = _children(gateway.process.pid)
+    assert len(workers) == 2
+    os.kill(gateway.process.pid, signal.SIGKILL)
+    gateway.process.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(pid) for pid in workers):
+        states = [_state(p) for p in workers]
+        assert time.monotonic() < deadline, f"orphans kept running: {states}\n{gateway.log()[-3000:]}"
+        await asyncio.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return " ".join(line for line in lines if line.startswith(("State", "PPid")))
+    except (OSError, StopIteration):
+        return "gone"
+
+
+def _running(pid: int) -> bool:
+    state = _state(pid)
+    return state != "gone" and "zombie" not in state
