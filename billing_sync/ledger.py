@@ -17,6 +17,7 @@ import logging
 import re
 import secrets
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -104,6 +105,7 @@ def _insert_ignoring_conflicts(session: AsyncSession, rows: list[dict[str, Any]]
 
 STAGING_SUFFIX = ":moving"  # same hash tag as the bucket: one slot, so RENAME works in a cluster
 LOCK_SUFFIX = ":lock"
+MOVE_GROUP = 200  # buckets per ledger transaction
 BUCKET_LOCK_MS = 60_000  # a mover that dies holding it is replaced after this
 _RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 # Carries a bucket's debits (late refunds) into the next bucket and forgets the staged bucket, atomically,
@@ -118,28 +120,29 @@ return 1
 """
 
 
-async def _move_staged(redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession],
-                       meters: Mapping[str, Meter], staging: str, tenant: str, bucket_start: int,
-                       bucket_seconds: int, created_at: datetime, *, fresh: bool) -> None:
-    """Ledger rows for a staged bucket, then its debits (and late units) carried on, then it goes.
+@dataclass
+class _Staged:
+    """One staged bucket on its way into the ledger."""
 
-    `fresh`: staged by this pass. A row that exists already then means units written after the bucket was
-    billed (a late write); they are carried into the next bucket instead of being lost. A staging key left
-    by an interrupted pass is not fresh: its rows may have been committed just before the interruption.
-    """
-    raw = await redis.hgetall(staging)
-    rows: list[dict[str, Any]] = []
-    debits: list[Any] = []
+    staging: str
+    tenant: str
+    bucket_start: int
+    fresh: bool  # staged by this pass; False: left by an interrupted one
+    rows: list[dict[str, Any]]
+    debits: list[Any]
+
+
+def _rows_of(staged: _Staged, raw: Mapping[Any, Any], meters: Mapping[str, Meter], created_at: datetime) -> None:
     for field, raw_value in raw.items():
         name = field.decode() if isinstance(field, bytes) else str(field)
         meter = meters.get(name)
         value = _decimal(raw_value)
         if value is None:
-            log.error("bucket %s: meter %s holds %r, not a number; not billed", staging, name, raw_value)
+            log.error("bucket %s: meter %s holds %r, not a number; not billed", staged.staging, name, raw_value)
             continue
         if value < 0:
             # A refund that arrived after its own bucket closed: taken off the tenant's next bucket.
-            debits += [name, int(value)]
+            staged.debits += [name, int(value)]
             continue
         if meter is not None and meter.stripe_event is None:
             continue
@@ -147,28 +150,41 @@ async def _move_staged(redis: Redis | RedisCluster, sessions: async_sessionmaker
         # and its Stripe meter keeps the last value: a drop to 0 must reach Stripe too.
         if value == 0 and (meter is None or meter.kind == "counter"):
             continue
-        rows.append({
-            "tenant_id": tenant, "meter": name, "bucket_start": bucket_datetime(bucket_start),
+        staged.rows.append({
+            "tenant_id": staged.tenant, "meter": name, "bucket_start": bucket_datetime(staged.bucket_start),
             "value": value, "kind": meter.kind if meter is not None else "counter", "state": "pending",
-            "identifier": bucket_identifier(tenant, name, bucket_start), "attempts": 0,
+            "identifier": bucket_identifier(staged.tenant, name, staged.bucket_start), "attempts": 0,
             "created_at": created_at,
         })
-    if rows:
-        async with sessions() as session, session.begin():
-            if fresh:
-                billed = set((await session.scalars(select(LedgerEntry.identifier).where(
-                    LedgerEntry.identifier.in_([row["identifier"] for row in rows])))).all())
-                for row in [r for r in rows if r["identifier"] in billed]:
-                    rows.remove(row)
+
+
+async def _commit(sessions: async_sessionmaker[AsyncSession], group: list[_Staged]) -> None:
+    """The group's ledger rows in one transaction (one fsync for many buckets).
+
+    For a fresh bucket, a row that exists already means units written after the bucket was billed (a late
+    write): they are carried into the next bucket instead of being lost. A staging key left by an
+    interrupted pass is not fresh: its rows may have been committed just before the interruption.
+    """
+    fresh_ids = [row["identifier"] for staged in group if staged.fresh for row in staged.rows]
+    if not any(staged.rows for staged in group):
+        return
+    async with sessions() as session, session.begin():
+        billed: set[str] = set()
+        for i in range(0, len(fresh_ids), 500):
+            billed |= set((await session.scalars(select(LedgerEntry.identifier).where(
+                LedgerEntry.identifier.in_(fresh_ids[i : i + 500])))).all())
+        rows = []
+        for staged in group:
+            for row in staged.rows:
+                if staged.fresh and row["identifier"] in billed:
                     if row["kind"] == "counter":
-                        debits += [row["meter"], int(row["value"])]  # late units: billed with the next bucket
+                        staged.debits += [row["meter"], int(row["value"])]  # late units: with the next bucket
                     log.warning("bucket %s of %s: %s %s arrived after it was billed; carried to the next bucket",
-                                bucket_start, tenant, row["value"], row["meter"])
-            if rows:
-                await session.execute(_insert_ignoring_conflicts(session, rows))
-    # Durable first: the staged hash goes only after the rows are committed.
-    next_bucket = keys.bucket_key(tenant, bucket_start + bucket_seconds)
-    await redis.eval(_CARRY_AND_DELETE, 2, staging, next_bucket, *debits)
+                                staged.bucket_start, staged.tenant, row["value"], row["meter"])
+                else:
+                    rows.append(row)
+        for i in range(0, len(rows), 500):
+            await session.execute(_insert_ignoring_conflicts(session, rows[i : i + 500]))
 
 
 async def move_closed_buckets(
@@ -204,27 +220,52 @@ async def move_closed_buckets(
 
     moved = 0
     created_at = datetime.fromtimestamp(now, UTC)
-    for key, (tenant, bucket_start) in ordered:
-        # One mover per bucket at a time, even with two workers and no leader lock: the ledger's
-        # "already billed" test below must not see the other mover's rows.
-        lock, token = key + LOCK_SUFFIX, secrets.token_hex(8)
-        if not await redis.set(lock, token, nx=True, px=BUCKET_LOCK_MS):
-            continue
-        try:
+    for first in range(0, len(ordered), MOVE_GROUP):
+        moved += await _move_group(redis, sessions, meters, ordered[first : first + MOVE_GROUP], bucket_seconds,
+                                   created_at)
+    return moved
+
+
+async def _move_group(redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession],
+                      meters: Mapping[str, Meter], group: list[tuple[str, tuple[str, int]]], bucket_seconds: int,
+                      created_at: datetime) -> int:
+    locks: list[tuple[str, str]] = []
+    staged: list[_Staged] = []
+    moved = 0
+    try:
+        for key, (tenant, bucket_start) in group:
+            # One mover per bucket at a time, even with two workers and no leader lock: the "already
+            # billed" test of `_commit` must not see the other mover's rows.
+            lock, token = key + LOCK_SUFFIX, secrets.token_hex(8)
+            if not await redis.set(lock, token, nx=True, px=BUCKET_LOCK_MS):
+                continue
+            locks.append((lock, token))
             staging = key + STAGING_SUFFIX
-            # Left by an interrupted pass: finish it first, since RENAME would overwrite it.
-            if await redis.exists(staging):
-                await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds,
-                                   created_at, fresh=False)
+            if await redis.exists(staging):  # left by an interrupted pass: RENAME would overwrite it
+                leftover = _Staged(staging, tenant, bucket_start, False, [], [])
+                _rows_of(leftover, await redis.hgetall(staging), meters, created_at)
+                await _commit(sessions, [leftover])
+                await _carry_and_delete(redis, leftover, bucket_seconds)
             try:
                 # RENAME first: a write racing the move (a late record, a spool replay) then creates a new
                 # key that the next pass moves, instead of being deleted with this one unseen.
                 await redis.rename(key, staging)
             except ResponseError:  # no such key: it was only staged, or another mover took it
                 continue
-            await _move_staged(redis, sessions, meters, staging, tenant, bucket_start, bucket_seconds, created_at,
-                               fresh=True)
+            item = _Staged(staging, tenant, bucket_start, True, [], [])
+            _rows_of(item, await redis.hgetall(staging), meters, created_at)
+            staged.append(item)
+        await _commit(sessions, staged)
+        # Durable first: the staged hashes go only after their rows are committed.
+        for item in staged:
+            await _carry_and_delete(redis, item, bucket_seconds)
             moved += 1
-        finally:
+    finally:
+        for lock, token in locks:
             await redis.eval(_RELEASE_LOCK, 1, lock, token)
     return moved
+
+
+async def _carry_and_delete(redis: Redis | RedisCluster, staged: _Staged, bucket_seconds: int) -> None:
+    next_bucket = keys.bucket_key(staged.tenant, staged.bucket_start + bucket_seconds)
+    await redis.eval(_CARRY_AND_DELETE, 2, staged.staging, next_bucket, *staged.debits)
