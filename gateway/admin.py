@@ -41,15 +41,20 @@ def admin_app(*, redis_check: Check, database_check: Check, fail_closed: bool,
     async def metrics_endpoint(_: web.Request) -> web.Response:
         if before_metrics is not None:
             await before_metrics()
-        body, content_type = metrics.render()
-        response = web.Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
+        return metrics_response()
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
     return app
+
+
+def metrics_response() -> web.Response:
+    """The Prometheus exposition of this process (all workers' sum in multiprocess mode)."""
+    body, content_type = metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type  # carries its own charset/version parameters
+    return response
 
 
 async def _passes(check: Check) -> bool:

@@ -20,12 +20,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.metrics import SyncMetrics
 from billing_sync.worker import SyncWorker, sync_state
+from quota.usage_view import rfc3339
 
 
 def _rfc3339(epoch: float | None) -> str | None:
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Epoch seconds as RFC 3339, to the second."""
+    return None if epoch is None else rfc3339(datetime.fromtimestamp(int(epoch), UTC))
 
 
 class SyncAdmin:

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.reconcile import format_differences, parse_period, reconcile
 from billing_sync.worker import build_worker
-from gateway import metrics
+from gateway.admin import metrics_response
 from gateway.app import redis_client
 from gateway.config import HostPort, Settings
 from gateway.policy import build_policy
@@ -94,10 +94,7 @@ async def _sync(settings: Settings, *, once: bool, metrics_listen: HostPort | No
 async def _serve_metrics(address: HostPort) -> web.AppRunner:
     """This process's /metrics and /healthz (the billing_sync_* counters live here)."""
     async def metrics_endpoint(_: web.Request) -> web.Response:
-        body, content_type = metrics.render()
-        response = web.Response(body=body)
-        response.headers["Content-Type"] = content_type
-        return response
+        return metrics_response()
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -7,9 +7,8 @@ the same view the admin API serves. Nothing under `/_gateway/` is ever forwarded
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 
@@ -27,7 +26,7 @@ WebhookHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class OwnEndpoints:
-    def __init__(self, *, limiter: Limiter, directory: TenantDirectory, plans: dict[str, Plan] | Any,
+    def __init__(self, *, limiter: Limiter, directory: TenantDirectory, plans: Mapping[str, Plan],
                  meters: Sequence[Meter], default_plan: str | None, alerts: Alerts | None = None,
                  stripe_webhook: WebhookHandler | None = None,
                  clock: Callable[[], float] | None = None) -> None:

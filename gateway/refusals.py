@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC
-
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -13,6 +11,7 @@ from gateway.errors import (
     SubscriptionInactive,
 )
 from quota.limiter import Refusal
+from quota.usage_view import number, rfc3339
 
 
 def refusal_error(refusal: Refusal) -> GatewayError:
@@ -21,9 +20,9 @@ def refusal_error(refusal: Refusal) -> GatewayError:
         return RateLimited(refusal.detail, headers=retry, tenant=refusal.tenant, retry_after=refusal.retry_after,
                            **{"violated-policies": ["burst"]})
     if refusal.kind == "quota":
-        resets_at = refusal.resets_at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if refusal.resets_at else None
         return QuotaExceeded(refusal.detail, headers=retry, tenant=refusal.tenant, meter=refusal.meter,
-                             limit=_number(refusal.limit), used=_number(refusal.used), resets_at=resets_at,
+                             limit=number(refusal.limit), used=number(refusal.used),
+                             resets_at=rfc3339(refusal.resets_at),
                              **{"violated-policies": [refusal.meter]})
     if refusal.kind == "subscription_inactive":
         return SubscriptionInactive(refusal.detail, tenant=refusal.tenant,
@@ -32,9 +31,3 @@ def refusal_error(refusal: Refusal) -> GatewayError:
         return LimiterUnavailable(refusal.detail, headers=retry)
     return Forbidden(refusal.detail, tenant=refusal.tenant)
 
-
-def _number(value: float | None) -> float | int | None:
-    """Counters are whole numbers: show 100, not 100.0."""
-    if value is None:
-        return None
-    return int(value) if float(value).is_integer() else value

@@ -279,7 +279,7 @@ class RedisUsageStore:
 
     async def check(self, check: Check) -> Decision:
         """Decide and count one request; batched with the calls of the same loop iteration."""
-        return await self.check_prepared(self.prepare(check), check.now)
+        return await self.submit_check(self.prepare(check), check.now)
 
     def prepare(self, check: Check) -> PreparedCheck:
         """The script's keys and arguments for `check`, all but the time: reusable while they stay the same.
@@ -311,11 +311,8 @@ class RedisUsageStore:
         head = b"*%d\r\n" % (len(parts) + 1 + len(args)) + b"".join(_bulk(part) for part in parts)
         return PreparedCheck(check.tenant, key_list, args, head, b"".join(_bulk(arg) for arg in args))
 
-    async def check_prepared(self, prepared: PreparedCheck, now: float) -> Decision:
-        return await self.submit_check(prepared, now)
-
     def submit_check(self, prepared: PreparedCheck, now: float) -> asyncio.Future[Decision]:
-        """`check_prepared()` as a future, which the caller may shield: once sent, a check may be counted
+        """`check()` of a prepared check, as a future the caller may shield: once sent, a check may be counted
         whether or not anybody still waits for its answer."""
         now_text = repr(float(now))
         call = _Call(CHECK_SCRIPT, prepared.keys, [now_text, *prepared.args], _decision,

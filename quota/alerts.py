@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from metering.errors import ConfigurationError, expect_mapping, kind_of
 from metering.models import AlertEvent
+from quota import usage_view
 
 log = logging.getLogger("cosmos_gateway.alerts")
 
@@ -146,8 +147,8 @@ def crossed(used: float, limit: float | None, thresholds: tuple[float, ...]) -> 
 
 
 def rfc3339(value: datetime) -> str:
-    """`2025-01-01T00:00:00Z` (UTC, whole seconds)."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """`2025-01-01T00:00:00Z`: alerts are stamped to the whole second (the alert id hashes this text)."""
+    return usage_view.rfc3339(value.replace(microsecond=0)) or ""
 
 
 def alert_id(tenant: str, meter: str, period_start: datetime, threshold: float) -> str:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from metering.meters import Meter, MeterMatcher, glob_to_regex, parse_usage_report
 from metering.redis_store import (
@@ -78,6 +79,7 @@ class Admission:
     bucket_start: int
     counted: tuple[Meter, ...]
     quotas: Mapping[str, Quota]
+    route: str = "unmetered"  # the meters it counts, as the bounded `meter_route` metric label
     headers: list[tuple[str, str]] = field(default_factory=list)
     spooled: bool = False
 
@@ -92,6 +94,7 @@ class _Compiled:
     check: Check  # its `now` is the first request's; kept for the fail-open spool, which ignores it
     prepared: PreparedCheck | None  # None: nothing to check or count
     policy: str | None  # the RateLimit-Policy header
+    route: str  # the meter_route label
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
 
 
@@ -173,7 +176,7 @@ class Limiter:
                     self._compiled.clear()
                 self._compiled[key] = compiled
         admission = Admission(tenant, plan.name, period_start, period_end, bucket, compiled.counted,
-                              compiled.quotas)
+                              compiled.quotas, compiled.route)
         if compiled.prepared is None:
             return admission  # nothing to check or count: no Redis round trip
         pending = self._store.submit_check(compiled.prepared, now)
@@ -217,7 +220,8 @@ class Limiter:
         )
         prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
         policy, limited = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
-        return _Compiled(counted, quotas, rate, check, prepared, policy, limited)
+        route = "+".join(m.name for m in counted) or "unmetered"
+        return _Compiled(counted, quotas, rate, check, prepared, policy, route, limited)
 
     def _give_back(self, admission: Admission, done: asyncio.Future[Decision]) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
@@ -234,10 +238,7 @@ class Limiter:
     def _refund_all(self, admission: Admission) -> None:
         refund = tuple((m.name, 1) for m in admission.counted)
         if refund:
-            self._store.record_later(
-                Record(tenant=admission.tenant, period_start=admission.period_start,
-                       period_end=admission.period_end, bucket_start=self._open_bucket(admission),
-                       bucket_ttl=BUCKET_TTL, refund=refund), self._spool_failed)
+            self._store.record_later(self._record(admission, refund=refund), self._spool_failed)
 
     def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
         plan, tenant = admission.plan, admission.tenant
@@ -284,9 +285,7 @@ class Limiter:
             gauges = tuple(values.items())
         if not (refund or add or gauges):
             return
-        record = Record(tenant=admission.tenant, period_start=admission.period_start,
-                        period_end=admission.period_end, bucket_start=self._open_bucket(admission),
-                        bucket_ttl=BUCKET_TTL, refund=refund, add=tuple(add), gauges=gauges)
+        record = self._record(admission, refund=refund, add=tuple(add), gauges=gauges)
         if admission.spooled:
             self._spool.append(record)
             return
@@ -310,23 +309,25 @@ class Limiter:
 
     def rebucket(self, record: Record) -> Record:
         """A spooled record whose billing bucket has closed meanwhile, moved into the open bucket."""
-        settings = self._settings
-        now = self._clock()
-        if now < record.bucket_start + settings.bucket_seconds + settings.grace_seconds - 1:
-            return record
-        return dataclasses.replace(record, bucket_start=bucket_start(now, settings.bucket_seconds))
+        writable = self._writable_bucket(record.bucket_start)
+        return record if writable == record.bucket_start else dataclasses.replace(record, bucket_start=writable)
 
-    def _open_bucket(self, admission: Admission) -> int:
-        """The admission's billing bucket, unless the sync worker may have closed it by now.
+    def _writable_bucket(self, start: int) -> int:
+        """`start`, unless the sync worker may have closed that billing bucket by now: then the current one.
 
-        A bucket is closed `grace_seconds` after its end and then moved to the ledger; a slow response
-        writes into the current bucket instead, so nothing lands in a bucket already billed. A refund
-        taken from the current bucket still leaves the tenant's billed total right.
+        A bucket is closed `grace_seconds` after its end and then moved to the ledger; a late write goes to
+        the current bucket instead, so nothing lands in a bucket already billed (a refund there is carried
+        as a debit, so the tenant's billed total stays right).
         """
         settings = self._settings
         now = self._clock()
-        closes = admission.bucket_start + settings.bucket_seconds + settings.grace_seconds - 1
-        return admission.bucket_start if now < closes else bucket_start(now, settings.bucket_seconds)
+        closes = start + settings.bucket_seconds + settings.grace_seconds - 1
+        return start if now < closes else bucket_start(now, settings.bucket_seconds)
+
+    def _record(self, admission: Admission, **parts: Any) -> Record:
+        """A record of what happened after `admission`, in the bucket it may still write to."""
+        return Record(tenant=admission.tenant, period_start=admission.period_start, period_end=admission.period_end,
+                      bucket_start=self._writable_bucket(admission.bucket_start), bucket_ttl=BUCKET_TTL, **parts)
 
     async def drain(self) -> None:
         """Wait for records in flight (shutdown, tests)."""

@@ -43,12 +43,6 @@ class TenantRecord:
     subscription_changed_at: datetime | None = None
 
 
-def _as_utc(value: datetime | None) -> datetime | None:
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)  # SQLite returns naive datetimes for UTC columns
-
-
 def to_record(tenant: Tenant, overrides: list[TenantOverride]) -> TenantRecord:
     return TenantRecord(
         id=tenant.id, plan=tenant.plan, status=tenant.status, subscription_status=tenant.subscription_status,
@@ -56,11 +50,11 @@ def to_record(tenant: Tenant, overrides: list[TenantOverride]) -> TenantRecord:
         billing_anchor_day=tenant.billing_anchor_day,
         overrides=tuple(
             Override(meter=o.meter, limit=o.limit, per_second=o.per_second, burst=o.burst,
-                     expires_at=_as_utc(o.expires_at), reason=o.reason)
+                     expires_at=o.expires_at, reason=o.reason)
             for o in overrides
         ),
-        updated_at=_as_utc(tenant.updated_at),
-        subscription_changed_at=_as_utc(getattr(tenant, "stripe_event_at", None)),
+        updated_at=tenant.updated_at,  # aware UTC: models.UTCDateTime
+        subscription_changed_at=tenant.stripe_event_at,
     )
 
 
