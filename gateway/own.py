@@ -7,6 +7,7 @@ the same view the admin API serves. Nothing under `/_gateway/` is ever forwarded
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
@@ -29,11 +30,12 @@ class OwnEndpoints:
     def __init__(self, *, limiter: Limiter, directory: TenantDirectory, plans: Mapping[str, Plan],
                  meters: Sequence[Meter], default_plan: str | None, alerts: Alerts | None = None,
                  stripe_webhook: WebhookHandler | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self._limiter = limiter
         self._directory = directory
         self._plans = plans
         self._meters = meters
+        self._meter_names = [m.name for m in meters]
         self._default_plan = default_plan
         self._alerts = alerts
         self._stripe_webhook = stripe_webhook
@@ -50,11 +52,11 @@ class OwnEndpoints:
     async def _usage(self, identity: Identity) -> web.Response:
         tenant = identity.tenant
         record = self._directory.get(tenant)
-        now = datetime.fromtimestamp(self._clock(), UTC) if self._clock else datetime.now(UTC)
-        usage = await self._limiter.usage(tenant, record, [m.name for m in self._meters])
+        now = self._clock()
+        usage = await self._limiter.usage(tenant, record, self._meter_names)
         view = tenant_view(tenant_id=tenant, record=record, plans=self._plans, default_plan=self._default_plan,
-                           meters=self._meters, usage=usage, now=now)
+                           meters=self._meters, usage=usage, now=datetime.fromtimestamp(now, UTC))
         if self._alerts is not None:
-            start = datetime.fromisoformat(view["period"]["start"].replace("Z", "+00:00"))
-            view["alerts"] = await self._alerts.alerts_for(tenant, start)
+            start, _ = self._limiter.period(record.billing_anchor_day if record else None, now)
+            view["alerts"] = await self._alerts.alerts_for(tenant, datetime.fromtimestamp(start, UTC))
         return web.Response(body=json.dumps(view).encode(), content_type="application/json")
