@@ -130,25 +130,32 @@ def upstream_request_headers(
     return out
 
 
+# Never passed to the client: hop-by-hop, framing (the gateway re-frames the body), and the request id
+# (the gateway's own is set). Names are lower-case str, as the upstream client delivers them.
+_RESPONSE_DROP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length",
+                            "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "x-request-id"})
+_USAGE_REPORT_STR = USAGE_REPORT.decode()
+
+
 def client_response_headers(raw: Sequence[tuple[str, str]], request_id: str) -> tuple[Headers, str | None]:
     """The upstream's response headers for the client, and its usage report (if any).
 
     Hop-by-hop and framing headers are removed (the server re-frames the body)."""
-    drop = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"content-length",
-            b"te", b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"x-request-id"}
-    for name, value in raw:
-        if name.lower() == "connection":
-            drop.update(t.strip().lower().encode("latin-1") for t in value.split(",") if t.strip())
+    drop = _RESPONSE_DROP
     out: Headers = []
     usage: str | None = None
     for name, value in raw:
-        lower = name.lower().encode("latin-1")
-        if lower == USAGE_REPORT:
+        lower = name.lower()
+        if lower == _USAGE_REPORT_STR:
             usage = value if usage is None else f"{usage}, {value}"
             continue
         if lower in drop:
+            if lower == "connection":  # it names further hop-by-hop headers
+                drop = drop | {t.strip().lower() for t in value.split(",") if t.strip()}
             continue
         out.append((name, value))
+    if drop is not _RESPONSE_DROP:  # a Connection header came after headers it names: filter again
+        out = [(name, value) for name, value in out if name.lower() not in drop]
     out.append(("X-Request-Id", request_id))
     return out, usage
 

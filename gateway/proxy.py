@@ -40,6 +40,7 @@ from gateway.own import OwnEndpoints
 from gateway.refusals import refusal_error
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
 from gateway.websocket import WebSocketRelay, is_websocket_upgrade
+from gateway.wire import SmallResponse, UnsafeHeader
 from quota.limiter import Admission, Limiter, Refusal
 
 # Paths the gateway answers itself on the proxy listener; never forwarded.
@@ -186,7 +187,10 @@ class ProxyHandler:
             except UpstreamError:
                 raise BadGateway("the upstream failed while sending its response") from None
             outcome.response_bytes = len(body)
-            return web.Response(status=status, reason=upstream.reason, body=body, headers=CIMultiDict(headers))
+            try:
+                return SmallResponse(request, status, upstream.reason, headers, body)  # type: ignore[return-value]
+            except (UnsafeHeader, UnicodeEncodeError):  # aiohttp's own checks decide what becomes of it
+                return web.Response(status=status, reason=upstream.reason, body=body, headers=CIMultiDict(headers))
         response = web.StreamResponse(status=status, reason=upstream.reason, headers=CIMultiDict(headers))
         if length is not None:
             response.content_length = length

@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Literal
 
@@ -43,6 +43,9 @@ _REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 Reason = Literal["rate", "quota", "guard"]
 OnFailure = Callable[["Record", "StoreUnavailable"], None]
+# What a check counted after its caller stopped waiting: the Decision, or the error (whose `applied`
+# may still tell, late, whether Redis ran it).
+OnAbandoned = Callable[["Decision | StoreUnavailable"], None]
 Units = tuple[tuple[str, int], ...]
 
 
@@ -93,7 +96,7 @@ class Check:
     billable: Units  # (meter, units) added to the billing bucket when admitted
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per request, and a frozen __init__ costs three times as much
 class Decision:
     allowed: bool
     reason: Reason | None
@@ -103,7 +106,7 @@ class Decision:
     rate_remaining: int | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen, as Decision
 class Record:
     """What is known after the response; also the spooled form of an admitted check (`from_admitted`)."""
 
@@ -160,15 +163,22 @@ class PreparedCheck:
     tail: bytes
 
 
-@dataclass(slots=True)
 class _Call:
-    script: _Script
-    keys: list[str]
-    args: list[Any]
-    parse: Callable[[Any], Any]
-    future: asyncio.Future[Any] | None = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    on_failure: Callable[[StoreUnavailable], None] | None = None  # calls nobody awaits (record_later)
-    packed: bytes | None = None  # the command in RESP already (prepared checks), for the RESP connection
+    """One script call waiting for a pipeline. `future` is None for calls nobody awaits (record_later)."""
+
+    __slots__ = ("args", "future", "keys", "on_abandoned", "on_failure", "packed", "parse", "script")
+
+    def __init__(self, script: _Script, keys: list[str], args: list[Any], parse: Callable[[Any], Any],
+                 future: asyncio.Future[Any] | None, *, packed: bytes | None = None,
+                 on_abandoned: OnAbandoned | None = None) -> None:
+        self.script = script
+        self.keys = keys
+        self.args = args
+        self.parse = parse
+        self.future = future
+        self.on_failure: Callable[[StoreUnavailable], None] | None = None
+        self.on_abandoned = on_abandoned  # checks: told what a call counted after its caller gave up
+        self.packed = packed  # the command in RESP already (prepared checks), for the RESP connection
 
 
 def _bulk(value: Any) -> bytes:
@@ -177,25 +187,33 @@ def _bulk(value: Any) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-def _sum_units(sections: list[Units]) -> Units:
-    totals: dict[str, int] = {}
-    for section in sections:
-        for meter, units in section:
-            totals[meter] = totals.get(meter, 0) + int(units)
-    return tuple(totals.items())
+class _RecordGroup:
+    """The records of one tenant, period and bucket waiting for the same pipeline, summed up."""
 
+    __slots__ = ("add", "bill", "count", "gauges", "key", "on_failure", "refund")
 
-def _merge_records(records: list[Record]) -> Record:
-    first = records[0]
-    gauges: dict[str, float] = {}
-    for record in records:
-        gauges.update(record.gauges)  # in arrival order: the last report wins, as in Redis
-    return replace(
-        first,
-        refund=_sum_units([r.refund for r in records]), add=_sum_units([r.add for r in records]),
-        count=_sum_units([r.count for r in records]), bill=_sum_units([r.bill for r in records]),
-        gauges=tuple(gauges.items()),
-    )
+    def __init__(self, key: tuple[str, int, int, int, int]) -> None:
+        self.key = key
+        self.refund: dict[str, int] = {}
+        self.add: dict[str, int] = {}
+        self.count: dict[str, int] = {}
+        self.bill: dict[str, int] = {}
+        self.gauges: dict[str, float] = {}  # in arrival order: the last report wins, as in Redis
+        self.on_failure: list[OnFailure] = []
+
+    def merge(self, record: Record) -> None:
+        for totals, units in ((self.refund, record.refund), (self.add, record.add), (self.count, record.count),
+                              (self.bill, record.bill)):
+            for meter, n in units:
+                totals[meter] = totals.get(meter, 0) + int(n)
+        self.gauges.update(record.gauges)
+
+    def record(self) -> Record:
+        tenant, period_start, period_end, bucket_start, bucket_ttl = self.key
+        return Record(tenant, period_start, period_end, bucket_start, bucket_ttl,
+                      refund=tuple(self.refund.items()), add=tuple(self.add.items()),
+                      gauges=tuple(self.gauges.items()), count=tuple(self.count.items()),
+                      bill=tuple(self.bill.items()))
 
 
 def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
@@ -216,11 +234,14 @@ def _resolve_late(batch: list[_Call], done: asyncio.Future[list[Any]], outcomes:
 
 
 def _fail(call: _Call, error: StoreUnavailable) -> None:
-    if call.future is None:
+    future = call.future
+    if future is None:
         if call.on_failure is not None:
             call.on_failure(error)
-    elif not call.future.done():
-        call.future.set_exception(error)
+    elif not future.done():
+        future.set_exception(error)
+    elif future.cancelled() and call.on_abandoned is not None:
+        call.on_abandoned(error)
 
 
 def _text(value: Any) -> str:
@@ -233,15 +254,14 @@ def _number(value: Any) -> float:
 
 def _decision(reply: Any) -> Decision:
     allowed, reason, meter, retry_after, remaining, used = reply
-    # float() takes the bytes of a number as they are; only the names need decoding.
-    names, values = used[0::2], used[1::2]
+    # The names come as bytes (no client here decodes replies); float() takes the bytes of a number as they are.
     return Decision(
-        allowed=allowed == 1,
-        reason=_text(reason) or None,  # type: ignore[arg-type]
-        meter=_text(meter) or None,
-        retry_after=float(retry_after),
-        used={_text(name): float(value) for name, value in zip(names, values, strict=True)},
-        rate_remaining=None if remaining < 0 else int(remaining),
+        allowed == 1,
+        reason.decode() if reason else None,
+        meter.decode() if meter else None,
+        float(retry_after),
+        {used[i].decode(): float(used[i + 1]) for i in range(0, len(used), 2)},
+        None if remaining < 0 else int(remaining),
     )
 
 
@@ -272,7 +292,7 @@ class RedisUsageStore:
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Task[None]] = set()
         self._flush_scheduled = False
-        self._pending_records: dict[tuple[Any, ...], list[tuple[Record, OnFailure]]] = {}
+        self._pending_records: dict[tuple[Any, ...], _RecordGroup] = {}
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
 
     # -- the hot path -------------------------------------------------------------------------------
@@ -311,15 +331,20 @@ class RedisUsageStore:
         head = b"*%d\r\n" % (len(parts) + 1 + len(args)) + b"".join(_bulk(part) for part in parts)
         return PreparedCheck(check.tenant, key_list, args, head, b"".join(_bulk(arg) for arg in args))
 
-    def submit_check(self, prepared: PreparedCheck, now: float) -> asyncio.Future[Decision]:
-        """`check()` of a prepared check, as a future the caller may shield: once sent, a check may be counted
-        whether or not anybody still waits for its answer."""
+    def submit_check(self, prepared: PreparedCheck, now: float,
+                     on_abandoned: OnAbandoned | None = None) -> asyncio.Future[Decision]:
+        """`check()` of a prepared check, as a future.
+
+        A caller that stops waiting (the future cancelled) before the pipeline is written counts nothing.
+        Once written, a check may count whether or not anybody still waits: `on_abandoned` then receives
+        the Decision (or the error) the caller would have got, so that it can give the units back.
+        """
         now_text = repr(float(now))
         call = _Call(CHECK_SCRIPT, prepared.keys, [now_text, *prepared.args], _decision,
-                     packed=prepared.head + _bulk(now_text) + prepared.tail)
+                     asyncio.get_running_loop().create_future(),
+                     packed=prepared.head + _bulk(now_text) + prepared.tail, on_abandoned=on_abandoned)
         self._enqueue(call, prepared.tenant)
-        assert call.future is not None
-        return call.future
+        return call.future  # type: ignore[return-value]
 
     async def record(self, record: Record) -> bool:
         """Apply refunds, byte counts and gauges; False when `record_id` was already applied."""
@@ -331,8 +356,9 @@ class RedisUsageStore:
         """`record()` without waiting for it (the request path): `on_failure(record, error)` if Redis fails.
 
         Records of one tenant and bucket that wait for the same pipeline are folded into one script
-        call (byte counts and refunds add up, gauges keep the last value). Nothing is delayed by this:
-        the merged call goes out in the pipeline the parts would have taken.
+        call (byte counts and refunds add up, gauges keep the last value); on failure, `on_failure` gets
+        the folded record. Nothing is delayed by this: the merged call goes out in the pipeline the parts
+        would have taken.
         """
         if record.is_empty():
             return
@@ -341,12 +367,28 @@ class RedisUsageStore:
             call.on_failure = lambda error: on_failure(record, error)
             self._enqueue(call, record.tenant)
             return
-        key = (record.tenant, record.period_start, record.period_end, record.bucket_start, record.bucket_ttl)
+        group = self._group(record.tenant, record.period_start, record.period_end, record.bucket_start,
+                            record.bucket_ttl, on_failure)
+        group.merge(record)
+
+    def add_later(self, tenant: str, period_start: int, period_end: int, bucket_start: int, bucket_ttl: int,
+                  add: Units, on_failure: OnFailure) -> None:
+        """`record_later()` of a record with only `add` (a response's byte counts), without building it."""
+        group = self._group(tenant, period_start, period_end, bucket_start, bucket_ttl, on_failure)
+        totals = group.add
+        for meter, units in add:
+            totals[meter] = totals.get(meter, 0) + units
+
+    def _group(self, tenant: str, period_start: int, period_end: int, bucket_start: int, bucket_ttl: int,
+               on_failure: OnFailure) -> _RecordGroup:
+        key = (tenant, period_start, period_end, bucket_start, bucket_ttl)
         group = self._pending_records.get(key)
         if group is None:
-            group = self._pending_records[key] = []
-        group.append((record, on_failure))
-        self._schedule_flush()
+            group = self._pending_records[key] = _RecordGroup(key)
+            self._schedule_flush()
+        if on_failure not in group.on_failure:
+            group.on_failure.append(on_failure)
+        return group
 
     def _record_call(self, record: Record, *, awaited: bool = True) -> _Call:
         tenant, period = record.tenant, record.period_start
@@ -370,9 +412,8 @@ class RedisUsageStore:
             if not math.isfinite(value):
                 raise ValueError(f"gauge {meter} must be finite, got {value!r}")
             args += [meter, repr(float(value))]
-        if awaited:
-            return _Call(RECORD_SCRIPT, key_list, args, _applied)
-        return _Call(RECORD_SCRIPT, key_list, args, _applied, future=None)
+        future = asyncio.get_running_loop().create_future() if awaited else None
+        return _Call(RECORD_SCRIPT, key_list, args, _applied, future)
 
     # -- reads (admin, usage view, billing) ----------------------------------------------------------
 
@@ -468,11 +509,13 @@ class RedisUsageStore:
     def _record_groups(self) -> list[_Call]:
         calls = []
         for group in self._pending_records.values():
-            records = [record for record, _ in group]
-            merged = records[0] if len(records) == 1 else _merge_records(records)
+            merged = group.record()
+            if merged.is_empty():
+                continue
             call = self._record_call(merged, awaited=False)
-            callbacks = [(record, on_failure) for record, on_failure in group]
-            call.on_failure = lambda error, callbacks=callbacks: [cb(r, error) for r, cb in callbacks]  # type: ignore[misc]
+            callbacks = group.on_failure
+            call.on_failure = lambda error, merged=merged, callbacks=callbacks: [  # type: ignore[misc]
+                callback(merged, error) for callback in callbacks]
             calls.append(call)
         self._pending_records = {}
         return calls
@@ -487,10 +530,13 @@ class RedisUsageStore:
         sent: list[asyncio.Future[list[Any]]] = []  # the RESP reply futures of what was written
         try:
             try:
-                async with self._guarded(self._timeout):
+                # Not _guarded(): this runs per batch, and a generator-based context manager costs more.
+                async with asyncio.timeout(self._timeout):
                     replies = await self._send(batch, seen, sent)
             except StoreUnavailable:
                 raise
+            except _REDIS_ERRORS as exc:
+                raise _unavailable(exc, self._timeout) from exc
             except Exception as exc:  # a bug here must not leave requests waiting forever
                 log.exception("unexpected error sending a Redis batch")
                 raise StoreUnavailable(f"unexpected error: {exc!r}") from exc
@@ -524,21 +570,25 @@ class RedisUsageStore:
     @staticmethod
     def _deliver(batch: list[_Call], replies: list[Any]) -> None:
         for call, reply in zip(batch, replies, strict=True):
-            if call.future is None:
+            future = call.future
+            if future is None:
                 if isinstance(reply, Exception):
                     _fail(call, StoreUnavailable(f"redis: {reply}"))
-                continue
-            if call.future.done():  # the caller was cancelled
                 continue
             if isinstance(reply, Exception):
                 error = StoreUnavailable(f"redis: {reply}")
                 error.__cause__ = reply
-                call.future.set_exception(error)
-            else:
-                try:
-                    call.future.set_result(call.parse(reply))
-                except (TypeError, ValueError) as exc:  # a script and this module out of step
-                    call.future.set_exception(StoreUnavailable(f"unexpected reply {reply!r}: {exc}"))
+                _fail(call, error)
+                continue
+            try:
+                result = call.parse(reply)
+            except (TypeError, ValueError, AttributeError) as exc:  # a script and this module out of step
+                _fail(call, StoreUnavailable(f"unexpected reply {reply!r}: {exc}"))
+                continue
+            if not future.done():
+                future.set_result(result)
+            elif future.cancelled() and call.on_abandoned is not None:
+                call.on_abandoned(result)  # the caller gave up after the call was sent: it may have counted
 
     async def _send(self, batch: list[_Call], seen: set[str],
                     sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
@@ -616,6 +666,10 @@ class RedisUsageStore:
         except StoreUnavailable:
             raise
         except _REDIS_ERRORS as exc:
-            timed_out = isinstance(exc, TimeoutError)
-            detail = f"timed out after {seconds * 1000:.0f} ms" if timed_out else repr(exc)
-            raise StoreUnavailable(f"redis: {detail}") from exc
+            raise _unavailable(exc, seconds) from exc
+
+
+def _unavailable(exc: BaseException, seconds: float) -> StoreUnavailable:
+    """A driver error (or a timeout after `seconds`) as StoreUnavailable."""
+    detail = f"timed out after {seconds * 1000:.0f} ms" if isinstance(exc, TimeoutError) else repr(exc)
+    return StoreUnavailable(f"redis: {detail}")

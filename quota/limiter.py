@@ -20,7 +20,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -80,7 +80,7 @@ class Admission:
     counted: tuple[Meter, ...]
     quotas: Mapping[str, Quota]
     route: str = "unmetered"  # the meters it counts, as the bounded `meter_route` metric label
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: Sequence[tuple[str, str]] = ()
     spooled: bool = False
 
 
@@ -96,6 +96,7 @@ class _Compiled:
     policy: str | None  # the RateLimit-Policy header
     route: str  # the meter_route label
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
+    ratelimit: str  # the RateLimit header with %d in place of each remaining and reset
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,14 +180,11 @@ class Limiter:
                               compiled.quotas, compiled.route)
         if compiled.prepared is None:
             return admission  # nothing to check or count: no Redis round trip
-        pending = self._store.submit_check(compiled.prepared, now)
         try:
-            # Shielded: if the client goes away meanwhile, the check still completes, and what it
+            # If the client goes away meanwhile, a check already sent still completes, and what it
             # counted for a request that will never be forwarded is given back.
-            decision = await asyncio.shield(pending)
-        except asyncio.CancelledError:
-            pending.add_done_callback(lambda done: self._give_back(admission, done))
-            raise
+            decision = await self._store.submit_check(compiled.prepared, now,
+                                                      lambda outcome: self._give_back(admission, outcome))
         except StoreUnavailable as error:
             self._metrics.store_error()
             if not self._settings.fail_open:
@@ -219,21 +217,18 @@ class Limiter:
             counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
         )
         prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
-        policy, limited = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
+        policy, limited, ratelimit = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
         route = "+".join(m.name for m in counted) or "unmetered"
-        return _Compiled(counted, quotas, rate, check, prepared, policy, route, limited)
+        return _Compiled(counted, quotas, rate, check, prepared, policy, route, limited, ratelimit)
 
-    def _give_back(self, admission: Admission, done: asyncio.Future[Decision]) -> None:
+    def _give_back(self, admission: Admission, outcome: Decision | StoreUnavailable) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
-        if done.cancelled():
+        if isinstance(outcome, StoreUnavailable):
+            if outcome.applied is not None:
+                outcome.applied.add_done_callback(lambda applied: self._give_back_late(admission, applied))
             return
-        error = done.exception()
-        if isinstance(error, StoreUnavailable) and error.applied is not None:
-            error.applied.add_done_callback(lambda applied: self._give_back_late(admission, applied))
-            return
-        if error is not None or not done.result().allowed:
-            return
-        self._refund_all(admission)
+        if outcome.allowed:
+            self._refund_all(admission)
 
     def _refund_all(self, admission: Admission) -> None:
         refund = tuple((m.name, 1) for m in admission.counted)
@@ -284,6 +279,10 @@ class Limiter:
                 self._metrics.bad_usage_report(bad)
             gauges = tuple(values.items())
         if not (refund or add or gauges):
+            return
+        if not (refund or gauges or admission.spooled):  # the common case: just the byte counts
+            self._store.add_later(admission.tenant, admission.period_start, admission.period_end,
+                                  self._writable_bucket(admission.bucket_start), BUCKET_TTL, add, self._spool_failed)
             return
         record = self._record(admission, refund=refund, add=tuple(add), gauges=gauges)
         if admission.spooled:
@@ -365,34 +364,34 @@ def _guard_path(glob: str, path: str) -> bool:
 
 
 def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mapping[str, Quota],
-                      window: int) -> tuple[str | None, tuple[tuple[str, int], ...]]:
-    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers), and the limited meters for RateLimit.
+                      window: int) -> tuple[str | None, tuple[tuple[str, int], ...], str]:
+    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers), the limited meters, and the RateLimit template.
 
-    The policy is the same for every request of a compiled check, so it is built once.
+    All three are the same for every request of a compiled check, so they are built once.
     """
     policies = [f'"burst";q={rate.burst};w=1'] if rate is not None else []
+    template = ['"burst";r=%d;t=1'] if rate is not None else []
     limited = []
     for meter in counted:
         quota = quotas.get(meter.name)
         if quota is not None and quota.limit is not None:
             policies.append(f'"{meter.name}";q={int(quota.limit)};w={window}')
+            template.append(f'"{meter.name}";r=%d;t=%d')
             limited.append((meter.name, int(quota.limit)))
-    return (", ".join(policies) if policies else None), tuple(limited)
+    return (", ".join(policies) if policies else None), tuple(limited), ", ".join(template)
 
 
-def _ratelimit_headers(compiled: _Compiled, decision: Decision, period_end: int, now: float) -> list[tuple[str, str]]:
+def _ratelimit_headers(compiled: _Compiled, decision: Decision, period_end: int,
+                       now: float) -> tuple[tuple[str, str], ...]:
     """RateLimit-Policy and RateLimit: what is left of each policy, and when it is whole again."""
     if compiled.policy is None:
-        return []
-    limits = []
-    if compiled.rate is not None and decision.rate_remaining is not None:
-        limits.append(f'"burst";r={max(0, decision.rate_remaining)};t=1')
+        return ()
+    values: list[int] = []
+    if compiled.rate is not None:
+        values.append(min(compiled.rate.burst, max(0, decision.rate_remaining or 0)))
     if compiled.limited:
         reset = max(0, math.ceil(period_end - now))
         used = decision.used
         for name, limit in compiled.limited:
-            limits.append(f'"{name}";r={max(0, int(limit - used.get(name, 0)))};t={reset}')
-    headers = [("RateLimit-Policy", compiled.policy)]
-    if limits:
-        headers.append(("RateLimit", ", ".join(limits)))
-    return headers
+            values += (max(0, int(limit - used.get(name, 0))), reset)
+    return ("RateLimit-Policy", compiled.policy), ("RateLimit", compiled.ratelimit % tuple(values))
