@@ -150,23 +150,28 @@ RECORD_SCRIPT = _Script("record.lua")
 
 @dataclass(frozen=True, slots=True)
 class PreparedCheck:
-    """A check's script keys and arguments except the time (see `RedisUsageStore.prepare`).
+    """A check's script keys and arguments except the times (see `RedisUsageStore.prepare`).
 
-    `head` and `tail` are the EVALSHA command already in RESP around the time argument, so sending it
-    costs a concatenation instead of packing two dozen arguments per request.
+    `head` and `tail` are the EVALSHA command already in RESP around the times of its requests, so
+    sending it costs a concatenation instead of packing two dozen arguments per request.
     """
 
     tenant: str
     keys: list[str]
     args: list[Any]
-    head: bytes
-    tail: bytes
+    head: bytes  # EVALSHA, the sha, the number of keys and the keys, without the argument count
+    tail: bytes  # the arguments after the times
+    argc: int  # the command's arguments without the times
+
+    def pack(self, nows: Sequence[bytes]) -> bytes:
+        """The whole command for requests at `nows` (each already a RESP bulk string)."""
+        return b"".join((b"*%d\r\n" % (self.argc + len(nows)), self.head, _bulk(len(nows)), *nows, self.tail))
 
 
 class _Call:
     """One script call waiting for a pipeline. `future` is None for calls nobody awaits (record_later)."""
 
-    __slots__ = ("args", "future", "keys", "on_abandoned", "on_failure", "packed", "parse", "script")
+    __slots__ = ("args", "future", "keys", "now", "on_abandoned", "on_failure", "packed", "parse", "prepared", "script")
 
     def __init__(self, script: _Script, keys: list[str], args: list[Any], parse: Callable[[Any], Any],
                  future: asyncio.Future[Any] | None, *, packed: bytes | None = None,
@@ -179,6 +184,8 @@ class _Call:
         self.on_failure: Callable[[StoreUnavailable], None] | None = None
         self.on_abandoned = on_abandoned  # checks: told what a call counted after its caller gave up
         self.packed = packed  # the command in RESP already (prepared checks), for the RESP connection
+        self.prepared: PreparedCheck | None = None  # a check: its rules; sent with the checks that share them
+        self.now = ""  # a check: its time
 
 
 def _bulk(value: Any) -> bytes:
@@ -221,16 +228,78 @@ def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
-def _resolve_late(batch: list[_Call], done: asyncio.Future[list[Any]], outcomes: list[asyncio.Future[bool]]) -> None:
+def _resolve_late(batch: list[_Call], replies: list[Any], outcomes: list[asyncio.Future[bool]]) -> None:
     """Whether each call of a timed-out batch counted, from its late reply (False when none came)."""
-    replies: list[Any] = [] if done.cancelled() or done.exception() is not None else done.result()
-    for i, (call, outcome) in enumerate(zip(batch, outcomes, strict=True)):
-        reply = replies[i] if i < len(replies) else None
+    for call, reply, outcome in zip(batch, replies or [None] * len(batch), outcomes, strict=True):
         counted = reply is not None and not isinstance(reply, hiredis.ReplyError | Exception)
         if counted and call.script is CHECK_SCRIPT:
             counted = bool(reply[0] == 1)  # a refused check counted nothing
         if not outcome.done():
             outcome.set_result(counted)
+
+
+def _late_replies(done: asyncio.Future[list[Any]], wire: list[_Call], members: list[list[int]],
+                  size: int) -> list[Any]:
+    """The replies of a timed-out batch's calls once they came late; empty when they never did."""
+    if done.cancelled() or done.exception() is not None:
+        return []
+    return _expand(wire, members, done.result()[:len(wire)], size)
+
+
+# Checks with the same rules in one batch go to Redis as one script call; the script still decides
+# them one by one. This bounds how long one call may hold Redis.
+MAX_CHECKS_PER_CALL = 256
+
+
+def _wire_calls(batch: list[_Call]) -> tuple[list[_Call], list[list[int]]]:
+    """The calls to send for `batch`, and for each the indices in `batch` it stands for.
+
+    Checks that share keys and rules (a tenant's requests to one route in one billing bucket) become
+    one call carrying the time of each; every other call is sent as it is.
+    """
+    wire: list[_Call | None] = []
+    members: list[list[int]] = []
+    open_groups: dict[tuple[bytes, bytes], int] = {}
+    for i, call in enumerate(batch):
+        prepared = call.prepared
+        if prepared is None:
+            wire.append(call)
+            members.append([i])
+            continue
+        shape = (prepared.head, prepared.tail)
+        k = open_groups.get(shape)
+        if k is None or len(members[k]) >= MAX_CHECKS_PER_CALL:
+            k = open_groups[shape] = len(wire)
+            wire.append(None)
+            members.append([])
+        members[k].append(i)
+    calls: list[_Call] = []
+    for call, indices in zip(wire, members, strict=True):
+        if call is None:
+            prepared = batch[indices[0]].prepared
+            assert prepared is not None
+            nows = [batch[i].now for i in indices]
+            call = _Call(CHECK_SCRIPT, prepared.keys, [len(nows), *nows, *prepared.args], _decision, None,
+                         packed=prepared.pack([_bulk(now) for now in nows]))
+        calls.append(call)
+    return calls, members
+
+
+def _expand(wire: list[_Call], members: list[list[int]], wire_replies: list[Any], size: int) -> list[Any]:
+    """The reply of each call of the batch from the replies of the calls sent (see `_wire_calls`)."""
+    replies: list[Any] = [None] * size
+    for call, indices, reply in zip(wire, members, wire_replies, strict=False):  # short: the rest stays None
+        if call.script is not CHECK_SCRIPT or isinstance(reply, hiredis.ReplyError | Exception):
+            for i in indices:
+                replies[i] = reply
+        elif isinstance(reply, list) and len(reply) == len(indices):
+            for i, one in zip(indices, reply, strict=True):
+                replies[i] = one
+        else:
+            error = ResponseError(f"unexpected reply to {len(indices)} checks: {reply!r}"[:300])
+            for i in indices:
+                replies[i] = error
+    return replies
 
 
 def _fail(call: _Call, error: StoreUnavailable) -> None:
@@ -328,8 +397,8 @@ class RedisUsageStore:
             *counter_keys, *gauge_keys,
         ]
         parts = [b"EVALSHA", CHECK_SCRIPT.sha, len(key_list), *key_list]
-        head = b"*%d\r\n" % (len(parts) + 1 + len(args)) + b"".join(_bulk(part) for part in parts)
-        return PreparedCheck(check.tenant, key_list, args, head, b"".join(_bulk(arg) for arg in args))
+        return PreparedCheck(check.tenant, key_list, args, b"".join(_bulk(part) for part in parts),
+                             b"".join(_bulk(arg) for arg in args), argc=len(parts) + 1 + len(args))
 
     def submit_check(self, prepared: PreparedCheck, now: float,
                      on_abandoned: OnAbandoned | None = None) -> asyncio.Future[Decision]:
@@ -339,10 +408,9 @@ class RedisUsageStore:
         Once written, a check may count whether or not anybody still waits: `on_abandoned` then receives
         the Decision (or the error) the caller would have got, so that it can give the units back.
         """
-        now_text = repr(float(now))
-        call = _Call(CHECK_SCRIPT, prepared.keys, [now_text, *prepared.args], _decision,
-                     asyncio.get_running_loop().create_future(),
-                     packed=prepared.head + _bulk(now_text) + prepared.tail, on_abandoned=on_abandoned)
+        call = _Call(CHECK_SCRIPT, prepared.keys, prepared.args, _decision, asyncio.get_running_loop().create_future(),
+                     on_abandoned=on_abandoned)
+        call.prepared, call.now = prepared, repr(float(now))
         self._enqueue(call, prepared.tenant)
         return call.future  # type: ignore[return-value]
 
@@ -527,12 +595,13 @@ class RedisUsageStore:
             asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
+        wire, members = _wire_calls(batch)
         sent: list[asyncio.Future[list[Any]]] = []  # the RESP reply futures of what was written
         try:
             try:
                 # Not _guarded(): this runs per batch, and a generator-based context manager costs more.
                 async with asyncio.timeout(self._timeout):
-                    replies = await self._send(batch, seen, sent)
+                    replies = _expand(wire, members, await self._send(wire, seen, sent), len(batch))
             except StoreUnavailable:
                 raise
             except _REDIS_ERRORS as exc:
@@ -545,7 +614,7 @@ class RedisUsageStore:
             if answered:
                 # The replies were in just as the time ran out: they count, exactly as if on time.
                 convert = self._resp_replies if self._resp is not None else self._pipeline_replies
-                replies = convert(list(sent[0].result()), len(batch), seen)
+                replies = _expand(wire, members, convert(list(sent[0].result()), len(wire), seen), len(batch))
                 if not any(isinstance(reply, NoScriptError) for reply in replies):
                     self._deliver(batch, replies)
                     return
@@ -561,7 +630,8 @@ class RedisUsageStore:
             if self._resp is not None:  # redis-py's own socket timeouts end a cluster pipeline
                 asyncio.get_running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
             outcomes = [asyncio.get_running_loop().create_future() for _ in batch]
-            late.add_done_callback(lambda done: _resolve_late(batch, done, outcomes))
+            late.add_done_callback(
+                lambda done: _resolve_late(batch, _late_replies(done, wire, members, len(batch)), outcomes))
             for call, applied in zip(batch, outcomes, strict=True):
                 _fail(call, StoreUnavailable(str(exc), applied=applied))
             return

@@ -15,6 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.devservices import RedisProcess
 from metering import keys
 from metering.redis_store import (
+    MAX_CHECKS_PER_CALL,
     PERIOD_KEY_GRACE,
     Check,
     CounterRule,
@@ -261,10 +262,56 @@ async def test_concurrent_calls_share_one_pipeline(store: RedisUsageStore, clien
     await asyncio.gather(*calls)
     assert store.round_trips - before == 1
     stats = await client.info("commandstats")
-    assert stats["cmdstat_evalsha"]["calls"] == 300
+    # The 200 checks share their rules: one script call decides them all; each awaited record is its own.
+    assert stats["cmdstat_evalsha"]["calls"] == 101
     assert await store.usage(t, PERIOD_START, ["chain_deployments", "bandwidth_bytes"]) == {
         "chain_deployments": 200.0, "bandwidth_bytes": 1000.0,
     }
+
+
+async def test_checks_sharing_rules_are_decided_one_by_one_in_one_call(store: RedisUsageStore,
+                                                                        client: Redis) -> None:
+    await store.load_scripts()
+    await client.config_resetstat()
+    t = tenant()
+    rules = {"counters": deployments(limit=50), "billable": (("chain_deployments", 1),)}
+    decisions = await asyncio.gather(*(store.check(make_check(t, NOW + i / 1000, **rules)) for i in range(120)))
+    stats = await client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    # In order: exactly the first 50 pass, each seeing the count its predecessors left.
+    assert [d.allowed for d in decisions] == [True] * 50 + [False] * 70
+    assert [d.used["chain_deployments"] for d in decisions[:50]] == [float(n) for n in range(1, 51)]
+    assert {d.reason for d in decisions[50:]} == {"quota"}
+    assert all(d.used["chain_deployments"] == 50.0 for d in decisions[50:])
+    assert await store.usage(t, PERIOD_START, ["chain_deployments"]) == {"chain_deployments": 50.0}
+    assert await store.bucket(t, BUCKET) == {"chain_deployments": 50.0}
+
+
+async def test_rate_limit_inside_one_call_is_exact(store: RedisUsageStore) -> None:
+    t = tenant()
+    rate = RateRule(per_second=10, burst=10)
+    decisions = await asyncio.gather(*(store.check(make_check(t, NOW, rate=rate)) for _ in range(30)))
+    assert sum(d.allowed for d in decisions) == 10
+    assert [d.rate_remaining for d in decisions[:10]] == list(range(9, -1, -1))
+    assert all(d.reason == "rate" and d.retry_after > 0 for d in decisions[10:])
+    # The TAT written at the end of the call is what the next call sees.
+    later = await store.check(make_check(t, NOW + 0.1, rate=rate))
+    assert later.allowed and later.rate_remaining == 0
+
+
+async def test_checks_with_other_rules_or_beyond_the_cap_go_in_calls_of_their_own(
+        store: RedisUsageStore, client: Redis) -> None:
+    await store.load_scripts()
+    await client.config_resetstat()
+    t, other = tenant(), tenant()
+    calls = [store.check(make_check(t, counters=deployments(None, False))) for _ in range(MAX_CHECKS_PER_CALL + 1)]
+    calls += [store.check(make_check(other, counters=deployments(None, False))) for _ in range(3)]
+    calls += [store.check(make_check(t, counters=deployments(10_000, True))) for _ in range(3)]  # another limit
+    decisions = await asyncio.gather(*calls)
+    assert all(d.allowed for d in decisions)
+    stats = await client.info("commandstats")
+    assert stats["cmdstat_evalsha"]["calls"] == 4  # the cap splits the first group in two
+    assert (await store.usage(t, PERIOD_START, ["chain_deployments"]))["chain_deployments"] == MAX_CHECKS_PER_CALL + 4
 
 
 async def test_scripts_are_reloaded_after_noscript(store: RedisUsageStore, client: Redis) -> None:
