@@ -6,6 +6,7 @@ headers (two `Set-Cookie`) survive. Names are compared lower-cased.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -26,6 +27,9 @@ FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 IDENTITY_PREFIX = b"x-cosmos-"
 REQUEST_ID = b"x-request-id"
 USAGE_REPORT = b"x-cosmos-usage"
+
+# Removed from requests before forwarding (the request id is the gateway's own, set separately).
+_REQUEST_DROP = HOP_BY_HOP | FRAMING | {REQUEST_ID}
 
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
 _TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -70,6 +74,17 @@ def is_trusted(peer: str | None, trusted: Sequence[ipaddress.IPv4Network | ipadd
     return any(address in network for network in trusted)
 
 
+@functools.lru_cache(maxsize=4096)
+def _forwarded_element(peer: str, scheme: str, host: str | None) -> str:
+    """This hop's `Forwarded` element (RFC 7239); the same few values recur, so it is built once each."""
+    node = f"for={_forwarded_node(peer)};proto={scheme}"
+    if host and _TOKEN_RE.match(host.encode("latin-1")):
+        node += f";host={host}"
+    elif host:
+        node += ';host="' + host.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return node
+
+
 def _forwarded_node(peer: str) -> str:
     # RFC 7239 §6: IPv6 addresses are bracketed and the whole value quoted.
     return f'"[{peer}]"' if ":" in peer else peer
@@ -83,17 +98,25 @@ def upstream_request_headers(
     scheme: str,
     request_id: str,
     identity: Iterable[tuple[str, str]] = (),
+    _drop: frozenset[bytes] | None = None,
 ) -> Headers:
     """The headers to send upstream: hop-by-hop, framing and client identity headers removed,
     forwarding headers set, `X-Request-Id` and the verified identity added."""
-    drop = HOP_BY_HOP | FRAMING | connection_tokens(raw)
+    drop = _REQUEST_DROP if _drop is None else _drop
     out: Headers = []
     xff: list[str] = []
     forwarded: list[str] = []
     client_proto = client_host = host = None
     for name, value in raw:
         lower = name.lower()
-        if lower in drop or lower.startswith(IDENTITY_PREFIX) or lower == REQUEST_ID:
+        if lower in drop:
+            if lower == b"connection" and _drop is None and not connection_tokens(((name, value),)) <= drop:
+                # It names further hop-by-hop headers, possibly ones already passed: start over without them.
+                return upstream_request_headers(raw, peer=peer, trusted_peer=trusted_peer, scheme=scheme,
+                                                request_id=request_id, identity=identity,
+                                                _drop=drop | connection_tokens(raw))
+            continue
+        if lower.startswith(IDENTITY_PREFIX):
             continue
         if lower in FORWARDING:
             if trusted_peer:
@@ -114,12 +137,7 @@ def upstream_request_headers(
     xff.append(peer)
     proto = client_proto or scheme
     fwd_host = client_host or host
-    node = f"for={_forwarded_node(peer)};proto={scheme}"
-    if host and _TOKEN_RE.match(host.encode("latin-1")):
-        node += f";host={host}"
-    elif host:
-        node += ';host="' + host.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    forwarded.append(node)
+    forwarded.append(_forwarded_element(peer, scheme, host))
     out.append(("X-Forwarded-For", ", ".join(xff)))
     out.append(("X-Forwarded-Proto", proto))
     if fwd_host:
@@ -150,8 +168,10 @@ def client_response_headers(raw: Sequence[tuple[str, str]], request_id: str) -> 
             usage = value if usage is None else f"{usage}, {value}"
             continue
         if lower in drop:
-            if lower == "connection":  # it names further hop-by-hop headers
-                drop = drop | {t.strip().lower() for t in value.split(",") if t.strip()}
+            if lower == "connection":  # it may name further hop-by-hop headers
+                named = {t.strip().lower() for t in value.split(",")} - {""}
+                if not named <= drop:
+                    drop = drop | named
             continue
         out.append((name, value))
     if drop is not _RESPONSE_DROP:  # a Connection header came after headers it names: filter again

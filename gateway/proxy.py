@@ -218,6 +218,8 @@ class ProxyHandler:
         plan = None if identity is None else (identity.plan or self._default_plan)
         self._metrics.observe(request.method, outcome.status, plan, outcome.route, duration,
                               outcome.upstream_duration)
+        if not self._log.enabled:
+            return
         self._log.write(
             request_id=rid, tenant=None if identity is None else identity.tenant, method=request.method,
             path=request.raw_path, route=outcome.route, status=outcome.status, duration=duration,

@@ -47,7 +47,7 @@ class SmallResponse:
         self.status = status
         self._request = request
         self.keep_alive = request.keep_alive
-        self._data = _serialize(request.version, status, reason, headers, body, self.keep_alive)
+        self._data = serialize(request.version, status, reason, headers, body, self.keep_alive)
 
     async def prepare(self, request: web.BaseRequest) -> None:
         """Write the whole response (aiohttp calls this once the handler has returned it)."""
@@ -63,7 +63,7 @@ class SmallResponse:
         return None
 
 
-def _serialize(version: tuple[int, int], status: int, reason: str, headers: Sequence[tuple[str, str]],
+def serialize(version: tuple[int, int], status: int, reason: str, headers: Sequence[tuple[str, str]],
                body: bytes, keep_alive: bool) -> bytes:
     lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
     has_date = has_type = False

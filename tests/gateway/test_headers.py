@@ -77,3 +77,19 @@ def test_client_response_headers() -> None:
     out, usage = client_response_headers(raw, "rid")
     assert out == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("X-Request-Id", "rid")]
     assert usage == "chains=1, storage_gb=2"
+
+
+def test_headers_named_by_a_later_connection_header_are_dropped_too() -> None:
+    raw = [(b"X-Early", b"1"), (b"Host", b"h"), (b"X-Request-Id", b"client-made"), (b"Connection", b"x-early"),
+           (b"Accept", b"*/*")]
+    out = upstream_request_headers(raw, peer="10.0.0.9", trusted_peer=False, scheme="http", request_id="rid")
+    assert "x-early" not in names(out) and "connection" not in names(out)
+    assert [v for k, v in out if k.lower() == "x-request-id"] == ["rid"]
+    assert dict(out)["Accept"] == "*/*"
+    # A Connection header naming only what is dropped anyway changes nothing.
+    plain = upstream_request_headers([(b"Host", b"h"), (b"Connection", b"keep-alive")], peer="10.0.0.9",
+                                     trusted_peer=False, scheme="http", request_id="rid")
+    assert [k for k, _ in plain] == ["Host", "X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
+                                     "Forwarded", "X-Request-Id"]
+    response, _ = client_response_headers([("X-Early", "1"), ("Connection", "keep-alive, X-Early"), ("A", "b")], "r")
+    assert response == [("A", "b"), ("X-Request-Id", "r")]
