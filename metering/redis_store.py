@@ -162,6 +162,16 @@ class PreparedCheck:
     head: bytes  # EVALSHA, the sha, the number of keys and the keys, without the argument count
     tail: bytes  # the arguments after the times
     argc: int  # the command's arguments without the times
+    used_names: tuple[str, ...]  # the meters of the `used` values of a reply, in order
+    shape: tuple[bytes, bytes]  # (head, tail): equal for checks that may share one script call
+
+    def decide(self, reply: Any) -> Decision:
+        """One decision of the script's reply."""
+        allowed, reason, meter, retry_after, remaining, used = reply
+        # No client here decodes replies: names come as bytes, and float() takes a number's bytes as they are.
+        return Decision(allowed == 1, reason.decode() if reason else None, meter.decode() if meter else None,
+                        float(retry_after), dict(zip(self.used_names, map(float, used), strict=True)),
+                        None if remaining < 0 else int(remaining))
 
     def pack(self, nows: Sequence[bytes]) -> bytes:
         """The whole command for requests at `nows` (each already a RESP bulk string)."""
@@ -171,7 +181,8 @@ class PreparedCheck:
 class _Call:
     """One script call waiting for a pipeline. `future` is None for calls nobody awaits (record_later)."""
 
-    __slots__ = ("args", "future", "keys", "now", "on_abandoned", "on_failure", "packed", "parse", "prepared", "script")
+    __slots__ = ("args", "future", "keys", "members", "now", "on_abandoned", "on_failure", "packed", "parse",
+                 "prepared", "script")
 
     def __init__(self, script: _Script, keys: list[str], args: list[Any], parse: Callable[[Any], Any],
                  future: asyncio.Future[Any] | None, *, packed: bytes | None = None,
@@ -186,6 +197,7 @@ class _Call:
         self.packed = packed  # the command in RESP already (prepared checks), for the RESP connection
         self.prepared: PreparedCheck | None = None  # a check: its rules; sent with the checks that share them
         self.now = ""  # a check: its time
+        self.members: list[_Call] | None = None  # a call carrying checks that share their rules: those checks
 
 
 def _bulk(value: Any) -> bytes:
@@ -228,9 +240,9 @@ def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
-def _resolve_late(batch: list[_Call], replies: list[Any], outcomes: list[asyncio.Future[bool]]) -> None:
+def _resolve_late(calls: list[_Call], replies: list[Any], outcomes: list[asyncio.Future[bool]]) -> None:
     """Whether each call of a timed-out batch counted, from its late reply (False when none came)."""
-    for call, reply, outcome in zip(batch, replies or [None] * len(batch), outcomes, strict=True):
+    for call, reply, outcome in zip(calls, replies or [None] * len(calls), outcomes, strict=True):
         counted = reply is not None and not isinstance(reply, hiredis.ReplyError | Exception)
         if counted and call.script is CHECK_SCRIPT:
             counted = bool(reply[0] == 1)  # a refused check counted nothing
@@ -238,71 +250,53 @@ def _resolve_late(batch: list[_Call], replies: list[Any], outcomes: list[asyncio
             outcome.set_result(counted)
 
 
-def _late_replies(done: asyncio.Future[list[Any]], wire: list[_Call], members: list[list[int]],
-                  size: int) -> list[Any]:
-    """The replies of a timed-out batch's calls once they came late; empty when they never did."""
-    if done.cancelled() or done.exception() is not None:
-        return []
-    return _expand(wire, members, done.result()[:len(wire)], size)
-
-
 # Checks with the same rules in one batch go to Redis as one script call; the script still decides
 # them one by one. This bounds how long one call may hold Redis.
 MAX_CHECKS_PER_CALL = 256
 
 
-def _wire_calls(batch: list[_Call]) -> tuple[list[_Call], list[list[int]]]:
-    """The calls to send for `batch`, and for each the indices in `batch` it stands for.
+def _no_parse(reply: Any) -> Any:
+    raise TypeError("the reply to a group of checks is split among them, not parsed whole")
 
-    Checks that share keys and rules (a tenant's requests to one route in one billing bucket) become
-    one call carrying the time of each; every other call is sent as it is.
-    """
-    wire: list[_Call | None] = []
-    members: list[list[int]] = []
-    open_groups: dict[tuple[bytes, bytes], int] = {}
+
+def _calls(batch: list[_Call]) -> list[_Call]:
+    """The calls of a batch with each group of checks replaced by its checks."""
+    return [member for call in batch for member in (call.members if call.members is not None else (call,))]
+
+
+def _expand(batch: list[_Call], replies: list[Any]) -> list[Any]:
+    """The reply of each of `_calls(batch)`, from the replies to `batch` (None where a reply is missing)."""
+    out: list[Any] = []
     for i, call in enumerate(batch):
-        prepared = call.prepared
-        if prepared is None:
-            wire.append(call)
-            members.append([i])
-            continue
-        shape = (prepared.head, prepared.tail)
-        k = open_groups.get(shape)
-        if k is None or len(members[k]) >= MAX_CHECKS_PER_CALL:
-            k = open_groups[shape] = len(wire)
-            wire.append(None)
-            members.append([])
-        members[k].append(i)
-    calls: list[_Call] = []
-    for call, indices in zip(wire, members, strict=True):
-        if call is None:
-            prepared = batch[indices[0]].prepared
-            assert prepared is not None
-            nows = [batch[i].now for i in indices]
-            call = _Call(CHECK_SCRIPT, prepared.keys, [len(nows), *nows, *prepared.args], _decision, None,
-                         packed=prepared.pack([_bulk(now) for now in nows]))
-        calls.append(call)
-    return calls, members
-
-
-def _expand(wire: list[_Call], members: list[list[int]], wire_replies: list[Any], size: int) -> list[Any]:
-    """The reply of each call of the batch from the replies of the calls sent (see `_wire_calls`)."""
-    replies: list[Any] = [None] * size
-    for call, indices, reply in zip(wire, members, wire_replies, strict=False):  # short: the rest stays None
-        if call.script is not CHECK_SCRIPT or isinstance(reply, hiredis.ReplyError | Exception):
-            for i in indices:
-                replies[i] = reply
-        elif isinstance(reply, list) and len(reply) == len(indices):
-            for i, one in zip(indices, reply, strict=True):
-                replies[i] = one
+        reply = replies[i] if i < len(replies) else None
+        if call.members is None:
+            out.append(reply)
         else:
-            error = ResponseError(f"unexpected reply to {len(indices)} checks: {reply!r}"[:300])
-            for i in indices:
-                replies[i] = error
-    return replies
+            out += _split(reply, len(call.members))
+    return out
+
+
+def _split(reply: Any, n: int) -> list[Any]:
+    """A group's reply as one reply per check; an error (or a reply of the wrong shape) for each."""
+    if isinstance(reply, list) and len(reply) == n:
+        return reply
+    if reply is None or isinstance(reply, hiredis.ReplyError | Exception):
+        return [reply] * n
+    return [ResponseError(f"unexpected reply to {n} checks: {reply!r}"[:300])] * n
+
+
+def _late_replies(done: asyncio.Future[list[Any]], batch: list[_Call]) -> list[Any]:
+    """The replies of a timed-out batch's calls once they came late; empty when they never did."""
+    if done.cancelled() or done.exception() is not None:
+        return []
+    return _expand(batch, done.result()[:len(batch)])
 
 
 def _fail(call: _Call, error: StoreUnavailable) -> None:
+    if call.members is not None:
+        for member in call.members:
+            _fail(member, error)
+        return
     future = call.future
     if future is None:
         if call.on_failure is not None:
@@ -313,25 +307,35 @@ def _fail(call: _Call, error: StoreUnavailable) -> None:
         call.on_abandoned(error)
 
 
+def _settle(call: _Call, reply: Any) -> None:
+    """Hand one call its reply: to the caller, or for a caller that gave up, to `on_abandoned`."""
+    future = call.future
+    if future is None:
+        if isinstance(reply, Exception):
+            _fail(call, StoreUnavailable(f"redis: {reply}"))
+        return
+    if isinstance(reply, Exception):
+        error = StoreUnavailable(f"redis: {reply}")
+        error.__cause__ = reply
+        _fail(call, error)
+        return
+    try:
+        result = call.parse(reply)
+    except (TypeError, ValueError, AttributeError) as exc:  # a script and this module out of step
+        _fail(call, StoreUnavailable(f"unexpected reply {reply!r}: {exc}"))
+        return
+    if not future.done():
+        future.set_result(result)
+    elif future.cancelled() and call.on_abandoned is not None:
+        call.on_abandoned(result)  # the caller gave up after the call was sent: it may have counted
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _number(value: Any) -> float:
     return 0.0 if value is None else float(_text(value))
-
-
-def _decision(reply: Any) -> Decision:
-    allowed, reason, meter, retry_after, remaining, used = reply
-    # The names come as bytes (no client here decodes replies); float() takes the bytes of a number as they are.
-    return Decision(
-        allowed == 1,
-        reason.decode() if reason else None,
-        meter.decode() if meter else None,
-        float(retry_after),
-        {used[i].decode(): float(used[i + 1]) for i in range(0, len(used), 2)},
-        None if remaining < 0 else int(remaining),
-    )
 
 
 def _applied(reply: Any) -> bool:
@@ -357,6 +361,7 @@ class RedisUsageStore:
         self._clock = clock
         self._loaded = False
         self._pending: list[_Call] = []
+        self._pending_checks: dict[tuple[bytes, bytes], _Call] = {}  # the open check group of each shape
         self._pending_seen: set[str] = set()
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Task[None]] = set()
@@ -397,8 +402,10 @@ class RedisUsageStore:
             *counter_keys, *gauge_keys,
         ]
         parts = [b"EVALSHA", CHECK_SCRIPT.sha, len(key_list), *key_list]
-        return PreparedCheck(check.tenant, key_list, args, b"".join(_bulk(part) for part in parts),
-                             b"".join(_bulk(arg) for arg in args), argc=len(parts) + 1 + len(args))
+        head, tail = b"".join(_bulk(part) for part in parts), b"".join(_bulk(arg) for arg in args)
+        return PreparedCheck(check.tenant, key_list, args, head, tail, argc=len(parts) + 1 + len(args),
+                             used_names=tuple(c.meter for c in check.counters) + tuple(g.meter for g in check.guards),
+                             shape=(head, tail))
 
     def submit_check(self, prepared: PreparedCheck, now: float,
                      on_abandoned: OnAbandoned | None = None) -> asyncio.Future[Decision]:
@@ -408,10 +415,18 @@ class RedisUsageStore:
         Once written, a check may count whether or not anybody still waits: `on_abandoned` then receives
         the Decision (or the error) the caller would have got, so that it can give the units back.
         """
-        call = _Call(CHECK_SCRIPT, prepared.keys, prepared.args, _decision, asyncio.get_running_loop().create_future(),
-                     on_abandoned=on_abandoned)
-        call.prepared, call.now = prepared, repr(float(now))
-        self._enqueue(call, prepared.tenant)
+        call = _Call(CHECK_SCRIPT, prepared.keys, prepared.args, prepared.decide,
+                     asyncio.get_running_loop().create_future(), on_abandoned=on_abandoned)
+        call.now = repr(float(now))
+        # Checks with the same rules in one batch go to Redis as one script call, which still decides them
+        # one by one (check_and_count.lua).
+        group = self._pending_checks.get(prepared.shape)
+        if group is None or len(group.members) >= MAX_CHECKS_PER_CALL:  # type: ignore[arg-type]
+            group = self._pending_checks[prepared.shape] = _Call(CHECK_SCRIPT, prepared.keys, prepared.args,
+                                                                 _no_parse, None)
+            group.prepared, group.members = prepared, []
+            self._enqueue(group, prepared.tenant)
+        group.members.append(call)  # type: ignore[union-attr]
         return call.future  # type: ignore[return-value]
 
     async def record(self, record: Record) -> bool:
@@ -564,9 +579,21 @@ class RedisUsageStore:
         self._flush_scheduled = False
         if not (self._pending or self._pending_records) or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
             return
-        # A call whose caller gave up before it was sent is dropped: it must count nothing.
-        batch = [call for call in self._pending if call.future is None or not call.future.done()]
+        batch = []
+        for call in self._pending:
+            if call.members is not None:
+                # A check whose caller gave up before it was sent is dropped: it must count nothing.
+                members = call.members = [m for m in call.members if not m.future.done()]  # type: ignore[union-attr]
+                if not members:
+                    continue
+                prepared = call.prepared
+                assert prepared is not None
+                nows = [m.now for m in members]
+                call.args = [len(nows), *nows, *prepared.args]
+                call.packed = prepared.pack([_bulk(now) for now in nows])
+            batch.append(call)
         self._pending = []
+        self._pending_checks = {}
         if self._pending_records:
             batch += self._record_groups()
         seen, self._pending_seen = self._pending_seen, set()
@@ -595,13 +622,12 @@ class RedisUsageStore:
             asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
-        wire, members = _wire_calls(batch)
         sent: list[asyncio.Future[list[Any]]] = []  # the RESP reply futures of what was written
         try:
             try:
                 # Not _guarded(): this runs per batch, and a generator-based context manager costs more.
                 async with asyncio.timeout(self._timeout):
-                    replies = _expand(wire, members, await self._send(wire, seen, sent), len(batch))
+                    replies = await self._send(batch, seen, sent)
             except StoreUnavailable:
                 raise
             except _REDIS_ERRORS as exc:
@@ -614,7 +640,7 @@ class RedisUsageStore:
             if answered:
                 # The replies were in just as the time ran out: they count, exactly as if on time.
                 convert = self._resp_replies if self._resp is not None else self._pipeline_replies
-                replies = _expand(wire, members, convert(list(sent[0].result()), len(wire), seen), len(batch))
+                replies = convert(list(sent[0].result()), len(batch), seen)
                 if not any(isinstance(reply, NoScriptError) for reply in replies):
                     self._deliver(batch, replies)
                     return
@@ -629,10 +655,10 @@ class RedisUsageStore:
             # its call counted, and the connection is dropped if the replies do not come at all.
             if self._resp is not None:  # redis-py's own socket timeouts end a cluster pipeline
                 asyncio.get_running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
-            outcomes = [asyncio.get_running_loop().create_future() for _ in batch]
-            late.add_done_callback(
-                lambda done: _resolve_late(batch, _late_replies(done, wire, members, len(batch)), outcomes))
-            for call, applied in zip(batch, outcomes, strict=True):
+            calls = _calls(batch)
+            outcomes = [asyncio.get_running_loop().create_future() for _ in calls]
+            late.add_done_callback(lambda done: _resolve_late(calls, _late_replies(done, batch), outcomes))
+            for call, applied in zip(calls, outcomes, strict=True):
                 _fail(call, StoreUnavailable(str(exc), applied=applied))
             return
         self._deliver(batch, replies)
@@ -640,25 +666,11 @@ class RedisUsageStore:
     @staticmethod
     def _deliver(batch: list[_Call], replies: list[Any]) -> None:
         for call, reply in zip(batch, replies, strict=True):
-            future = call.future
-            if future is None:
-                if isinstance(reply, Exception):
-                    _fail(call, StoreUnavailable(f"redis: {reply}"))
+            if call.members is None:
+                _settle(call, reply)
                 continue
-            if isinstance(reply, Exception):
-                error = StoreUnavailable(f"redis: {reply}")
-                error.__cause__ = reply
-                _fail(call, error)
-                continue
-            try:
-                result = call.parse(reply)
-            except (TypeError, ValueError, AttributeError) as exc:  # a script and this module out of step
-                _fail(call, StoreUnavailable(f"unexpected reply {reply!r}: {exc}"))
-                continue
-            if not future.done():
-                future.set_result(result)
-            elif future.cancelled() and call.on_abandoned is not None:
-                call.on_abandoned(result)  # the caller gave up after the call was sent: it may have counted
+            for member, one in zip(call.members, _split(reply, len(call.members)), strict=True):
+                _settle(member, one)
 
     async def _send(self, batch: list[_Call], seen: set[str],
                     sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:

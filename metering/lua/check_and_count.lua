@@ -17,7 +17,8 @@
 --       ng, then ng x (meter, limit),
 --       nb, then nb x (meter, units)
 -- Reply: one decision per request, in order:
---        {allowed 0|1, reason or "", meter or "", retry_after, rate_remaining or -1, {meter, used, ...}}
+--        {allowed 0|1, reason or "", meter or "", retry_after, rate_remaining or -1, {used, ...}}
+--        where `used` is each counter's count (after counting) and then each guard's gauge, in rule order.
 -- Floats travel as strings: Redis truncates Lua numbers to integers in replies.
 -- The times come from the caller's clock (not TIME), so tests can fix the time.
 
@@ -130,12 +131,10 @@ for j = 1, n do
 
   local used = {}
   for i = 1, nc do
-    used[#used + 1] = counters[i].meter
-    used[#used + 1] = fmt(counters[i].used)
+    used[i] = fmt(counters[i].used)
   end
   for i = 1, ng do
-    used[#used + 1] = guards[i].meter
-    used[#used + 1] = fmt(guards[i].value)
+    used[nc + i] = fmt(guards[i].value)
   end
   replies[j] = {reason == '' and 1 or 0, reason, meter, fmt(retry_after), rate_remaining, used}
 end
