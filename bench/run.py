@@ -71,6 +71,25 @@ class Result:
     p50_ms: float
     p99_ms: float
     requests: int = 0
+    cpu_us: float = 0.0  # CPU time (user + system) of the server's processes per request
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (workers), from /proc."""
+    total = 0.0
+    pids = [pid]
+    while pids:
+        current = pids.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+            pids += [int(c) for c in Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+    return total
 
 
 METERED_TARGET = "(d) cosmos-gateway, JWT + metering and quotas"
@@ -164,7 +183,7 @@ def _latency(out: str, pct: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=8, help="wrk duration per target and round")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="processes for nginx proxy and gateway alike")
@@ -197,24 +216,32 @@ def main() -> None:
             "(c) cosmos-gateway, JWT on": (f"http://127.0.0.1:{gateway_port}/api/chains", auth),
             METERED_TARGET: (f"http://127.0.0.1:{metered_port}/api/chains", auth),
         }
+        servers = dict(zip(targets, (processes[0].pid, processes[1].pid, gateway.pid, metered.pid), strict=True))
+        assert redis.process is not None
         results: dict[str, list[Result]] = {name: [] for name in targets}
         for url, headers in targets.values():  # warm-up
             run_wrk(wrk, url, seconds=1, connections=args.connections, threads=args.threads, headers=headers)
         commands_per_request: list[float] = []
+        redis_cpu_per_request: list[float] = []
         for round_no in range(args.rounds):
             for name, (url, headers) in targets.items():
                 before = redis_commands(redis.url) if name == METERED_TARGET else 0
+                cpu_before, redis_before = cpu_seconds(servers[name]), cpu_seconds(redis.process.pid)
                 result = run_wrk(wrk, url, seconds=args.seconds, connections=args.connections,
                                  threads=args.threads, headers=headers)
+                if result.requests:
+                    result.cpu_us = (cpu_seconds(servers[name]) - cpu_before) / result.requests * 1e6
                 if name == METERED_TARGET and result.requests:
                     commands_per_request.append((redis_commands(redis.url) - before) / result.requests)
+                    redis_cpu_per_request.append((cpu_seconds(redis.process.pid) - redis_before) / result.requests)
                 results[name].append(result)
                 print(f"round {round_no + 1} {name}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
-                      f"p99 {result.p99_ms:.2f} ms", file=sys.stderr)
+                      f"p99 {result.p99_ms:.2f} ms, {result.cpu_us:.0f} µs CPU/request", file=sys.stderr)
         report(results, args)
         if commands_per_request:
-            print(f"\nRedis commands per metered request (INFO commandstats, median over rounds): "
-                  f"{statistics.median(commands_per_request):.2f}")
+            print(f"\nRedis per metered request (medians over rounds): "
+                  f"{statistics.median(commands_per_request):.2f} commands (INFO commandstats), "
+                  f"{statistics.median(redis_cpu_per_request) * 1e6:.1f} µs CPU")
     finally:
         for process in processes:
             process.terminate()
@@ -229,7 +256,8 @@ def main() -> None:
 
 def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     median = {name: Result(statistics.median(r.rps for r in rs), statistics.median(r.p50_ms for r in rs),
-                           statistics.median(r.p99_ms for r in rs)) for name, rs in results.items()}
+                           statistics.median(r.p99_ms for r in rs), cpu_us=statistics.median(r.cpu_us for r in rs))
+              for name, rs in results.items()}
     reference = median["(b) nginx reverse proxy"]
     auth_only = median["(c) cosmos-gateway, JWT on"]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -237,15 +265,16 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     print(f"\n{dt.date.today().isoformat()} · {os.cpu_count()} cores ({cpu}) · {platform.system()} "
           f"{platform.release()} · Python {platform.python_version()} · wrk -t{args.threads} "
           f"-c{args.connections} -d{args.seconds}s × {args.rounds} rounds, medians · {args.workers} worker(s)\n")
-    print("| target | requests/s | p50 ms | p99 ms | req/s vs (b) | p99 vs (b) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| target | requests/s | p50 ms | p99 ms | req/s vs (b) | p99 vs (b) | server CPU µs/request |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in median.items():
         print(f"| {name} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.rps / reference.rps:.2f}× "
-              f"| {r.p99_ms / reference.p99_ms:.2f}× |")
+              f"| {r.p99_ms / reference.p99_ms:.2f}× | {r.cpu_us:.0f} |")
     metered = median.get(METERED_TARGET)
     if metered is not None:
         print(f"\n(d)/(c) requests/s: {metered.rps / auth_only.rps:.2f}× (metering costs "
-              f"{(1 - metered.rps / auth_only.rps) * 100:.0f} %)")
+              f"{(1 - metered.rps / auth_only.rps) * 100:.0f} %); gateway CPU per request (c) → (d): "
+              f"{auth_only.cpu_us:.0f} → {metered.cpu_us:.0f} µs ({auth_only.cpu_us / metered.cpu_us:.2f}×)")
 
 
 if __name__ == "__main__":

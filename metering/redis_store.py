@@ -469,8 +469,9 @@ class RedisUsageStore:
         if group is None:
             group = self._pending_records[key] = _RecordGroup(key)
             self._schedule_flush()
-        if on_failure not in group.on_failure:
-            group.on_failure.append(on_failure)
+        callbacks = group.on_failure
+        if not callbacks or (callbacks[-1] is not on_failure and on_failure not in callbacks):
+            callbacks.append(on_failure)
         return group
 
     def _record_call(self, record: Record, *, awaited: bool = True) -> _Call:

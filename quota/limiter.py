@@ -124,6 +124,7 @@ class Limiter:
         self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
         self._periods: dict[int | None, tuple[int, int]] = {}
         self._compiled: dict[tuple[object, ...], _Compiled] = {}
+        self._on_record_failure = self._spool_failed  # one bound method, so the store can tell it is the same
 
     # ------------------------------------------------------------------ before the upstream
 
@@ -233,7 +234,7 @@ class Limiter:
     def _refund_all(self, admission: Admission) -> None:
         refund = tuple((m.name, 1) for m in admission.counted)
         if refund:
-            self._store.record_later(self._record(admission, refund=refund), self._spool_failed)
+            self._store.record_later(self._record(admission, refund=refund), self._on_record_failure)
 
     def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
         plan, tenant = admission.plan, admission.tenant
@@ -282,13 +283,14 @@ class Limiter:
             return
         if not (refund or gauges or admission.spooled):  # the common case: just the byte counts
             self._store.add_later(admission.tenant, admission.period_start, admission.period_end,
-                                  self._writable_bucket(admission.bucket_start), BUCKET_TTL, add, self._spool_failed)
+                                  self._writable_bucket(admission.bucket_start), BUCKET_TTL, add,
+                                  self._on_record_failure)
             return
         record = self._record(admission, refund=refund, add=tuple(add), gauges=gauges)
         if admission.spooled:
             self._spool.append(record)
             return
-        self._store.record_later(record, self._spool_failed)
+        self._store.record_later(record, self._on_record_failure)
 
     def _spool_failed(self, record: Record, error: StoreUnavailable) -> None:
         self._metrics.store_error()
@@ -386,12 +388,11 @@ def _ratelimit_headers(compiled: _Compiled, decision: Decision, period_end: int,
     """RateLimit-Policy and RateLimit: what is left of each policy, and when it is whole again."""
     if compiled.policy is None:
         return ()
-    values: list[int] = []
-    if compiled.rate is not None:
-        values.append(min(compiled.rate.burst, max(0, decision.rate_remaining or 0)))
-    if compiled.limited:
-        reset = max(0, math.ceil(period_end - now))
-        used = decision.used
-        for name, limit in compiled.limited:
-            values += (max(0, int(limit - used.get(name, 0))), reset)
+    reset = period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
+    used = decision.used
+    # The script keeps the rate's remaining within [0, burst].
+    values = [decision.rate_remaining or 0] if compiled.rate is not None else []
+    for name, limit in compiled.limited:
+        left = limit - used.get(name, 0)
+        values += (int(left) if left > 0 else 0, reset)
     return ("RateLimit-Policy", compiled.policy), ("RateLimit", compiled.ratelimit % tuple(values))
