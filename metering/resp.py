@@ -84,6 +84,13 @@ class RespConnection:
     async def connect(self) -> _Protocol:
         return await self._connected()
 
+    def ready(self) -> _Protocol | None:
+        """The open connection, if there is one: callers then send without awaiting anything."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or protocol.transport is None or protocol.transport.is_closing():
+            return None
+        return protocol
+
     def send(self, commands: Sequence[bytes | Sequence[Any]], protocol: _Protocol) -> asyncio.Future[list[Any]]:
         """Write the commands now; the future holds their replies. Once written, they may run even if the
         caller stops waiting: the future still resolves when the replies come (or fails if the connection
