@@ -36,6 +36,10 @@ PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (
 RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week is applied once
 SEEN_EVERY = 60.0  # seconds between two SADDs of one tenant to the global set, per process
 MAX_PIPELINES_IN_FLIGHT = 2  # more calls wait for the next pipeline instead of opening another
+# While one pipeline is out, calls wait for its reply (normally a fraction of a millisecond) and go out
+# together after it: fewer, larger batches. Only a pipeline still out after 10 ms lets a second one
+# go, so a stalled Redis delays new calls by about its timeout (+10 ms), not by two timeouts.
+SECOND_PIPELINE_AFTER = 0.01
 LATE_REPLY_SECONDS = 5.0  # how long a timed-out batch's replies are awaited before the connection is dropped
 _SEEN_MEMORY = 100_000  # tenants remembered before the throttle starts over
 
@@ -376,7 +380,8 @@ class RedisUsageStore:
         self._pending_seen: set[str] = set()
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Future[None]] = set()  # batches in flight: tasks, or futures of _send_now
-        self._flush_scheduled = False
+        self._flush_handle: asyncio.Handle | None = None  # the scheduled _start_flush
+        self._sent_at = 0.0  # loop time the newest pipeline was sent
         self._pending_records: dict[tuple[Any, ...], _RecordGroup] = {}
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
 
@@ -577,9 +582,15 @@ class RedisUsageStore:
             self._pending_seen.add(tenant)
 
     def _schedule_flush(self) -> None:
-        if not self._flush_scheduled and len(self._flushes) < MAX_PIPELINES_IN_FLIGHT:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+        if self._flush_handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        in_flight = len(self._flushes)
+        if in_flight == 0:
+            self._flush_handle = loop.call_soon(self._start_flush)
+        elif in_flight < MAX_PIPELINES_IN_FLIGHT:
+            self._flush_handle = loop.call_at(self._sent_at + SECOND_PIPELINE_AFTER, self._start_flush)
+        # else: the next pipeline goes out when one in flight is done (_flush_done)
 
     def _start_flush(self) -> None:
         """Send everything pending as one pipeline.
@@ -588,9 +599,10 @@ class RedisUsageStore:
         next one. Under load the batches grow instead of the number of round trips, which is what
         keeps Redis work per request flat.
         """
-        self._flush_scheduled = False
+        self._flush_handle = None
         if not (self._pending or self._pending_records) or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
             return
+        self._sent_at = asyncio.get_running_loop().time()
         batch = []
         for call in self._pending:
             if call.members is not None:
@@ -688,9 +700,10 @@ class RedisUsageStore:
 
     def _flush_done(self, task: asyncio.Future[None]) -> None:
         self._flushes.discard(task)
-        if (self._pending or self._pending_records) and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._start_flush)
+        if self._pending or self._pending_records:
+            if self._flush_handle is not None:  # a second pipeline was due later: send now instead
+                self._flush_handle.cancel()
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._start_flush)
 
     async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
         sent: list[asyncio.Future[list[Any]]] = []  # the RESP reply futures of what was written
