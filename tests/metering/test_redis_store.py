@@ -436,3 +436,44 @@ async def test_cluster_reloads_scripts_on_every_master(
     checks = [make_check(t, counters=deployments()) for t in tenants]
     decisions = await asyncio.gather(*(cluster_store.check(check) for check in checks))
     assert [d.used for d in decisions] == [{"chain_deployments": 2.0}] * len(tenants)
+
+
+async def test_checks_timing_out_under_load_are_accounted_exactly_once(redis_server: RedisProcess) -> None:
+    """Redis stalls now and then past a 20 ms timeout: each check is counted by Redis exactly when its
+    caller learns so, on time (an allowed Decision) or late (`applied`), never both and never lost."""
+    client = Redis.from_url(redis_server.url)
+    store = RedisUsageStore(client, timeout=0.02)
+    await store.load_scripts()
+    blocker = Redis.from_url(redis_server.url)
+    t = tenant()
+    stalling = True
+
+    async def stall() -> None:
+        while stalling:
+            await blocker.eval(BUSY_SCRIPT, 0, 30_000)  # 30 ms: the batches sent meanwhile time out
+            await asyncio.sleep(0.03)
+
+    async def one(i: int) -> tuple[bool, bool]:  # (counted, timed out)
+        await asyncio.sleep(i % 100 / 150)  # spread over ~0.7 s
+        try:
+            decision = await store.check(make_check(t, counters=deployments(None, False),
+                                                    billable=(("chain_deployments", 1),)))
+        except StoreUnavailable as error:
+            return (False if error.applied is None else await error.applied), True
+        return decision.allowed, False
+
+    staller = asyncio.create_task(stall())
+    try:
+        outcomes = await asyncio.gather(*(one(i) for i in range(1500)))
+    finally:
+        stalling = False
+        await staller
+    timed_out = sum(late for _, late in outcomes)
+    assert 0 < timed_out < 1500, timed_out  # both paths were taken
+    counted = sum(c for c, _ in outcomes)
+    usage = await store.usage(t, PERIOD_START, ["chain_deployments"])
+    assert usage == {"chain_deployments": float(counted)}, (counted, timed_out)
+    assert (await store.bucket(t, BUCKET)).get("chain_deployments", 0) == counted
+    await store.aclose()
+    await blocker.aclose()
+    await client.aclose()
