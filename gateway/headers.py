@@ -98,11 +98,21 @@ def upstream_request_headers(
     scheme: str,
     request_id: str,
     identity: Iterable[tuple[str, str]] = (),
-    _drop: frozenset[bytes] | None = None,
 ) -> Headers:
     """The headers to send upstream: hop-by-hop, framing and client identity headers removed,
     forwarding headers set, `X-Request-Id` and the verified identity added."""
-    drop = _REQUEST_DROP if _drop is None else _drop
+    headers = _request_headers(raw, _REQUEST_DROP, peer, trusted_peer, scheme, request_id, identity)
+    if headers is None:  # a Connection header names further hop-by-hop headers: drop those too
+        headers = _request_headers(raw, _REQUEST_DROP | connection_tokens(raw), peer, trusted_peer, scheme,
+                                   request_id, identity)
+    assert headers is not None
+    return headers
+
+
+def _request_headers(raw: RawHeaders, drop: frozenset[bytes], peer: str | None, trusted_peer: bool, scheme: str,
+                     request_id: str, identity: Iterable[tuple[str, str]]) -> Headers | None:
+    """`upstream_request_headers` dropping `drop`; None if a Connection header names a header not in it
+    (possibly one already passed), so that the caller starts over with those names added."""
     out: Headers = []
     xff: list[str] = []
     forwarded: list[str] = []
@@ -110,11 +120,8 @@ def upstream_request_headers(
     for name, value in raw:
         lower = name.lower()
         if lower in drop:
-            if lower == b"connection" and _drop is None and not connection_tokens(((name, value),)) <= drop:
-                # It names further hop-by-hop headers, possibly ones already passed: start over without them.
-                return upstream_request_headers(raw, peer=peer, trusted_peer=trusted_peer, scheme=scheme,
-                                                request_id=request_id, identity=identity,
-                                                _drop=drop | connection_tokens(raw))
+            if lower == b"connection" and not connection_tokens(((name, value),)) <= drop:
+                return None
             continue
         if lower.startswith(IDENTITY_PREFIX):
             continue
@@ -148,10 +155,9 @@ def upstream_request_headers(
     return out
 
 
-# Never passed to the client: hop-by-hop, framing (the gateway re-frames the body), and the request id
-# (the gateway's own is set). Names are lower-case str, as the upstream client delivers them.
-_RESPONSE_DROP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "content-length",
-                            "te", "trailer", "upgrade", "proxy-authenticate", "proxy-authorization", "x-request-id"})
+# Never passed to the client either (the gateway re-frames the body and sets its own request id); as str,
+# the way the upstream client delivers names.
+_RESPONSE_DROP = frozenset(name.decode() for name in _REQUEST_DROP)
 _USAGE_REPORT_STR = USAGE_REPORT.decode()
 
 

@@ -40,12 +40,11 @@ class UnsafeHeader(ValueError):
 class SmallResponse:
     """A complete response of known, small size; `status` is what access logs and metrics read."""
 
-    __slots__ = ("_data", "_request", "keep_alive", "status")
+    __slots__ = ("_data", "keep_alive", "status")
 
     def __init__(self, request: web.BaseRequest, status: int, reason: str, headers: Sequence[tuple[str, str]],
                  body: bytes) -> None:
         self.status = status
-        self._request = request
         self.keep_alive = request.keep_alive
         self._data = serialize(request.version, status, reason, headers, body, self.keep_alive)
 

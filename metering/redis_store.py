@@ -183,7 +183,8 @@ class PreparedCheck:
 
 
 class _Call:
-    """One script call waiting for a pipeline. `future` is None for calls nobody awaits (record_later)."""
+    """One script call waiting for a pipeline: a record, a check, or a group of checks sent as one call
+    (`members`). `future` is None for calls nobody awaits: records of `record_later` and groups."""
 
     __slots__ = ("args", "future", "keys", "members", "now", "on_abandoned", "on_failure", "packed", "parse",
                  "prepared", "script")
