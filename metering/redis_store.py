@@ -172,37 +172,65 @@ class PreparedCheck:
     def decide(self, reply: Any) -> Decision:
         """One decision of the script's reply."""
         allowed, reason, meter, retry_after, remaining, used = reply
+        names = self.used_names
+        if len(used) != len(names):
+            raise ValueError(f"{len(used)} used values for {len(names)} meters")
         # No client here decodes replies: names come as bytes, and float() takes a number's bytes as they are.
-        return Decision(allowed == 1, reason.decode() if reason else None, meter.decode() if meter else None,
-                        float(retry_after), dict(zip(self.used_names, map(float, used), strict=True)),
-                        None if remaining < 0 else int(remaining))
+        # One meter is the common case, and a literal is several times cheaper than dict(zip()).
+        if len(names) == 1:
+            values = {names[0]: float(used[0])}
+        else:
+            values = {name: float(value) for name, value in zip(names, used, strict=True)}
+        remaining = None if remaining < 0 else int(remaining)
+        if allowed == 1:
+            return Decision(True, None, None, 0.0, values, remaining)
+        return Decision(False, reason.decode() if reason else None, meter.decode() if meter else None,
+                        float(retry_after), values, remaining)
 
     def pack(self, nows: Sequence[bytes]) -> bytes:
-        """The whole command for requests at `nows` (each already a RESP bulk string)."""
-        return b"".join((b"*%d\r\n" % (self.argc + len(nows)), self.head, _bulk(len(nows)), *nows, self.tail))
+        """The whole command for requests at `nows` (microseconds, as digits)."""
+        return b"".join((b"*%d\r\n" % (self.argc + len(nows)), self.head, _bulk(len(nows)),
+                         *[b"$%d\r\n%s\r\n" % (len(now), now) for now in nows], self.tail))
 
 
 class _Call:
     """One script call waiting for a pipeline: a record, a check, or a group of checks sent as one call
     (`members`). `future` is None for calls nobody awaits: records of `record_later` and groups."""
 
-    __slots__ = ("args", "future", "keys", "members", "now", "on_abandoned", "on_failure", "packed", "parse",
-                 "prepared", "script")
+    __slots__ = ("args", "future", "keys", "members", "on_failure", "packed", "parse", "prepared", "script")
+    on_abandoned = None  # only the checks of a group (`_Check`) are told what they counted late
 
     def __init__(self, script: _Script, keys: list[str], args: list[Any], parse: Callable[[Any], Any],
-                 future: asyncio.Future[Any] | None, *, packed: bytes | None = None,
-                 on_abandoned: OnAbandoned | None = None) -> None:
+                 future: asyncio.Future[Any] | None) -> None:
         self.script = script
         self.keys = keys
         self.args = args
         self.parse = parse
         self.future = future
         self.on_failure: Callable[[StoreUnavailable], None] | None = None
-        self.on_abandoned = on_abandoned  # checks: told what a call counted after its caller gave up
-        self.packed = packed  # the command in RESP already (prepared checks), for the RESP connection
-        self.prepared: PreparedCheck | None = None  # a check: its rules; sent with the checks that share them
-        self.now = ""  # a check: its time
-        self.members: list[_Call] | None = None  # a call carrying checks that share their rules: those checks
+        self.packed: bytes | None = None  # a group of checks: the command in RESP already, for the RESP connection
+        self.prepared: PreparedCheck | None = None  # a group of checks: the rules they share
+        self.members: list[_Check] | None = None  # a group of checks: those checks, in order
+
+
+class _Check:
+    """One request's check inside a group (`_Call.members`): what the group's reply is split among.
+
+    It answers to the attributes of a `_Call` that the reply and failure paths read; the constant ones
+    live on the class, so that creating one per request sets only what differs.
+    """
+
+    __slots__ = ("future", "now", "on_abandoned", "parse")
+    script = CHECK_SCRIPT
+    members = None
+    on_failure = None
+
+    def __init__(self, parse: Callable[[Any], Decision], future: asyncio.Future[Decision], now: bytes,
+                 on_abandoned: OnAbandoned | None) -> None:
+        self.parse = parse
+        self.future = future
+        self.now = now  # the request's time in whole microseconds, as digits
+        self.on_abandoned = on_abandoned
 
 
 def _bulk(value: Any) -> bytes:
@@ -245,7 +273,7 @@ def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
     return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
 
 
-def _resolve_late(calls: list[_Call], replies: list[Any], outcomes: list[asyncio.Future[bool]]) -> None:
+def _resolve_late(calls: list[_Call | _Check], replies: list[Any], outcomes: list[asyncio.Future[bool]]) -> None:
     """Whether each call of a timed-out batch counted, from its late reply (False when none came)."""
     for call, reply, outcome in zip(calls, replies or [None] * len(calls), outcomes, strict=True):
         counted = reply is not None and not isinstance(reply, hiredis.ReplyError | Exception)
@@ -264,7 +292,7 @@ def _no_parse(reply: Any) -> Any:
     raise TypeError("the reply to a group of checks is split among them, not parsed whole")
 
 
-def _calls(batch: list[_Call]) -> list[_Call]:
+def _calls(batch: list[_Call]) -> list[_Call | _Check]:
     """The calls of a batch with each group of checks replaced by its checks."""
     return [member for call in batch for member in (call.members if call.members is not None else (call,))]
 
@@ -297,7 +325,7 @@ def _late_replies(done: asyncio.Future[list[Any]], batch: list[_Call]) -> list[A
     return _expand(batch, done.result()[:len(batch)])
 
 
-def _fail(call: _Call, error: StoreUnavailable) -> None:
+def _fail(call: _Call | _Check, error: StoreUnavailable) -> None:
     if call.members is not None:
         for member in call.members:
             _fail(member, error)
@@ -323,7 +351,7 @@ def _commands(batch: list[_Call], seen: set[str]) -> list[bytes | tuple[Any, ...
     return commands
 
 
-def _settle(call: _Call, reply: Any) -> None:
+def _settle(call: _Call | _Check, reply: Any) -> None:
     """Hand one call its reply: to the caller, or for a caller that gave up, to `on_abandoned`."""
     future = call.future
     if future is None:
@@ -385,8 +413,17 @@ class RedisUsageStore:
         self._sent_at = 0.0  # loop time the newest pipeline was sent
         self._pending_records: dict[tuple[Any, ...], _RecordGroup] = {}
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
+        # The loop the store is first used in, and stays in (as a redis-py client does). Kept because
+        # asyncio.get_running_loop() makes a getpid() system call each time on Linux (Python 3.11).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- the hot path -------------------------------------------------------------------------------
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def check(self, check: Check) -> Decision:
         """Decide and count one request; batched with the calls of the same loop iteration."""
@@ -432,9 +469,7 @@ class RedisUsageStore:
         Once written, a check may count whether or not anybody still waits: `on_abandoned` then receives
         the Decision (or the error) the caller would have got, so that it can give the units back.
         """
-        call = _Call(CHECK_SCRIPT, prepared.keys, prepared.args, prepared.decide,
-                     asyncio.get_running_loop().create_future(), on_abandoned=on_abandoned)
-        call.now = repr(float(now))
+        future = self._running_loop().create_future()
         # Checks with the same rules in one batch go to Redis as one script call, which still decides them
         # one by one (check_and_count.lua).
         group = self._pending_checks.get(prepared.shape)
@@ -443,8 +478,9 @@ class RedisUsageStore:
                                                                  _no_parse, None)
             group.prepared, group.members = prepared, []
             self._enqueue(group, prepared.tenant)
-        group.members.append(call)  # type: ignore[union-attr]
-        return call.future  # type: ignore[return-value]
+        # The time in whole microseconds: formatting an integer costs a fraction of a float's repr.
+        group.members.append(_Check(prepared.decide, future, b"%d" % (now * 1e6), on_abandoned))  # type: ignore[union-attr]
+        return future
 
     async def record(self, record: Record) -> bool:
         """Apply refunds, byte counts and gauges; False when `record_id` was already applied."""
@@ -513,7 +549,7 @@ class RedisUsageStore:
             if not math.isfinite(value):
                 raise ValueError(f"gauge {meter} must be finite, got {value!r}")
             args += [meter, repr(float(value))]
-        future = asyncio.get_running_loop().create_future() if awaited else None
+        future = self._running_loop().create_future() if awaited else None
         return _Call(RECORD_SCRIPT, key_list, args, _applied, future)
 
     # -- reads (admin, usage view, billing) ----------------------------------------------------------
@@ -585,7 +621,7 @@ class RedisUsageStore:
     def _schedule_flush(self) -> None:
         if self._flush_handle is not None:
             return
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         in_flight = len(self._flushes)
         if in_flight == 0:
             self._flush_handle = loop.call_soon(self._start_flush)
@@ -603,7 +639,7 @@ class RedisUsageStore:
         self._flush_handle = None
         if not (self._pending or self._pending_records) or len(self._flushes) >= MAX_PIPELINES_IN_FLIGHT:
             return
-        self._sent_at = asyncio.get_running_loop().time()
+        self._sent_at = self._running_loop().time()
         batch = []
         for call in self._pending:
             if call.members is not None:
@@ -615,7 +651,7 @@ class RedisUsageStore:
                 assert prepared is not None
                 nows = [m.now for m in members]
                 call.args = [len(nows), *nows, *prepared.args]
-                call.packed = prepared.pack([_bulk(now) for now in nows])
+                call.packed = prepared.pack(nows)
             batch.append(call)
         self._pending = []
         self._pending_checks = {}
@@ -629,7 +665,7 @@ class RedisUsageStore:
             self._send_now(batch, seen, protocol)
             return
         # First use, a lost connection or a cluster: the coroutine that can connect and load the scripts.
-        task = asyncio.get_running_loop().create_task(self._flush(batch, seen))
+        task = self._running_loop().create_task(self._flush(batch, seen))
         self._flushes.add(task)
         task.add_done_callback(self._flush_done)
 
@@ -639,7 +675,7 @@ class RedisUsageStore:
         Same outcome as `_flush`, without a task, a timeout context and a shield per batch.
         """
         assert self._resp is not None
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         try:
             reply = self._resp.send(_commands(batch, seen), protocol)
         except Exception as exc:  # nothing was written: nothing can have counted
@@ -704,7 +740,7 @@ class RedisUsageStore:
         if self._pending or self._pending_records:
             if self._flush_handle is not None:  # a second pipeline was due later: send now instead
                 self._flush_handle.cancel()
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._start_flush)
+            self._flush_handle = self._running_loop().call_soon(self._start_flush)
 
     async def _flush(self, batch: list[_Call], seen: set[str]) -> None:
         sent: list[asyncio.Future[list[Any]]] = []  # the RESP reply futures of what was written
@@ -745,9 +781,9 @@ class RedisUsageStore:
         # Written but unanswered in time: the scripts may still run. Each caller learns later whether
         # its call counted, and the connection is dropped if the replies do not come at all.
         if self._resp is not None:  # redis-py's own socket timeouts end a cluster pipeline
-            asyncio.get_running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
+            self._running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
         calls = _calls(batch)
-        outcomes = [asyncio.get_running_loop().create_future() for _ in calls]
+        outcomes = [self._running_loop().create_future() for _ in calls]
         late.add_done_callback(lambda done: _resolve_late(calls, _late_replies(done, batch), outcomes))
         for call, applied in zip(calls, outcomes, strict=True):
             _fail(call, StoreUnavailable(str(exc), applied=applied))

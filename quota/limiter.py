@@ -93,7 +93,7 @@ class _Compiled:
     rate: Rate | None
     check: Check  # its `now` is the first request's; kept for the fail-open spool, which ignores it
     prepared: PreparedCheck | None  # None: nothing to check or count
-    policy: str | None  # the RateLimit-Policy header
+    policy: tuple[str, str] | None  # the RateLimit-Policy header
     route: str  # the meter_route label
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
     ratelimit: str  # the RateLimit header with %d in place of each remaining and reset
@@ -125,6 +125,8 @@ class Limiter:
         self._periods: dict[int | None, tuple[int, int]] = {}
         self._compiled: dict[tuple[object, ...], _Compiled] = {}
         self._on_record_failure = self._spool_failed  # one bound method, so the store can tell it is the same
+        # The byte meters as (name, counts the request's bytes, not the response's).
+        self._byte_sources = tuple((m.name, m.source == "request_bytes") for m in matcher.byte_meters)
 
     # ------------------------------------------------------------------ before the upstream
 
@@ -264,6 +266,15 @@ class Limiter:
     def complete(self, admission: Admission, status: int, request_bytes: int, response_bytes: int,
                  usage_report: str | None) -> None:
         """Record what the response adds or gives back; the request does not wait for it."""
+        if status < 500 and usage_report is None and not admission.spooled:
+            # The common case: a response that only adds its byte counts (`_byte_sources`, built once).
+            add = [(name, units) for name, of_request in self._byte_sources
+                   if (units := request_bytes if of_request else response_bytes) > 0]
+            if add:
+                self._store.add_later(admission.tenant, admission.period_start, admission.period_end,
+                                      self._writable_bucket(admission.bucket_start), BUCKET_TTL, add,
+                                      self._on_record_failure)
+            return
         failed = status >= 500
         refund = tuple((m.name, 1) for m in admission.counted if not m.bill_server_errors) if failed else ()
         add = []
@@ -280,11 +291,6 @@ class Limiter:
                 self._metrics.bad_usage_report(bad)
             gauges = tuple(values.items())
         if not (refund or add or gauges):
-            return
-        if not (refund or gauges or admission.spooled):  # the common case: just the byte counts
-            self._store.add_later(admission.tenant, admission.period_start, admission.period_end,
-                                  self._writable_bucket(admission.bucket_start), BUCKET_TTL, add,
-                                  self._on_record_failure)
             return
         record = self._record(admission, refund=refund, add=tuple(add), gauges=gauges)
         if admission.spooled:
@@ -366,8 +372,9 @@ def _guard_path(glob: str, path: str) -> bool:
 
 
 def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mapping[str, Quota],
-                      window: int) -> tuple[str | None, tuple[tuple[str, int], ...], str]:
-    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers), the limited meters, and the RateLimit template.
+                      window: int) -> tuple[tuple[str, str] | None, tuple[tuple[str, int], ...], str]:
+    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers) as a header, the limited meters, and the
+    RateLimit template.
 
     All three are the same for every request of a compiled check, so they are built once.
     """
@@ -380,19 +387,22 @@ def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mappi
             policies.append(f'"{meter.name}";q={int(quota.limit)};w={window}')
             template.append(f'"{meter.name}";r=%d;t=%d')
             limited.append((meter.name, int(quota.limit)))
-    return (", ".join(policies) if policies else None), tuple(limited), ", ".join(template)
+    policy = ("RateLimit-Policy", ", ".join(policies)) if policies else None
+    return policy, tuple(limited), ", ".join(template)
 
 
 def _ratelimit_headers(compiled: _Compiled, decision: Decision, period_end: int,
                        now: float) -> tuple[tuple[str, str], ...]:
     """RateLimit-Policy and RateLimit: what is left of each policy, and when it is whole again."""
-    if compiled.policy is None:
+    policy = compiled.policy
+    if policy is None:
         return ()
     reset = period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
     used = decision.used
-    # The script keeps the rate's remaining within [0, burst].
+    # The script keeps the rate's remaining within [0, burst]; %d truncates what is left of a quota.
     values = [decision.rate_remaining or 0] if compiled.rate is not None else []
     for name, limit in compiled.limited:
         left = limit - used.get(name, 0)
-        values += (int(left) if left > 0 else 0, reset)
-    return ("RateLimit-Policy", compiled.policy), ("RateLimit", compiled.ratelimit % tuple(values))
+        values.append(left if left > 0 else 0)
+        values.append(reset)
+    return policy, ("RateLimit", compiled.ratelimit % tuple(values))

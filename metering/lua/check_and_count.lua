@@ -10,7 +10,7 @@
 -- KEYS[2]            billing bucket hash (meter -> billable units)
 -- KEYS[3..2+nc]      period counter of each counter rule
 -- KEYS[3+nc..]       gauge key of each guard rule
--- ARGV: n, now_1 .. now_n, then
+-- ARGV: n, now_1 .. now_n (whole microseconds), then
 --       expire_at (period keys), period_end, bucket_ttl,
 --       has_rate, per_second, burst,
 --       nc, then nc x (meter, units, limit or "", enforce 0|1),
@@ -79,7 +79,7 @@ end
 local admitted = 0
 local replies = {}
 for j = 1, n do
-  local now = tonumber(ARGV[1 + j])
+  local now = tonumber(ARGV[1 + j]) / 1000000
   local reason, meter, retry_after = '', '', 0
   local rate_remaining = -1
   local new_tat
