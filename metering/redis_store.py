@@ -166,26 +166,33 @@ class PreparedCheck:
     head: bytes  # EVALSHA, the sha, the number of keys and the keys, without the argument count
     tail: bytes  # the arguments after the times
     argc: int  # the command's arguments without the times
-    used_names: tuple[str, ...]  # the meters of the `used` values of a reply, in order
+    used_names: tuple[str, ...]  # the meters of a decision's `used` values: counters, then guards
+    used_units: tuple[int, ...]  # what one admitted request adds to each of them (0 for a guard)
     shape: tuple[bytes, bytes]  # (head, tail): equal for checks that may share one script call
 
-    def decide(self, reply: Any) -> Decision:
-        """One decision of the script's reply."""
-        allowed, reason, meter, retry_after, remaining, used = reply
-        names = self.used_names
-        if len(used) != len(names):
-            raise ValueError(f"{len(used)} used values for {len(names)} meters")
-        # No client here decodes replies: names come as bytes, and float() takes a number's bytes as they are.
-        # One meter is the common case, and a literal is several times cheaper than dict(zip()).
-        if len(names) == 1:
-            values = {names[0]: float(used[0])}
-        else:
-            values = {name: float(value) for name, value in zip(names, used, strict=True)}
-        remaining = None if remaining < 0 else int(remaining)
-        if allowed == 1:
-            return Decision(True, None, None, 0.0, values, remaining)
-        return Decision(False, reason.decode() if reason else None, meter.decode() if meter else None,
-                        float(retry_after), values, remaining)
+    def decide(self, reply: Any, n: int) -> list[Decision]:
+        """The decisions of the `n` requests of one script call, from its reply (see check_and_count.lua)."""
+        if not isinstance(reply, list) or len(reply) != n + 1 or len(reply[0]) != len(self.used_names):
+            raise ValueError(f"not a reply to {n} checks of {len(self.used_names)} meters")
+        names, units = self.used_names, self.used_units
+        # No client here decodes replies: float() takes a number's bytes as they are.
+        before = [float(value) for value in reply[0]]
+        one = len(names) == 1  # the common case: a dict literal costs a fraction of a comprehension
+        decisions = []
+        admitted = 0
+        for item in reply[1:]:
+            if item.__class__ is int:  # admitted: the rate's remaining, or -1
+                admitted += 1
+                allowed, reason, meter, retry_after, remaining = True, None, None, 0.0, item
+            else:
+                allowed, retry_after = False, float(item[2])
+                reason, meter, remaining = item[0].decode(), item[1].decode() or None, item[3]
+            if one:
+                used = {names[0]: before[0] + units[0] * admitted}
+            else:
+                used = {name: start + unit * admitted for name, start, unit in zip(names, before, units, strict=True)}
+            decisions.append(Decision(allowed, reason, meter, retry_after, used, None if remaining < 0 else remaining))
+        return decisions
 
     def pack(self, nows: Sequence[bytes]) -> bytes:
         """The whole command for requests at `nows` (microseconds, as digits)."""
@@ -213,6 +220,10 @@ class _Call:
         self.members: list[_Check] | None = None  # a group of checks: those checks, in order
 
 
+def _decided(decision: Decision) -> Decision:
+    return decision
+
+
 class _Check:
     """One request's check inside a group (`_Call.members`): what the group's reply is split among.
 
@@ -220,14 +231,13 @@ class _Check:
     live on the class, so that creating one per request sets only what differs.
     """
 
-    __slots__ = ("future", "now", "on_abandoned", "parse")
+    __slots__ = ("future", "now", "on_abandoned")
     script = CHECK_SCRIPT
     members = None
     on_failure = None
+    parse = staticmethod(_decided)  # the group's reply is decided whole (`_split`), each check gets its Decision
 
-    def __init__(self, parse: Callable[[Any], Decision], future: asyncio.Future[Decision], now: bytes,
-                 on_abandoned: OnAbandoned | None) -> None:
-        self.parse = parse
+    def __init__(self, future: asyncio.Future[Decision], now: bytes, on_abandoned: OnAbandoned | None) -> None:
         self.future = future
         self.now = now  # the request's time in whole microseconds, as digits
         self.on_abandoned = on_abandoned
@@ -278,7 +288,7 @@ def _resolve_late(calls: list[_Call | _Check], replies: list[Any], outcomes: lis
     for call, reply, outcome in zip(calls, replies or [None] * len(calls), outcomes, strict=True):
         counted = reply is not None and not isinstance(reply, hiredis.ReplyError | Exception)
         if counted and call.script is CHECK_SCRIPT:
-            counted = bool(reply[0] == 1)  # a refused check counted nothing
+            counted = reply.allowed  # a check's reply is its Decision (`_split`); a refused one counted nothing
         if not outcome.done():
             outcome.set_result(counted)
 
@@ -305,17 +315,20 @@ def _expand(batch: list[_Call], replies: list[Any]) -> list[Any]:
         if call.members is None:
             out.append(reply)
         else:
-            out += _split(reply, len(call.members))
+            out += _split(reply, call)
     return out
 
 
-def _split(reply: Any, n: int) -> list[Any]:
-    """A group's reply as one reply per check; an error (or a reply of the wrong shape) for each."""
-    if isinstance(reply, list) and len(reply) == n:
-        return reply
+def _split(reply: Any, group: _Call) -> list[Any]:
+    """A group's reply as the Decision of each of its checks; an error (or a reply of the wrong shape) for each."""
+    assert group.members is not None and group.prepared is not None
+    n = len(group.members)
     if reply is None or isinstance(reply, hiredis.ReplyError | Exception):
         return [reply] * n
-    return [ResponseError(f"unexpected reply to {n} checks: {reply!r}"[:300])] * n
+    try:
+        return group.prepared.decide(reply, n)
+    except (TypeError, ValueError, AttributeError, IndexError) as exc:  # a script and this module out of step
+        return [ResponseError(f"unexpected reply to {n} checks: {exc}; {reply!r}"[:300])] * n
 
 
 def _late_replies(done: asyncio.Future[list[Any]], batch: list[_Call]) -> list[Any]:
@@ -459,6 +472,7 @@ class RedisUsageStore:
         head, tail = b"".join(_bulk(part) for part in parts), b"".join(_bulk(arg) for arg in args)
         return PreparedCheck(check.tenant, key_list, args, head, tail, argc=len(parts) + 1 + len(args),
                              used_names=tuple(c.meter for c in check.counters) + tuple(g.meter for g in check.guards),
+                             used_units=tuple(c.units for c in check.counters) + (0,) * len(check.guards),
                              shape=(head, tail))
 
     def submit_check(self, prepared: PreparedCheck, now: float,
@@ -479,7 +493,7 @@ class RedisUsageStore:
             group.prepared, group.members = prepared, []
             self._enqueue(group, prepared.tenant)
         # The time in whole microseconds: formatting an integer costs a fraction of a float's repr.
-        group.members.append(_Check(prepared.decide, future, b"%d" % (now * 1e6), on_abandoned))  # type: ignore[union-attr]
+        group.members.append(_Check(future, b"%d" % (now * 1e6), on_abandoned))  # type: ignore[union-attr]
         return future
 
     async def record(self, record: Record) -> bool:
@@ -794,7 +808,7 @@ class RedisUsageStore:
             if call.members is None:
                 _settle(call, reply)
                 continue
-            for member, one in zip(call.members, _split(reply, len(call.members)), strict=True):
+            for member, one in zip(call.members, _split(reply, call), strict=True):
                 _settle(member, one)
 
     async def _send(self, batch: list[_Call], seen: set[str],

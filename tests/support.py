@@ -25,6 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-only-hs256-secret-0123456789abcdef0123"
 ISSUER = "https://auth.test/"
 AUDIENCE = "cosmosbuilder-api"
+# EVAL it with a number of microseconds to keep the single-threaded Redis busy that long: a stall for
+# timeout tests (DEBUG SLEEP is disabled by default).
+BUSY_SCRIPT = """
+local function micros() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end
+local start = micros()
+while micros() - start < tonumber(ARGV[1]) do end
+"""
 
 
 def token(tenant: str | None = "acme", *, ttl: int = 600, secret: str = SECRET, **claims: Any) -> str:

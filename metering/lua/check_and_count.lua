@@ -16,9 +16,12 @@
 --       nc, then nc x (meter, units, limit or "", enforce 0|1),
 --       ng, then ng x (meter, limit),
 --       nb, then nb x (meter, units)
--- Reply: one decision per request, in order:
---        {allowed 0|1, reason or "", meter or "", retry_after, rate_remaining or -1, {used, ...}}
---        where `used` is each counter's count (after counting) and then each guard's gauge, in rule order.
+-- Reply: {{before, ...}, decision_1, ..., decision_n}
+--        `before` is each counter's count before this call and then each guard's gauge, in rule order;
+--        a decision is the rate's remaining (-1 without a rate) for an admitted request, and
+--        {reason, meter or "", retry_after, rate_remaining or -1} for a refused one. What a request
+--        saw of a counter is `before` plus its units times the requests admitted up to it (the
+--        caller works it out), so an admitted request costs one integer in the reply.
 -- Floats travel as strings: Redis truncates Lua numbers to integers in replies.
 -- The times come from the caller's clock (not TIME), so tests can fix the time.
 
@@ -77,7 +80,14 @@ if has_rate then
 end
 
 local admitted = 0
-local replies = {}
+local before = {}
+for i = 1, nc do
+  before[i] = fmt(counters[i].used)
+end
+for i = 1, ng do
+  before[nc + i] = fmt(guards[i].value)
+end
+local replies = {before}
 for j = 1, n do
   local now = tonumber(ARGV[1 + j]) / 1000000
   local reason, meter, retry_after = '', '', 0
@@ -127,16 +137,10 @@ for j = 1, n do
     if has_rate then
       tat, last_now = new_tat, now
     end
+    replies[1 + j] = rate_remaining
+  else
+    replies[1 + j] = {reason, meter, fmt(retry_after), rate_remaining}
   end
-
-  local used = {}
-  for i = 1, nc do
-    used[i] = fmt(counters[i].used)
-  end
-  for i = 1, ng do
-    used[nc + i] = fmt(guards[i].value)
-  end
-  replies[j] = {reason == '' and 1 or 0, reason, meter, fmt(retry_after), rate_remaining, used}
 end
 
 if admitted > 0 then

@@ -26,6 +26,7 @@ from metering.redis_store import (
     StoreUnavailable,
 )
 from tests.metering.redis_cluster import RedisClusterProcess
+from tests.support import BUSY_SCRIPT
 
 # Real time: period keys expire at an absolute instant, so the test periods lie around the present.
 NOW = float(int(time.time()))
@@ -33,14 +34,6 @@ PERIOD_START = int(NOW) - 86400
 PERIOD_END = int(NOW) + 20 * 86400
 BUCKET = int(NOW) // 300 * 300
 BUCKET_TTL = 3600
-
-
-# Keeps the single-threaded server busy for ARGV[1] microseconds (DEBUG SLEEP is disabled by default).
-BUSY_SCRIPT = """
-local function micros() local t = redis.call('TIME') return t[1] * 1000000 + t[2] end
-local start = micros()
-while micros() - start < tonumber(ARGV[1]) do end
-"""
 
 
 def tenant() -> str:
@@ -285,6 +278,29 @@ async def test_checks_sharing_rules_are_decided_one_by_one_in_one_call(store: Re
     assert all(d.used["chain_deployments"] == 50.0 for d in decisions[50:])
     assert await store.usage(t, PERIOD_START, ["chain_deployments"]) == {"chain_deployments": 50.0}
     assert await store.bucket(t, BUCKET) == {"chain_deployments": 50.0}
+
+
+async def test_each_check_of_one_call_sees_the_counts_before_it(store: RedisUsageStore) -> None:
+    """Several counters with other units and a guard: every decision of a shared call reports what its
+    request saw, refused ones in the middle included (the script replies with the counts before the
+    call and the caller adds up what was admitted)."""
+    t = tenant()
+    await store.record(make_record(t, gauges=(("chains", 2.5),), count=(("api_calls", 7),)))
+    rules = {
+        "rate": RateRule(per_second=1, burst=4),  # the 5th request at one instant is refused for its rate
+        "counters": (CounterRule("api_calls", 1, None, False), CounterRule("chain_deployments", 3, 12, True)),
+        "guards": (GuardRule("chains", 5),),
+    }
+    times = [NOW] * 5 + [NOW + 1.0] * 2  # a second later one more token: the quota (12 = 4 x 3) refuses it
+    decisions = await asyncio.gather(*(store.check(make_check(t, now, **rules)) for now in times))
+    assert [(d.allowed, d.reason) for d in decisions] == [(True, None)] * 4 + [(False, "rate"), (False, "quota"),
+                                                                               (False, "quota")]
+    assert [d.rate_remaining for d in decisions[:5]] == [3, 2, 1, 0, 0]
+    assert decisions[5].meter == "chain_deployments" and decisions[4].meter is None
+    seen = [(d.used["api_calls"], d.used["chain_deployments"], d.used["chains"]) for d in decisions]
+    assert seen == [(8.0, 3.0, 2.5), (9.0, 6.0, 2.5), (10.0, 9.0, 2.5), (11.0, 12.0, 2.5)] + [(11.0, 12.0, 2.5)] * 3
+    assert await store.usage(t, PERIOD_START, ["api_calls", "chain_deployments"]) == {
+        "api_calls": 11.0, "chain_deployments": 12.0}
 
 
 async def test_rate_limit_inside_one_call_is_exact(store: RedisUsageStore) -> None:
