@@ -44,7 +44,7 @@ from quota.tenants import TenantDirectory, TenantRecord
 
 log = logging.getLogger("cosmos_gateway.limiter")
 
-COMPILED_CACHE_SIZE = 20_000  # (tenant, route, bucket) entries; cleared whole when full
+COMPILED_CACHE_SIZE = 20_000  # (tenant, claimed plan, method, path) entries; cleared whole when full
 BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete_expired"})
 
@@ -86,8 +86,21 @@ class Admission:
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
-    """What admit() derives from the tenant, plan, route, period and bucket (everything but the time)."""
+    """What admit() derives from the tenant, plan, route, period and bucket (everything but the time).
 
+    It holds for the tenant's requests to one route while the tenant's record stays the same object
+    (the directory replaces a record when it changes) and the time stays within [since, until): one
+    period, one billing bucket, and for a tenant past due, its grace.
+    """
+
+    plan: str
+    record: TenantRecord | None
+    since: float
+    until: float
+    cacheable: bool  # False for a tenant with overrides (they may expire any time)
+    period_start: int
+    period_end: int
+    bucket: int
     counted: tuple[Meter, ...]
     quotas: Mapping[str, Quota]
     rate: Rate | None
@@ -97,6 +110,7 @@ class _Compiled:
     route: str  # the meter_route label
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
     ratelimit: str  # the RateLimit header with %d in place of each remaining and reset
+    alerts: Mapping[str, tuple[float, float]]  # meter -> (usage from which alerts care, limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,23 +178,18 @@ class Limiter:
         return bounds
 
     async def admit(self, tenant: str, claimed_plan: str | None, method: str, path: str) -> Admission:
-        record, plan = self.resolve(tenant, claimed_plan)
         now = self._clock()
-        anchor = record.billing_anchor_day if record else None
-        period_start, period_end = self.period(anchor, now)
-        bucket = bucket_start(now, self._settings.bucket_seconds)
-        overridden = record is not None and bool(record.overrides)
-        # Everything but the time is the same for a tenant's requests to one route in one bucket.
-        key = None if overridden else (tenant, plan.name, method, path, period_start, bucket)
-        compiled = self._compiled.get(key) if key is not None else None
-        if compiled is None:
-            compiled = self._compile(tenant, plan, record, method, path, now, period_start, period_end, bucket)
-            if key is not None:
+        record = self._directory.get(tenant)
+        key = (tenant, claimed_plan, method, path)
+        compiled = self._compiled.get(key)
+        if compiled is None or compiled.record is not record or not compiled.since <= now < compiled.until:
+            compiled = self._compile(tenant, claimed_plan, method, path, now)
+            if compiled.cacheable:
                 if len(self._compiled) >= COMPILED_CACHE_SIZE:
                     self._compiled.clear()
                 self._compiled[key] = compiled
-        admission = Admission(tenant, plan.name, period_start, period_end, bucket, compiled.counted,
-                              compiled.quotas, compiled.route)
+        admission = Admission(tenant, compiled.plan, compiled.period_start, compiled.period_end, compiled.bucket,
+                              compiled.counted, compiled.quotas, compiled.route)
         if compiled.prepared is None:
             return admission  # nothing to check or count: no Redis round trip
         try:
@@ -194,21 +203,25 @@ class Limiter:
                 if error.applied is not None:  # refused here, but Redis may count it late: give it back then
                     error.applied.add_done_callback(lambda done: self._give_back_late(admission, done))
                 raise Refusal("unavailable", "the usage store is unavailable", tenant=tenant,
-                              plan=plan.name, retry_after=1) from None
+                              plan=compiled.plan, retry_after=1) from None
             self._spool_unless_applied(compiled.check, error)  # replayed into Redis, once, when it is back
             admission.spooled = True
             return admission
-        rate = compiled.rate
         if not decision.allowed:
-            raise self._refusal(decision, admission, rate, now)
-        admission.headers = _ratelimit_headers(compiled, decision, period_end, now)
-        self._observe(admission, decision.used)
+            raise self._refusal(decision, admission, compiled.rate, now)
+        admission.headers = _ratelimit_headers(compiled, decision, compiled.period_end, now)
+        self._observe(admission, compiled, decision.used)
         return admission
 
-    def _compile(self, tenant: str, plan: Plan, record: TenantRecord | None, method: str, path: str, now: float,
-                 period_start: int, period_end: int, bucket: int) -> _Compiled:
-        if record is not None and record.overrides:
-            rate, quotas, _ = effective(plan, record.overrides, datetime.fromtimestamp(now, UTC))
+    def _compile(self, tenant: str, claimed_plan: str | None, method: str, path: str, now: float) -> _Compiled:
+        """Everything of a request but its time; raises Refusal for a tenant that may not pass."""
+        record, plan = self.resolve(tenant, claimed_plan)
+        period_start, period_end = self.period(record.billing_anchor_day if record else None, now)
+        bucket_seconds = self._settings.bucket_seconds
+        bucket = bucket_start(now, bucket_seconds)
+        overrides = record.overrides if record is not None else ()
+        if overrides:
+            rate, quotas, _ = effective(plan, overrides, datetime.fromtimestamp(now, UTC))
         else:
             rate, quotas = plan.rate, plan.quotas
         counted = self._matcher.request_meters(method, path)
@@ -222,7 +235,16 @@ class Limiter:
         prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
         policy, limited, ratelimit = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
         route = "+".join(m.name for m in counted) or "unmetered"
-        return _Compiled(counted, quotas, rate, check, prepared, policy, route, limited, ratelimit)
+        # Alerts only care from the lowest threshold on; below it, the callback is not even called.
+        alerts = {} if self._on_counted is None else {
+            name: (quota.limit * self._settings.alert_from, quota.limit)
+            for name, quota in quotas.items() if quota.limit is not None}
+        until = min(period_end, bucket + bucket_seconds)
+        if record is not None and record.subscription_status == "past_due" and record.subscription_changed_at:
+            # Refused once its grace has run out (`resolve`): the next request must look again.
+            until = min(until, record.subscription_changed_at.timestamp() + self._settings.past_due_grace_seconds)
+        return _Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
+                         bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, alerts)
 
     def _give_back(self, admission: Admission, outcome: Decision | StoreUnavailable) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
@@ -252,14 +274,13 @@ class Limiter:
                        meter=meter, limit=quota.limit if quota else None, used=decision.used.get(meter),
                        retry_after=max(1, math.ceil(admission.period_end - now)), resets_at=resets_at)
 
-    def _observe(self, admission: Admission, used: Mapping[str, float]) -> None:
+    def _observe(self, admission: Admission, compiled: _Compiled, used: Mapping[str, float]) -> None:
+        usage, alerts = self._metrics.usage, compiled.alerts
         for meter, value in used.items():
-            self._metrics.usage(admission.tenant, meter, value)
-            quota = admission.quotas.get(meter)
-            # Alerts only care from the lowest threshold on; below it, skip the call altogether.
-            if (self._on_counted is not None and quota is not None and quota.limit is not None
-                    and value >= quota.limit * self._settings.alert_from):
-                self._on_counted(admission.tenant, meter, admission.period_start, value, quota.limit)
+            usage(admission.tenant, meter, value)
+            alert = alerts.get(meter)
+            if alert is not None and value >= alert[0]:
+                self._on_counted(admission.tenant, meter, admission.period_start, value, alert[1])  # type: ignore[misc]
 
     # ------------------------------------------------------------------ after the upstream
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,12 +18,13 @@ from gateway.policy import build_policy
 from metering import keys
 from metering.redis_store import RedisUsageStore
 from metering.spool import Spool
-from quota.limiter import Limiter, LimiterSettings
+from quota.limiter import Limiter, LimiterSettings, Refusal
 from quota.metrics import QuotaMetrics
-from quota.tenants import TenantDirectory
+from quota.tenants import TenantDirectory, TenantRecord
 from tests.support import BUSY_SCRIPT
 
-PLANS = {"starter": {"rate": {"per_second": 1000, "burst": 1000}, "quotas": {"chain_deployments": {"limit": 50}}}}
+PLANS = {"starter": {"rate": {"per_second": 1000, "burst": 1000}, "quotas": {"chain_deployments": {"limit": 50}}},
+         "unlimited": {"quotas": {}}}
 DEPLOY = "/api/chains/c1/deployments"
 
 
@@ -177,3 +180,41 @@ async def test_exact_when_most_batches_time_out(setup, redis_server: RedisProces
     usage = await limiter.usage("hurried", None, ["api_calls", "bandwidth_bytes"])
     assert served == 500
     assert usage == {"api_calls": 500, "bandwidth_bytes": 5000}
+
+
+def put_tenant(limiter: Limiter, record: TenantRecord) -> None:
+    """What a directory reload does: the tenant's record replaced by a new one (no SQL in this test)."""
+    limiter._directory._records[record.id] = record  # type: ignore[attr-defined]
+
+
+async def test_a_tenant_change_or_the_end_of_its_grace_takes_effect_with_the_next_request(setup) -> None:
+    """The limiter reuses what it derived for a tenant's route until the record changes, the bucket or
+    period ends, or a past-due tenant's grace runs out: each of those is seen by the very next request."""
+    limiter, _, _, clock, _ = setup
+    base = TenantRecord(id="fickle", plan="starter", status="active", subscription_status="active",
+                        stripe_customer_id=None, stripe_subscription_id=None, billing_anchor_day=None, overrides=())
+    put_tenant(limiter, base)
+    assert (await limiter.admit("fickle", None, "GET", "/api/chains")).plan == "starter"
+    put_tenant(limiter, dataclasses.replace(base, status="suspended"))
+    with pytest.raises(Refusal) as refused:
+        await limiter.admit("fickle", None, "GET", "/api/chains")
+    assert refused.value.kind == "forbidden"
+    # Past due since almost the whole grace ago: served for 5 more seconds, then refused.
+    grace = limiter._settings.past_due_grace_seconds  # type: ignore[attr-defined]
+    since = datetime.fromtimestamp(clock.now - grace + 5, UTC)
+    put_tenant(limiter, dataclasses.replace(base, subscription_status="past_due", subscription_changed_at=since))
+    await limiter.admit("fickle", None, "GET", "/api/chains")
+    clock.now += 4
+    await limiter.admit("fickle", None, "GET", "/api/chains")
+    clock.now += 2
+    with pytest.raises(Refusal) as refused:
+        await limiter.admit("fickle", None, "GET", "/api/chains")
+    assert refused.value.kind == "subscription_inactive"
+    # Another plan: the next request is checked against it (starter counts 50 deployments, sovereign more).
+    put_tenant(limiter, base)
+    for _ in range(50):
+        await limiter.admit("fickle", None, "POST", DEPLOY)
+    with pytest.raises(Refusal):
+        await limiter.admit("fickle", None, "POST", DEPLOY)
+    put_tenant(limiter, dataclasses.replace(base, plan="unlimited"))
+    assert (await limiter.admit("fickle", None, "POST", DEPLOY)).plan == "unlimited"
