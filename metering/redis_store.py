@@ -51,6 +51,8 @@ OnFailure = Callable[["Record", "StoreUnavailable"], None]
 # may still tell, late, whether Redis ran it).
 OnAbandoned = Callable[["Decision | StoreUnavailable"], None]
 Units = tuple[tuple[str, int], ...]
+# Where a record goes: (tenant, period_start, period_end, bucket_start, bucket_ttl), as in `Record`.
+RecordKey = tuple[str, int, int, int, int]
 
 
 class StoreUnavailable(Exception):
@@ -254,7 +256,7 @@ class _RecordGroup:
 
     __slots__ = ("add", "bill", "count", "gauges", "key", "on_failure", "refund")
 
-    def __init__(self, key: tuple[str, int, int, int, int]) -> None:
+    def __init__(self, key: RecordKey) -> None:
         self.key = key
         self.refund: dict[str, int] = {}
         self.add: dict[str, int] = {}
@@ -424,7 +426,7 @@ class RedisUsageStore:
         self._flushes: set[asyncio.Future[None]] = set()  # batches in flight: tasks, or futures of _send_now
         self._flush_handle: asyncio.Handle | None = None  # the scheduled _start_flush
         self._sent_at = 0.0  # loop time the newest pipeline was sent
-        self._pending_records: dict[tuple[Any, ...], _RecordGroup] = {}
+        self._pending_records: dict[RecordKey, _RecordGroup] = {}
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
         # The loop the store is first used in, and stays in (as a redis-py client does). Kept because
         # asyncio.get_running_loop() makes a getpid() system call each time on Linux (Python 3.11).
@@ -517,24 +519,21 @@ class RedisUsageStore:
             call.on_failure = lambda error: on_failure(record, error)
             self._enqueue(call, record.tenant)
             return
-        group = self._group(record.tenant, record.period_start, record.period_end, record.bucket_start,
-                            record.bucket_ttl, on_failure)
+        group = self._group((record.tenant, record.period_start, record.period_end, record.bucket_start,
+                             record.bucket_ttl), on_failure)
         group.merge(record)
 
-    def add_later(self, tenant: str, period_start: int, period_end: int, bucket_start: int, bucket_ttl: int,
-                  add: Units, on_failure: OnFailure) -> None:
-        """`record_later()` of a record with only `add` (a response's byte counts), without building it."""
-        group = self._group(tenant, period_start, period_end, bucket_start, bucket_ttl, on_failure)
+    def add_later(self, where: RecordKey, add: Sequence[tuple[str, int]], on_failure: OnFailure) -> None:
+        """`record_later()` of a record at `where` with only `add` (a response's byte counts), without building it."""
+        group = self._group(where, on_failure)
         totals = group.add
         for meter, units in add:
             totals[meter] = totals.get(meter, 0) + units
 
-    def _group(self, tenant: str, period_start: int, period_end: int, bucket_start: int, bucket_ttl: int,
-               on_failure: OnFailure) -> _RecordGroup:
-        key = (tenant, period_start, period_end, bucket_start, bucket_ttl)
-        group = self._pending_records.get(key)
+    def _group(self, where: RecordKey, on_failure: OnFailure) -> _RecordGroup:
+        group = self._pending_records.get(where)
         if group is None:
-            group = self._pending_records[key] = _RecordGroup(key)
+            group = self._pending_records[where] = _RecordGroup(where)
             self._schedule_flush()
         callbacks = group.on_failure
         if not callbacks or (callbacks[-1] is not on_failure and on_failure not in callbacks):

@@ -33,6 +33,7 @@ from metering.redis_store import (
     PreparedCheck,
     RateRule,
     Record,
+    RecordKey,
     RedisUsageStore,
     StoreUnavailable,
 )
@@ -68,22 +69,6 @@ class Refusal(Exception):
         self.subscription_status = subscription_status
 
 
-@dataclass(slots=True)
-class Admission:
-    """What was decided for one admitted request; `complete()` finishes it."""
-
-    tenant: str
-    plan: str
-    period_start: int
-    period_end: int
-    bucket_start: int
-    counted: tuple[Meter, ...]
-    quotas: Mapping[str, Quota]
-    route: str = "unmetered"  # the meters it counts, as the bounded `meter_route` metric label
-    headers: Sequence[tuple[str, str]] = ()
-    spooled: bool = False
-
-
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     """What admit() derives from the tenant, plan, route, period and bucket (everything but the time).
@@ -111,6 +96,50 @@ class _Compiled:
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
     ratelimit: str  # the RateLimit header with %d in place of each remaining and reset
     alerts: Mapping[str, tuple[float, float]]  # meter -> (usage from which alerts care, limit)
+    where: RecordKey  # where a response's counts go while the bucket is writable
+    writable_until: float  # then the sync worker may close the bucket (`Limiter._writable_bucket`)
+
+
+@dataclass(slots=True)
+class Admission:
+    """What was decided for one admitted request; `complete()` finishes it."""
+
+    compiled: _Compiled
+    headers: Sequence[tuple[str, str]] = ()
+    spooled: bool = False
+
+    @property
+    def tenant(self) -> str:
+        return self.compiled.check.tenant
+
+    @property
+    def plan(self) -> str:
+        return self.compiled.plan
+
+    @property
+    def period_start(self) -> int:
+        return self.compiled.period_start
+
+    @property
+    def period_end(self) -> int:
+        return self.compiled.period_end
+
+    @property
+    def bucket_start(self) -> int:
+        return self.compiled.bucket
+
+    @property
+    def counted(self) -> tuple[Meter, ...]:
+        return self.compiled.counted
+
+    @property
+    def quotas(self) -> Mapping[str, Quota]:
+        return self.compiled.quotas
+
+    @property
+    def route(self) -> str:
+        """The meters it counts, as the bounded `meter_route` metric label."""
+        return self.compiled.route
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,8 +217,7 @@ class Limiter:
                 if len(self._compiled) >= COMPILED_CACHE_SIZE:
                     self._compiled.clear()
                 self._compiled[key] = compiled
-        admission = Admission(tenant, compiled.plan, compiled.period_start, compiled.period_end, compiled.bucket,
-                              compiled.counted, compiled.quotas, compiled.route)
+        admission = Admission(compiled)
         if compiled.prepared is None:
             return admission  # nothing to check or count: no Redis round trip
         try:
@@ -243,8 +271,11 @@ class Limiter:
         if record is not None and record.subscription_status == "past_due" and record.subscription_changed_at:
             # Refused once its grace has run out (`resolve`): the next request must look again.
             until = min(until, record.subscription_changed_at.timestamp() + self._settings.past_due_grace_seconds)
+        where = (tenant, period_start, period_end, bucket, BUCKET_TTL)
+        writable_until = bucket + bucket_seconds + self._settings.grace_seconds - 1
         return _Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
-                         bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, alerts)
+                         bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, alerts,
+                         where, writable_until)
 
     def _give_back(self, admission: Admission, outcome: Decision | StoreUnavailable) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
@@ -292,9 +323,12 @@ class Limiter:
             add = [(name, units) for name, of_request in self._byte_sources
                    if (units := request_bytes if of_request else response_bytes) > 0]
             if add:
-                self._store.add_later(admission.tenant, admission.period_start, admission.period_end,
-                                      self._writable_bucket(admission.bucket_start), BUCKET_TTL, add,
-                                      self._on_record_failure)
+                compiled = admission.compiled
+                where = compiled.where
+                if self._clock() >= compiled.writable_until:
+                    where = (admission.tenant, compiled.period_start, compiled.period_end,
+                             self._writable_bucket(compiled.bucket), BUCKET_TTL)
+                self._store.add_later(where, add, self._on_record_failure)
             return
         failed = status >= 500
         refund = tuple((m.name, 1) for m in admission.counted if not m.bill_server_errors) if failed else ()
@@ -349,8 +383,8 @@ class Limiter:
         """
         settings = self._settings
         now = self._clock()
-        closes = start + settings.bucket_seconds + settings.grace_seconds - 1
-        return start if now < closes else bucket_start(now, settings.bucket_seconds)
+        writable_until = start + settings.bucket_seconds + settings.grace_seconds - 1
+        return start if now < writable_until else bucket_start(now, settings.bucket_seconds)
 
     def _record(self, admission: Admission, **parts: Any) -> Record:
         """A record of what happened after `admission`, in the bucket it may still write to."""
