@@ -237,7 +237,7 @@ class Limiter:
             return admission
         if not decision.allowed:
             raise self._refusal(decision, admission, compiled.rate, now)
-        admission.headers = _ratelimit_headers(compiled, decision, compiled.period_end, now)
+        admission.headers = _ratelimit_headers(compiled, decision, now)
         self._observe(admission, compiled, decision.used)
         return admission
 
@@ -446,13 +446,12 @@ def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mappi
     return policy, tuple(limited), ", ".join(template)
 
 
-def _ratelimit_headers(compiled: _Compiled, decision: Decision, period_end: int,
-                       now: float) -> tuple[tuple[str, str], ...]:
+def _ratelimit_headers(compiled: _Compiled, decision: Decision, now: float) -> tuple[tuple[str, str], ...]:
     """RateLimit-Policy and RateLimit: what is left of each policy, and when it is whole again."""
     policy = compiled.policy
     if policy is None:
         return ()
-    reset = period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
+    reset = compiled.period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
     used = decision.used
     # The script keeps the rate's remaining within [0, burst]; %d truncates what is left of a quota.
     values = [decision.rate_remaining or 0] if compiled.rate is not None else []
