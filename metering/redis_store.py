@@ -222,10 +222,6 @@ class _Call:
         self.members: list[_Check] | None = None  # a group of checks: those checks, in order
 
 
-def _decided(decision: Decision) -> Decision:
-    return decision
-
-
 class _Check:
     """One request's check inside a group (`_Call.members`): what the group's reply is split among.
 
@@ -237,7 +233,6 @@ class _Check:
     script = CHECK_SCRIPT
     members = None
     on_failure = None
-    parse = staticmethod(_decided)  # the group's reply is decided whole (`_split`), each check gets its Decision
 
     def __init__(self, future: asyncio.Future[Decision], now: bytes, on_abandoned: OnAbandoned | None) -> None:
         self.future = future
@@ -807,8 +802,17 @@ class RedisUsageStore:
             if call.members is None:
                 _settle(call, reply)
                 continue
-            for member, one in zip(call.members, _split(reply, call), strict=True):
-                _settle(member, one)
+            outcomes = _split(reply, call)
+            if outcomes[0].__class__ is not Decision:  # an error for each
+                for member, error in zip(call.members, outcomes, strict=True):
+                    _settle(member, error)
+                continue
+            for member, decision in zip(call.members, outcomes, strict=True):  # _settle of a Decision, inlined
+                future = member.future
+                if not future.done():
+                    future.set_result(decision)
+                elif future.cancelled() and member.on_abandoned is not None:
+                    member.on_abandoned(decision)  # the caller gave up after the call was sent: it may have counted
 
     async def _send(self, batch: list[_Call], seen: set[str],
                     sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
