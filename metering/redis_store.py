@@ -489,8 +489,8 @@ class RedisUsageStore:
                                                                  _no_parse, None)
             group.prepared, group.members = prepared, []
             self._enqueue(group, prepared.tenant)
-        # The time in whole microseconds: formatting an integer costs a fraction of a float's repr.
-        group.members.append(_Check(future, b"%d" % (now * 1e6), on_abandoned))  # type: ignore[union-attr]
+        # The time in whole microseconds (rounded): formatting an integer costs a fraction of a float's repr.
+        group.members.append(_Check(future, b"%d" % (now * 1e6 + 0.5), on_abandoned))  # type: ignore[union-attr]
         return future
 
     async def record(self, record: Record) -> bool:

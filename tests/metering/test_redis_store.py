@@ -280,6 +280,16 @@ async def test_checks_sharing_rules_are_decided_one_by_one_in_one_call(store: Re
     assert await store.bucket(t, BUCKET) == {"chain_deployments": 50.0}
 
 
+async def test_a_token_freed_at_a_request_time_serves_it(store: RedisUsageStore) -> None:
+    """Times travel in whole microseconds: rounded to the nearest, a request that comes exactly when its
+    token frees (every millisecond at 1000/s, with no burst to spare) is served, at any fraction of a second."""
+    t = tenant()
+    rate = RateRule(per_second=1000, burst=1)
+    base = NOW + 0.123
+    decisions = await asyncio.gather(*(store.check(make_check(t, base + k / 1000, rate=rate)) for k in range(300)))
+    assert all(d.allowed for d in decisions), [k for k, d in enumerate(decisions) if not d.allowed]
+
+
 async def test_each_check_of_one_call_sees_the_counts_before_it(store: RedisUsageStore) -> None:
     """Several counters with other units and a guard: every decision of a shared call reports what its
     request saw, refused ones in the middle included (the script replies with the counts before the
