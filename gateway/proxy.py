@@ -175,10 +175,10 @@ class ProxyHandler:
     async def _respond(self, request: web.BaseRequest, upstream: UpstreamResponse, rid: str,
                        outcome: Outcome) -> web.StreamResponse:
         headers, outcome.usage_report = client_response_headers(upstream.headers, rid)
-        if outcome.admission is not None:
-            headers.extend(outcome.admission.headers)
+        admission = outcome.admission
         status, length = upstream.status, upstream.content_length
         bodyless = request.method == "HEAD" or status in (204, 304) or status < 200
+        body: bytes | None = None
         if not bodyless and length is not None and length <= SMALL_RESPONSE:
             try:
                 body = await upstream.read()
@@ -188,9 +188,14 @@ class ProxyHandler:
                 raise BadGateway("the upstream failed while sending its response") from None
             outcome.response_bytes = len(body)
             try:
-                return SmallResponse(request, status, upstream.reason, headers, body)  # type: ignore[return-value]
-            except (UnsafeHeader, UnicodeEncodeError):  # aiohttp's own checks decide what becomes of it
-                return web.Response(status=status, reason=upstream.reason, body=body, headers=CIMultiDict(headers))
+                return SmallResponse(request, status, upstream.reason, headers, body,  # type: ignore[return-value]
+                                     "" if admission is None else admission.head_lines)
+            except (UnsafeHeader, UnicodeEncodeError):
+                pass  # aiohttp's own checks decide what becomes of such a response, below
+        if admission is not None:
+            headers.extend(admission.headers)
+        if body is not None:
+            return web.Response(status=status, reason=upstream.reason, body=body, headers=CIMultiDict(headers))
         response = web.StreamResponse(status=status, reason=upstream.reason, headers=CIMultiDict(headers))
         if length is not None:
             response.content_length = length

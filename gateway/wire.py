@@ -43,10 +43,10 @@ class SmallResponse:
     __slots__ = ("_data", "keep_alive", "status")
 
     def __init__(self, request: web.BaseRequest, status: int, reason: str, headers: Sequence[tuple[str, str]],
-                 body: bytes) -> None:
+                 body: bytes, head_lines: str = "") -> None:
         self.status = status
         self.keep_alive = request.keep_alive
-        self._data = serialize(request.version, status, reason, headers, body, self.keep_alive)
+        self._data = serialize(request.version, status, reason, headers, body, self.keep_alive, head_lines)
 
     async def prepare(self, request: web.BaseRequest) -> None:
         """Write the whole response (aiohttp calls this once the handler has returned it)."""
@@ -63,7 +63,9 @@ class SmallResponse:
 
 
 def serialize(version: tuple[int, int], status: int, reason: str, headers: Sequence[tuple[str, str]],
-               body: bytes, keep_alive: bool) -> bytes:
+               body: bytes, keep_alive: bool, head_lines: str = "") -> bytes:
+    """The response in HTTP/1.x; `head_lines` are header lines of the gateway's own, formatted already
+    ("Name: value\r\n" each, with nothing from the upstream in them): added as they are."""
     lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
     has_date = has_type = False
     for name, value in headers:
@@ -76,7 +78,7 @@ def serialize(version: tuple[int, int], status: int, reason: str, headers: Seque
     # One CR and one LF per line, or a name, value or reason smuggled in a line break.
     if head.count("\n") != len(lines) or head.count("\r") != len(lines):
         raise UnsafeHeader("a response header or the reason phrase contains CR or LF")
-    extra = f"Content-Length: {len(body)}\r\n"
+    extra = f"{head_lines}Content-Length: {len(body)}\r\n"
     if body and not has_type:
         extra += "Content-Type: application/octet-stream\r\n"  # as aiohttp: RFC 9110 §8.3
     if not has_date:

@@ -95,6 +95,7 @@ class _Compiled:
     route: str  # the meter_route label
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
     ratelimit: str  # the RateLimit header with %d in place of each remaining and reset
+    head_lines: str  # both headers as head lines, with %d in place of each remaining and reset
     alerts: Mapping[str, tuple[float, float]]  # meter -> (usage from which alerts care, limit)
     where: RecordKey  # where a response's counts go while the bucket is writable
     writable_until: float  # then the sync worker may close the bucket (`Limiter._writable_bucket`)
@@ -105,8 +106,23 @@ class Admission:
     """What was decided for one admitted request; `complete()` finishes it."""
 
     compiled: _Compiled
-    headers: Sequence[tuple[str, str]] = ()
+    # The RateLimit values of this response: the rate's remaining, then each limited meter's remaining
+    # and seconds to the period's end; empty when no RateLimit headers go out (nothing was checked).
+    ratelimit: tuple[int | float, ...] = ()
     spooled: bool = False
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """RateLimit-Policy and RateLimit (draft-ietf-httpapi-ratelimit-headers) for the response."""
+        policy = self.compiled.policy
+        if policy is None or not self.ratelimit:
+            return ()
+        return policy, ("RateLimit", self.compiled.ratelimit % self.ratelimit)
+
+    @property
+    def head_lines(self) -> str:
+        """The same headers as lines of a response head, formatted in one step (the small-response path)."""
+        return self.compiled.head_lines % self.ratelimit if self.ratelimit else ""
 
     @property
     def tenant(self) -> str:
@@ -237,7 +253,8 @@ class Limiter:
             return admission
         if not decision.allowed:
             raise self._refusal(decision, admission, compiled.rate, now)
-        admission.headers = _ratelimit_headers(compiled, decision, now)
+        if compiled.policy is not None:
+            admission.ratelimit = _ratelimit_values(compiled, decision, now)
         self._observe(admission, compiled, decision.used)
         return admission
 
@@ -262,6 +279,8 @@ class Limiter:
         )
         prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
         policy, limited, ratelimit = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
+        # Meter names are [a-z0-9_]: nothing in the policy needs escaping for %.
+        head_lines = "" if policy is None else f"{policy[0]}: {policy[1]}\r\nRateLimit: {ratelimit}\r\n"
         route = "+".join(m.name for m in counted) or "unmetered"
         # Alerts only care from the lowest threshold on; below it, the callback is not even called.
         alerts = {} if self._on_counted is None else {
@@ -274,8 +293,8 @@ class Limiter:
         where = (tenant, period_start, period_end, bucket, BUCKET_TTL)
         writable_until = bucket + bucket_seconds + self._settings.grace_seconds - 1
         return _Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
-                         bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, alerts,
-                         where, writable_until)
+                         bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, head_lines,
+                         alerts, where, writable_until)
 
     def _give_back(self, admission: Admission, outcome: Decision | StoreUnavailable) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
@@ -446,11 +465,8 @@ def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mappi
     return policy, tuple(limited), ", ".join(template)
 
 
-def _ratelimit_headers(compiled: _Compiled, decision: Decision, now: float) -> tuple[tuple[str, str], ...]:
-    """RateLimit-Policy and RateLimit: what is left of each policy, and when it is whole again."""
-    policy = compiled.policy
-    if policy is None:
-        return ()
+def _ratelimit_values(compiled: _Compiled, decision: Decision, now: float) -> tuple[int | float, ...]:
+    """What is left of each policy, and when it is whole again: the values of the RateLimit template."""
     reset = compiled.period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
     used = decision.used
     # The script keeps the rate's remaining within [0, burst]; %d truncates what is left of a quota.
@@ -459,4 +475,4 @@ def _ratelimit_headers(compiled: _Compiled, decision: Decision, now: float) -> t
         left = limit - used.get(name, 0)
         values.append(left if left > 0 else 0)
         values.append(reset)
-    return policy, ("RateLimit", compiled.ratelimit % tuple(values))
+    return tuple(values)

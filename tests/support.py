@@ -154,6 +154,7 @@ def upstream_app(record: list[web.BaseRequest] | None = None) -> web.Application
     app.router.add_route("*", "/cookies", cookies)
     app.router.add_route("*", "/hop", hop)
     app.router.add_get("/stream/{size}", stream)
+    app.router.add_get("/api/stream/{size}", stream)  # the same under /api/: metered by the default meters
     app.router.add_get("/slow", slow)
     app.router.add_get("/cut", cut)
     app.router.add_get("/ws", websocket)

@@ -130,12 +130,27 @@ async def test_exactly_the_limit_admitted_across_two_processes(upstream: Upstrea
         second.terminate()
 
 
+async def test_ratelimit_headers_on_a_streamed_response(make_gateway: MakeGateway,
+                                                        session: aiohttp.ClientSession) -> None:
+    """A response too large to be written in one piece carries the same RateLimit headers."""
+    worker = await make_gateway()
+    async with session.get(url(worker, "/api/stream/300000"), headers=bearer("streamer")) as response:
+        assert response.status == 200
+        assert response.headers["Transfer-Encoding"] == "chunked"
+        assert response.headers["RateLimit-Policy"] == '"burst";q=1000;w=1'
+        assert response.headers["RateLimit"] == '"burst";r=999;t=1'
+        assert len(await response.read()) == 300000
+
+
 async def test_quota_exceeded_answer_and_headers(make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
     worker = await make_gateway()
+    now = datetime.now(UTC)
+    month = (datetime(now.year + (now.month == 12), now.month % 12 + 1, 1, tzinfo=UTC)
+             - datetime(now.year, now.month, 1, tzinfo=UTC))
     async with session.post(url(worker, DEPLOY), headers=bearer("heads"), data=b"{}") as response:
         assert response.status == 200
         assert response.headers["RateLimit-Policy"] == (
-            '"burst";q=1000;w=1, "chain_deployments";q=50;w=2678400')  # December: 31 days
+            f'"burst";q=1000;w=1, "chain_deployments";q=50;w={int(month.total_seconds())}')
         assert '"chain_deployments";r=49;t=' in response.headers["RateLimit"]
     for _ in range(49):
         assert await post_deploy(session, url(worker, ""), "heads") == 200

@@ -22,6 +22,13 @@ def test_keep_alive_http11_adds_only_the_length() -> None:
     assert data.endswith(b'\r\n\r\n{"a":1}')
 
 
+def test_the_gateways_own_lines_follow_the_upstreams_headers() -> None:
+    data = serialize((1, 1), 200, "OK", HEADERS, b"x", keep_alive=True,
+                     head_lines='RateLimit-Policy: "burst";q=5;w=1\r\nRateLimit: "burst";r=4;t=1\r\n')
+    assert head(data)[3:] == ["X-A: 1", 'RateLimit-Policy: "burst";q=5;w=1', 'RateLimit: "burst";r=4;t=1',
+                              "Content-Length: 1"]
+
+
 @pytest.mark.parametrize(("version", "keep_alive", "connection"), [
     ((1, 1), False, "Connection: close"),
     ((1, 0), True, "Connection: keep-alive"),
