@@ -339,8 +339,11 @@ class Limiter:
         """Record what the response adds or gives back; the request does not wait for it."""
         if status < 500 and usage_report is None and not admission.spooled:
             # The common case: a response that only adds its byte counts (`_byte_sources`, built once).
-            add = [(name, units) for name, of_request in self._byte_sources
-                   if (units := request_bytes if of_request else response_bytes) > 0]
+            add = []
+            for name, of_request in self._byte_sources:  # a loop: a comprehension costs a frame of its own
+                units = request_bytes if of_request else response_bytes
+                if units > 0:
+                    add.append((name, units))
             if add:
                 compiled = admission.compiled
                 where = compiled.where
