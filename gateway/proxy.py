@@ -131,7 +131,7 @@ class ProxyHandler:
                 except Refusal as refusal:
                     raise refusal_error(refusal) from None
                 outcome.admission = admission
-                outcome.route = admission.route
+                outcome.route = admission.compiled.route
         identity_hdrs = () if identity is None else identity_headers(
             identity.tenant, identity.plan or self._default_plan, identity.subject)
         peer = request.remote

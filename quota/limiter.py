@@ -70,8 +70,9 @@ class Refusal(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class _Compiled:
-    """What admit() derives from the tenant, plan, route, period and bucket (everything but the time).
+class Compiled:
+    """What admit() derives from the tenant, plan, route, period and bucket (everything but the time);
+    an `Admission` refers to it, so the tenant is `check.tenant` and the route's label `route`.
 
     It holds for the tenant's requests to one route while the tenant's record stays the same object
     (the directory replaces a record when it changes) and the time stays within [since, until): one
@@ -105,7 +106,7 @@ class _Compiled:
 class Admission:
     """What was decided for one admitted request; `complete()` finishes it."""
 
-    compiled: _Compiled
+    compiled: Compiled
     # The RateLimit values of this response: the rate's remaining, then each limited meter's remaining
     # and seconds to the period's end; empty when no RateLimit headers go out (nothing was checked).
     ratelimit: tuple[int | float, ...] = ()
@@ -124,38 +125,6 @@ class Admission:
         """The same headers as lines of a response head, formatted in one step (the small-response path)."""
         return self.compiled.head_lines % self.ratelimit if self.ratelimit else ""
 
-    @property
-    def tenant(self) -> str:
-        return self.compiled.check.tenant
-
-    @property
-    def plan(self) -> str:
-        return self.compiled.plan
-
-    @property
-    def period_start(self) -> int:
-        return self.compiled.period_start
-
-    @property
-    def period_end(self) -> int:
-        return self.compiled.period_end
-
-    @property
-    def bucket_start(self) -> int:
-        return self.compiled.bucket
-
-    @property
-    def counted(self) -> tuple[Meter, ...]:
-        return self.compiled.counted
-
-    @property
-    def quotas(self) -> Mapping[str, Quota]:
-        return self.compiled.quotas
-
-    @property
-    def route(self) -> str:
-        """The meters it counts, as the bounded `meter_route` metric label."""
-        return self.compiled.route
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,10 +151,11 @@ class Limiter:
         self._clock = clock
         self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
         self._periods: dict[int | None, tuple[int, int]] = {}
-        self._compiled: dict[tuple[object, ...], _Compiled] = {}
+        self._compiled: dict[tuple[object, ...], Compiled] = {}
         self._on_record_failure = self._spool_failed  # one bound method, so the store can tell it is the same
-        # The byte meters as (name, counts the request's bytes, not the response's).
-        self._byte_sources = tuple((m.name, m.source == "request_bytes") for m in matcher.byte_meters)
+        # The byte meters as (name, counts the request's bytes (not the response's), bills server errors).
+        self._byte_sources = tuple((m.name, m.source == "request_bytes", m.bill_server_errors)
+                                   for m in matcher.byte_meters)
 
     # ------------------------------------------------------------------ before the upstream
 
@@ -252,13 +222,13 @@ class Limiter:
             admission.spooled = True
             return admission
         if not decision.allowed:
-            raise self._refusal(decision, admission, compiled.rate, now)
+            raise self._refusal(decision, compiled, now)
         if compiled.policy is not None:
             admission.ratelimit = _ratelimit_values(compiled, decision, now)
-        self._observe(admission, compiled, decision.used)
+        self._observe(compiled, decision.used)
         return admission
 
-    def _compile(self, tenant: str, claimed_plan: str | None, method: str, path: str, now: float) -> _Compiled:
+    def _compile(self, tenant: str, claimed_plan: str | None, method: str, path: str, now: float) -> Compiled:
         """Everything of a request but its time; raises Refusal for a tenant that may not pass."""
         record, plan = self.resolve(tenant, claimed_plan)
         period_start, period_end = self.period(record.billing_anchor_day if record else None, now)
@@ -292,7 +262,7 @@ class Limiter:
             until = min(until, record.subscription_changed_at.timestamp() + self._settings.past_due_grace_seconds)
         where = (tenant, period_start, period_end, bucket, BUCKET_TTL)
         writable_until = bucket + bucket_seconds + self._settings.grace_seconds - 1
-        return _Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
+        return Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
                          bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, head_lines,
                          alerts, where, writable_until)
 
@@ -306,61 +276,46 @@ class Limiter:
             self._refund_all(admission)
 
     def _refund_all(self, admission: Admission) -> None:
-        refund = tuple((m.name, 1) for m in admission.counted)
+        refund = tuple((m.name, 1) for m in admission.compiled.counted)
         if refund:
-            self._store.record_later(self._record(admission, refund=refund), self._on_record_failure)
+            self._store.record_later(self._record(admission.compiled, refund=refund), self._on_record_failure)
 
-    def _refusal(self, decision: Decision, admission: Admission, rate: Rate | None, now: float) -> Refusal:
-        plan, tenant = admission.plan, admission.tenant
+    def _refusal(self, decision: Decision, compiled: Compiled, now: float) -> Refusal:
+        plan, tenant, rate = compiled.plan, compiled.check.tenant, compiled.rate
         if decision.reason == "rate":
             self._metrics.rejected("rate", plan, "rate")
             return Refusal("rate", "the per-second rate limit is exceeded", tenant=tenant, plan=plan,
                            limit=rate.burst if rate else None, retry_after=max(1, math.ceil(decision.retry_after)))
         meter = decision.meter or ""
-        quota = admission.quotas.get(meter)
+        quota = compiled.quotas.get(meter)
         self._metrics.rejected("quota" if decision.reason == "quota" else "guard", plan, meter)
-        resets_at = datetime.fromtimestamp(admission.period_end, UTC)
+        resets_at = datetime.fromtimestamp(compiled.period_end, UTC)
         return Refusal("quota", f"the {meter} quota of this period is used up", tenant=tenant, plan=plan,
                        meter=meter, limit=quota.limit if quota else None, used=decision.used.get(meter),
-                       retry_after=max(1, math.ceil(admission.period_end - now)), resets_at=resets_at)
+                       retry_after=max(1, math.ceil(compiled.period_end - now)), resets_at=resets_at)
 
-    def _observe(self, admission: Admission, compiled: _Compiled, used: Mapping[str, float]) -> None:
-        usage, alerts = self._metrics.usage, compiled.alerts
+    def _observe(self, compiled: Compiled, used: Mapping[str, float]) -> None:
+        usage, alerts, tenant = self._metrics.usage, compiled.alerts, compiled.check.tenant
         for meter, value in used.items():
-            usage(admission.tenant, meter, value)
+            usage(tenant, meter, value)
             alert = alerts.get(meter)
             if alert is not None and value >= alert[0]:
-                self._on_counted(admission.tenant, meter, admission.period_start, value, alert[1])  # type: ignore[misc]
+                self._on_counted(tenant, meter, compiled.period_start, value, alert[1])  # type: ignore[misc]
 
     # ------------------------------------------------------------------ after the upstream
 
     def complete(self, admission: Admission, status: int, request_bytes: int, response_bytes: int,
                  usage_report: str | None) -> None:
         """Record what the response adds or gives back; the request does not wait for it."""
+        compiled = admission.compiled
         if status < 500 and usage_report is None and not admission.spooled:
-            # The common case: a response that only adds its byte counts (`_byte_sources`, built once).
-            add = []
-            for name, of_request in self._byte_sources:  # a loop: a comprehension costs a frame of its own
-                units = request_bytes if of_request else response_bytes
-                if units > 0:
-                    add.append((name, units))
-            if add:
-                compiled = admission.compiled
-                where = compiled.where
-                if self._clock() >= compiled.writable_until:
-                    where = (admission.tenant, compiled.period_start, compiled.period_end,
-                             self._writable_bucket(compiled.bucket), BUCKET_TTL)
-                self._store.add_later(where, add, self._on_record_failure)
+            add = self._byte_counts(request_bytes, response_bytes, failed=False)
+            if add:  # the common case: just the byte counts, summed in the store until its next batch
+                self._store.add_later(self._where(compiled), add, self._on_record_failure)
             return
         failed = status >= 500
-        refund = tuple((m.name, 1) for m in admission.counted if not m.bill_server_errors) if failed else ()
-        add = []
-        for meter in self._matcher.byte_meters:
-            if failed and not meter.bill_server_errors:
-                continue
-            units = request_bytes if meter.source == "request_bytes" else response_bytes
-            if units > 0:
-                add.append((meter.name, units))
+        refund = tuple((m.name, 1) for m in compiled.counted if not m.bill_server_errors) if failed else ()
+        add = self._byte_counts(request_bytes, response_bytes, failed=failed)
         gauges: tuple[tuple[str, float], ...] = ()
         if usage_report is not None:
             values, bad = parse_usage_report(usage_report, self._matcher.gauges)
@@ -369,11 +324,20 @@ class Limiter:
             gauges = tuple(values.items())
         if not (refund or add or gauges):
             return
-        record = self._record(admission, refund=refund, add=tuple(add), gauges=gauges)
+        record = self._record(compiled, refund=refund, add=tuple(add), gauges=gauges)
         if admission.spooled:
             self._spool.append(record)
             return
         self._store.record_later(record, self._on_record_failure)
+
+    def _byte_counts(self, request_bytes: int, response_bytes: int, *, failed: bool) -> list[tuple[str, int]]:
+        """(meter, units) of the byte meters; a failed response only for meters that bill server errors."""
+        add = []
+        for name, of_request, bill_server_errors in self._byte_sources:  # a comprehension costs a frame in 3.11
+            units = request_bytes if of_request else response_bytes
+            if units > 0 and (bill_server_errors or not failed):
+                add.append((name, units))
+        return add
 
     def _spool_failed(self, record: Record, error: StoreUnavailable) -> None:
         self._metrics.store_error()
@@ -408,10 +372,17 @@ class Limiter:
         writable_until = start + settings.bucket_seconds + settings.grace_seconds - 1
         return start if now < writable_until else bucket_start(now, settings.bucket_seconds)
 
-    def _record(self, admission: Admission, **parts: Any) -> Record:
-        """A record of what happened after `admission`, in the bucket it may still write to."""
-        return Record(tenant=admission.tenant, period_start=admission.period_start, period_end=admission.period_end,
-                      bucket_start=self._writable_bucket(admission.bucket_start), bucket_ttl=BUCKET_TTL, **parts)
+    def _where(self, compiled: Compiled) -> RecordKey:
+        """Where what follows an admission is recorded: its own bucket while the sync worker cannot have
+        closed it (`compiled.where`, built once), then the current one (`_writable_bucket`)."""
+        if self._clock() < compiled.writable_until:
+            return compiled.where
+        tenant, period_start, period_end, bucket, ttl = compiled.where
+        return tenant, period_start, period_end, self._writable_bucket(bucket), ttl
+
+    def _record(self, compiled: Compiled, **parts: Any) -> Record:
+        """A record of what happened after an admission, in the bucket it may still write to."""
+        return Record(*self._where(compiled), **parts)
 
     async def drain(self) -> None:
         """Wait for records in flight (shutdown, tests)."""
@@ -468,7 +439,7 @@ def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mappi
     return policy, tuple(limited), ", ".join(template)
 
 
-def _ratelimit_values(compiled: _Compiled, decision: Decision, now: float) -> tuple[int | float, ...]:
+def _ratelimit_values(compiled: Compiled, decision: Decision, now: float) -> tuple[int | float, ...]:
     """What is left of each policy, and when it is whole again: the values of the RateLimit template."""
     reset = compiled.period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
     used = decision.used

@@ -93,7 +93,7 @@ async def test_slow_server_error_refund_reaches_the_bill(setup) -> None:
     """A 5xx that completes after its bucket closed still takes its units off the tenant's billed total."""
     limiter, store, _, clock, _ = setup
     admission = await limiter.admit("slow", None, "POST", DEPLOY)
-    first = admission.bucket_start
+    first = admission.compiled.bucket
     clock.now += 330  # the admission's bucket closed meanwhile (300 s + 10 s grace)
     limiter.complete(admission, 504, 0, 0, None)
     await limiter.drain()
@@ -114,7 +114,7 @@ async def test_spool_replayed_after_its_bucket_closed_lands_in_an_open_one(setup
         redis_server.start()
     clock.now += 600  # the outage outlasted the bucket and its grace: the sync may have moved it
     await spool.replay(store, rebucket=limiter.rebucket)
-    assert await client.exists(keys.bucket_key("late", admission.bucket_start)) == 0
+    assert await client.exists(keys.bucket_key("late", admission.compiled.bucket)) == 0
     open_bucket = int(clock.now // 300 * 300)
     assert (await store.bucket("late", open_bucket)).get("chain_deployments") == 1
 
@@ -194,7 +194,7 @@ async def test_a_tenant_change_or_the_end_of_its_grace_takes_effect_with_the_nex
     base = TenantRecord(id="fickle", plan="starter", status="active", subscription_status="active",
                         stripe_customer_id=None, stripe_subscription_id=None, billing_anchor_day=None, overrides=())
     put_tenant(limiter, base)
-    assert (await limiter.admit("fickle", None, "GET", "/api/chains")).plan == "starter"
+    assert (await limiter.admit("fickle", None, "GET", "/api/chains")).compiled.plan == "starter"
     put_tenant(limiter, dataclasses.replace(base, status="suspended"))
     with pytest.raises(Refusal) as refused:
         await limiter.admit("fickle", None, "GET", "/api/chains")
@@ -217,4 +217,4 @@ async def test_a_tenant_change_or_the_end_of_its_grace_takes_effect_with_the_nex
     with pytest.raises(Refusal):
         await limiter.admit("fickle", None, "POST", DEPLOY)
     put_tenant(limiter, dataclasses.replace(base, plan="unlimited"))
-    assert (await limiter.admit("fickle", None, "POST", DEPLOY)).plan == "unlimited"
+    assert (await limiter.admit("fickle", None, "POST", DEPLOY)).compiled.plan == "unlimited"
