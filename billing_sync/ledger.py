@@ -165,9 +165,9 @@ async def _commit(sessions: async_sessionmaker[AsyncSession], group: list[_Stage
     write): they are carried into the next bucket instead of being lost. A staging key left by an
     interrupted pass is not fresh: its rows may have been committed just before the interruption.
     """
-    fresh_ids = [row["identifier"] for staged in group if staged.fresh for row in staged.rows]
     if not any(staged.rows for staged in group):
         return
+    fresh_ids = [row["identifier"] for staged in group if staged.fresh for row in staged.rows]
     async with sessions() as session, session.begin():
         billed: set[str] = set()
         for i in range(0, len(fresh_ids), 500):

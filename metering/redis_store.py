@@ -658,8 +658,10 @@ class RedisUsageStore:
                 prepared = call.prepared
                 assert prepared is not None
                 nows = [m.now for m in members]
-                call.args = [len(nows), *nows, *prepared.args]
-                call.packed = prepared.pack(nows)
+                if self._resp is not None:  # the RESP connection sends the command as it is
+                    call.packed = prepared.pack(nows)
+                else:  # redis-py packs the arguments (a cluster, TLS)
+                    call.args = [len(nows), *nows, *prepared.args]
             batch.append(call)
         self._pending = []
         self._pending_checks = {}

@@ -79,10 +79,7 @@ class RespConnection:
 
     async def execute(self, commands: Sequence[bytes | Sequence[Any]]) -> list[Any]:
         """Send the commands (argument sequences, or bytes already in RESP) and return their replies."""
-        return await self.send(commands, await self._connected())
-
-    async def connect(self) -> _Protocol:
-        return await self._connected()
+        return await self.send(commands, await self.connect())
 
     def ready(self) -> _Protocol | None:
         """The open connection, if there is one: callers then send without awaiting anything."""
@@ -107,7 +104,8 @@ class RespConnection:
         if not future.done() and self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
 
-    async def _connected(self) -> _Protocol:
+    async def connect(self) -> _Protocol:
+        """The open connection, connecting (and AUTH, SELECT) first if there is none."""
         protocol = self._protocol
         if protocol is not None and not protocol.closed:
             return protocol
