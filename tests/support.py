@@ -231,7 +231,7 @@ class GatewayProcess:
     def rss_bytes(self) -> int:
         """Resident memory of the gateway and its workers."""
         assert self.process is not None
-        pids = [self.process.pid, *_children(self.process.pid)]
+        pids = [self.process.pid, *child_pids(self.process.pid)]
         total = 0
         for pid in pids:
             try:
@@ -262,7 +262,7 @@ class GatewayProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.devservices import RedisProcess
-from tests.support import GatewayProcess, Upstream, _children, bearer, config_dict
+from tests.support import GatewayProcess, Upstream, bearer, child_pids, config_dict
 
 MiB = 1024 * 1024
 
@@ -147,7 +147,7 @@ async def test_100_mib_each_way_with_flat_memory(process_factory) -> None:
 async def test_workers_exit_when_the_supervisor_is_killed(process_factory) -> None:
     gateway = process_factory(workers=2)
     assert gateway.process is not None
-    workers = _children(gateway.process.pid)
+    workers = child_pids(gateway.process.pid)
     assert len(workers) == 2
     os.kill(gateway.process.pid, signal.SIGKILL)
     gateway.process.wait()
