@@ -54,6 +54,8 @@ class ListenSettings:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # Slowloris guard: a connection must complete its request head within this time.
     header_timeout: float = 15.0
+    # Slow-body guard: the longest gap allowed between two pieces of a request body.
+    body_timeout: float = 30.0
     max_connections: int = 10_000
     max_header_size: int = 8190
 
@@ -64,6 +66,14 @@ class UpstreamSettings:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     max_connections: int = 512
+    # How long a request may wait for a free upstream connection before 503 upstream-busy.
+    pool_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class WebSocketSettings:
+    max_connections: int = 1000  # relayed WebSockets per worker; beyond it an upgrade gets 503
+    idle_timeout: float = 300.0  # a relay with no message either way for this long is closed
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,7 @@ class RedisSettings:
     url: str | None = None  # None: `make run` starts a private redis-server
     on_error: str = "fail_open"
     spool_dir: str = "./var/spool"  # fail_open: usage waits here (one file per worker) while Redis is down
+    spool_max_bytes: int = 1 << 30  # all spool files of this spool_dir together; when full, 503
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,8 @@ class AuthSettings:
     public_paths: tuple[str, ...] = ()
     jwks_cache_seconds: float = 300.0
     jwks_min_refetch_seconds: float = 30.0
+    # An http:// jwks_url to a host that is not loopback is refused unless this is set.
+    allow_insecure_jwks_url: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class BillingSettings:
 class Settings:
     listen: ListenSettings = ListenSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    websocket: WebSocketSettings = WebSocketSettings()
     redis: RedisSettings = RedisSettings()
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
@@ -334,20 +348,22 @@ def _url(section: _Section, name: str, default: str | None, schemes: tuple[str, 
 
 def parse_settings(raw: Mapping[str, Any]) -> Settings:
     top = _Section(dict(raw), "", {
-        "listen", "upstream", "redis", "database", "auth", "admin", "server", "meters", "plans",
+        "listen", "upstream", "websocket", "redis", "database", "auth", "admin", "server", "meters", "plans",
         "default_plan", "billing", "alerts", "metrics",
     })
     settings = Settings(
         listen=_listen(_Section(top.raw.get("listen"), "listen", {
-            "proxy", "admin", "trusted_proxies", "header_timeout", "max_connections", "max_header_size"})),
+            "proxy", "admin", "trusted_proxies", "header_timeout", "body_timeout", "max_connections",
+            "max_header_size"})),
         upstream=_upstream(_Section(top.raw.get("upstream"), "upstream", {
-            "url", "connect_timeout", "read_timeout", "max_connections"})),
-        redis=_redis(_Section(top.raw.get("redis"), "redis", {"url", "on_error", "spool_dir"})),
+            "url", "connect_timeout", "read_timeout", "max_connections", "pool_timeout"})),
+        websocket=_websocket(_Section(top.raw.get("websocket"), "websocket", {"max_connections", "idle_timeout"})),
+        redis=_redis(_Section(top.raw.get("redis"), "redis", {"url", "on_error", "spool_dir", "spool_max_bytes"})),
         database=DatabaseSettings(url=_database_url(_Section(top.raw.get("database"), "database", {"url"}))),
         auth=_auth(_Section(top.raw.get("auth"), "auth", {
             "issuer", "audience", "algorithms", "jwks_url", "public_key_file", "hs256_secret",
             "tenant_claim", "plan_claim", "leeway_seconds", "public_paths", "jwks_cache_seconds",
-            "jwks_min_refetch_seconds"})),
+            "jwks_min_refetch_seconds", "allow_insecure_jwks_url"})),
         admin=_admin(_Section(top.raw.get("admin"), "admin", {"scope", "tokens"})),
         server=_server(_Section(top.raw.get("server"), "server", {
             "workers", "shutdown_grace_seconds", "access_log", "problem_type_base"})),
@@ -378,6 +394,7 @@ def _listen(s: _Section) -> ListenSettings:
         admin=parse_host_port(s.raw.get("admin", "127.0.0.1:8081"), "listen.admin"),
         trusted_proxies=tuple(proxies),
         header_timeout=s.number("header_timeout", 15.0, minimum=0, exclusive_min=True),
+        body_timeout=s.number("body_timeout", 30.0, minimum=0, exclusive_min=True),
         max_connections=s.integer("max_connections", 10_000, minimum=1),
         max_header_size=s.integer("max_header_size", 8190, minimum=1024, maximum=65536),
     )
@@ -389,6 +406,14 @@ def _upstream(s: _Section) -> UpstreamSettings:
         connect_timeout=s.number("connect_timeout", 5.0, exclusive_min=True),
         read_timeout=s.number("read_timeout", 60.0, exclusive_min=True),
         max_connections=s.integer("max_connections", 512, minimum=1),
+        pool_timeout=s.number("pool_timeout", 5.0, exclusive_min=True),
+    )
+
+
+def _websocket(s: _Section) -> WebSocketSettings:
+    return WebSocketSettings(
+        max_connections=s.integer("max_connections", 1000, minimum=1),
+        idle_timeout=s.number("idle_timeout", 300.0, exclusive_min=True),
     )
 
 
@@ -397,6 +422,8 @@ def _redis(s: _Section) -> RedisSettings:
         url=_url(s, "url", None, ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")),
         on_error=s.choice("on_error", "fail_open", ("fail_open", "fail_closed")),
         spool_dir=s.string("spool_dir", RedisSettings.spool_dir) or RedisSettings.spool_dir,
+        # At least a megabyte: a spool that cannot hold one burst would refuse traffic at once.
+        spool_max_bytes=s.integer("spool_max_bytes", RedisSettings.spool_max_bytes, minimum=1 << 20),
     )
 
 
@@ -424,6 +451,12 @@ def _auth(s: _Section) -> AuthSettings:
                 f"auth.algorithms[{i}]: unknown algorithm {alg!r} (known: {', '.join(sorted(ALLOWED_ALGORITHMS))})"
             )
     jwks_url = _url(s, "jwks_url", None, ("http", "https"))
+    allow_insecure = s.boolean("allow_insecure_jwks_url", False)
+    if jwks_url is not None and urlsplit(jwks_url).scheme == "http" and not allow_insecure \
+            and not _is_loopback(urlsplit(jwks_url).hostname):
+        # Keys fetched in clear can be swapped on the way: every token would then verify.
+        raise ConfigError("auth.jwks_url: must be https:// (http:// only for a loopback host, or with "
+                          "auth.allow_insecure_jwks_url: true)")
     key_file = s.string("public_key_file", None, nullable=True)
     if key_file is not None and not Path(key_file).is_file():
         raise ConfigError(f"auth.public_key_file: no such file: {key_file}")
@@ -455,7 +488,19 @@ def _auth(s: _Section) -> AuthSettings:
         public_paths=tuple(_public_path(p, i) for i, p in enumerate(s.string_list("public_paths", ()))),
         jwks_cache_seconds=s.number("jwks_cache_seconds", 300.0, exclusive_min=True),
         jwks_min_refetch_seconds=s.number("jwks_min_refetch_seconds", 30.0),
+        allow_insecure_jwks_url=allow_insecure,
     )
+
+
+def _is_loopback(host: str | None) -> bool:
+    if host is None:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _public_path(pattern: str, index: int) -> str:
@@ -511,11 +556,22 @@ MASK = "***"
 
 
 def _mask_url(url: str) -> str:
+    """The URL with its password and every query value masked (`?password=…` is as secret as userinfo)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    if parts.password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1))
+    if parts.query:
+        masked = "&".join(f"{item.partition('=')[0]}={MASK}" if "=" in item else item
+                          for item in parts.query.split("&"))
+        parts = parts._replace(query=masked)
+    return parts.geturl()
+
+
+def _mask_webhook_url(url: str) -> str:
+    """Only scheme and host: webhook URLs often carry their credential in the path (Slack, Teams)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}/{MASK}" if parts.path not in ("", "/") or parts.query else url
 
 
 def effective_config(settings: Settings) -> dict[str, Any]:
@@ -539,6 +595,12 @@ def effective_config(settings: Settings) -> dict[str, Any]:
             data[section][key] = MASK
     for key in ("algorithms", "public_paths"):
         data["auth"][key] = list(data["auth"][key])
-    if data.get("alerts", {}).get("webhook_secret"):
-        data["alerts"] = {**data["alerts"], "webhook_secret": MASK}
+    if data["auth"].get("jwks_url"):
+        data["auth"]["jwks_url"] = _mask_url(data["auth"]["jwks_url"])
+    alerts = dict(data.get("alerts") or {})
+    if alerts.get("webhook_secret"):
+        alerts["webhook_secret"] = MASK
+    if isinstance(alerts.get("webhook_url"), str):
+        alerts["webhook_url"] = _mask_webhook_url(alerts["webhook_url"])
+    data["alerts"] = alerts
     return data

@@ -13,6 +13,7 @@ GatewayError
 ├── BadGateway            502 bad-gateway
 ├── LimiterUnavailable    503 limiter-unavailable
 ├── DatabaseUnavailable   503 database-unavailable    (admin API)
+├── UpstreamBusy          503 upstream-busy           (no upstream connection free within pool_timeout)
 └── GatewayTimeout        504 gateway-timeout
 """
 
@@ -101,6 +102,13 @@ class LimiterUnavailable(GatewayError):
 
 class DatabaseUnavailable(GatewayError):
     status, suffix, title = 503, "database-unavailable", "Database unavailable"
+
+
+class UpstreamBusy(GatewayError):
+    status, suffix, title = 503, "upstream-busy", "Upstream busy"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"}, **extra)
 
 
 class GatewayTimeout(GatewayError):

@@ -122,6 +122,10 @@ def parse_alert_settings(raw: Mapping[str, Any] | None) -> AlertSettings:
         # The value is a secret: say what it is, never echo it.
         what = "an empty string" if webhook_secret == "" else type(webhook_secret).__name__
         raise ConfigurationError("alerts.webhook_secret", f"expected a non-empty string or null, got {what}")
+    if webhook_url is not None and webhook_secret is None:
+        # Receivers must be able to tell the gateway's alerts from forged ones: alerts are always signed.
+        raise ConfigurationError("alerts.webhook_url",
+                                 "needs a signing key: set GATEWAY__ALERTS__WEBHOOK_SECRET")
 
     max_attempts = raw.get("max_attempts", defaults.max_attempts)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 50:

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.config import ConfigError, load_settings, parse_settings
+from gateway.config import ConfigError, effective_config, load_settings, parse_settings
 
 SECRET = "s" * 40
 KEYED = {"auth": {"algorithms": ["HS256"], "hs256_secret": SECRET}}
@@ -130,3 +130,51 @@ def test_token_command_refuses_without_secret(tmp_path: Path, capsys: pytest.Cap
     monkeypatch.delenv("GATEWAY_JWT_HS256_SECRET", raising=False)
     assert main(["token", "--config", str(path), "--tenant", "acme"]) == 2
     assert "no HS256 secret" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- issue 9: new keys and their checks
+
+
+_AUTH = {"auth": {"algorithms": ["HS256"], "hs256_secret": "s" * 32}}
+
+
+def test_hostile_input_keys_have_defaults_and_are_validated() -> None:
+    settings = parse_settings(_AUTH)
+    assert settings.listen.body_timeout == 30.0
+    assert settings.upstream.pool_timeout == 5.0
+    assert (settings.websocket.max_connections, settings.websocket.idle_timeout) == (1000, 300.0)
+    assert settings.redis.spool_max_bytes == 1 << 30
+    for raw, key in [({"listen": {"body_timeout": 0}}, "listen.body_timeout"),
+                     ({"upstream": {"pool_timeout": "soon"}}, "upstream.pool_timeout"),
+                     ({"websocket": {"max_connections": 0}}, "websocket.max_connections"),
+                     ({"websocket": {"idle": 1}}, "websocket.idle"),
+                     ({"redis": {"spool_max_bytes": 1000}}, "redis.spool_max_bytes")]:
+        with pytest.raises(ConfigError, match=f"^{key.replace('.', '[.]')}:"):
+            parse_settings({**_AUTH, **raw})
+
+
+def test_plain_http_jwks_url_only_for_loopback_or_with_the_flag() -> None:
+    base = {"algorithms": ["RS256"]}
+    with pytest.raises(ConfigError, match=r"^auth\.jwks_url: must be https://"):
+        parse_settings({"auth": {**base, "jwks_url": "http://idp.example.com/jwks.json"}})
+    for url in ("http://127.0.0.1:9999/jwks.json", "http://localhost/jwks.json", "http://[::1]/jwks.json"):
+        assert parse_settings({"auth": {**base, "jwks_url": url}}).auth.jwks_url == url
+    allowed = parse_settings({"auth": {**base, "jwks_url": "http://idp.internal/jwks.json",
+                                       "allow_insecure_jwks_url": True}})
+    assert allowed.auth.jwks_url == "http://idp.internal/jwks.json"
+
+
+def test_check_config_masks_query_secrets_and_webhook_urls() -> None:
+    settings = parse_settings({
+        **_AUTH,
+        "database": {"url": "postgresql+asyncpg://db/gw?password=hunter2&sslmode=require"},
+        "alerts": {"webhook_url": "https://hooks.example.com/services/T0/B0/s3cr3t", "webhook_secret": "k" * 32},
+    })
+    shown = repr(effective_config(settings))
+    assert "hunter2" not in shown and "s3cr3t" not in shown and "k" * 32 not in shown
+    assert effective_config(settings)["alerts"]["webhook_url"] == "https://hooks.example.com/***"
+
+
+def test_alert_webhook_url_needs_a_signing_secret() -> None:
+    with pytest.raises(ConfigError, match=r"alerts\.webhook_url: needs a signing key"):
+        parse_settings({**_AUTH, "alerts": {"webhook_url": "https://hooks.example.com/x"}})
