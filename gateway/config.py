@@ -556,15 +556,18 @@ MASK = "***"
 
 
 def _mask_url(url: str) -> str:
-    """The URL with its password and every query value masked (`?password=…` is as secret as userinfo)."""
+    """The URL with its password and every query value masked (`?password=…` is as secret as userinfo).
+
+    Edited as text, not rebuilt with geturl(), which would drop the empty authority of `sqlite:///…`."""
     parts = urlsplit(url)
     if parts.password is not None:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", f":{MASK}@", 1))
-    if parts.query:
-        masked = "&".join(f"{item.partition('=')[0]}={MASK}" if "=" in item else item
-                          for item in parts.query.split("&"))
-        parts = parts._replace(query=masked)
-    return parts.geturl()
+        url = url.replace(f":{parts.password}@", f":{MASK}@", 1)
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url
+    query, hash_, fragment = query.partition("#")
+    masked = "&".join(f"{item.partition('=')[0]}={MASK}" if "=" in item else item for item in query.split("&"))
+    return f"{base}?{masked}{hash_}{fragment}"
 
 
 def _mask_webhook_url(url: str) -> str:

@@ -173,6 +173,9 @@ def test_check_config_masks_query_secrets_and_webhook_urls() -> None:
     shown = repr(effective_config(settings))
     assert "hunter2" not in shown and "s3cr3t" not in shown and "k" * 32 not in shown
     assert effective_config(settings)["alerts"]["webhook_url"] == "https://hooks.example.com/***"
+    assert effective_config(settings)["database"]["url"] == "postgresql+asyncpg://db/gw?password=***&sslmode=***"
+    sqlite = parse_settings({**_AUTH, "database": {"url": "sqlite+aiosqlite:///./var/g.db?mode=rwc"}})
+    assert effective_config(sqlite)["database"]["url"] == "sqlite+aiosqlite:///./var/g.db?mode=***"
 
 
 def test_alert_webhook_url_needs_a_signing_secret() -> None:
