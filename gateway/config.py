@@ -18,6 +18,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from metering.errors import ConfigurationError
+from metering.meters import check_path
+
 SECRET_ENV = {
     "REDIS_URL": ("redis", "url"),
     "DATABASE_URL": ("database", "url"),
@@ -506,7 +509,10 @@ def _is_loopback(host: str | None) -> bool:
 def _public_path(pattern: str, index: int) -> str:
     if not pattern.startswith("/"):
         raise ConfigError(f"auth.public_paths[{index}]: must start with '/', got {pattern!r}")
-    return pattern
+    try:  # the glob rules of meters and guards apply here too
+        return check_path(pattern, f"auth.public_paths[{index}]")
+    except ConfigurationError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _admin(s: _Section) -> AdminSettings:

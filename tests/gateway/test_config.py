@@ -181,3 +181,9 @@ def test_check_config_masks_query_secrets_and_webhook_urls() -> None:
 def test_alert_webhook_url_needs_a_signing_secret() -> None:
     with pytest.raises(ConfigError, match=r"alerts\.webhook_url: needs a signing key"):
         parse_settings({**_AUTH, "alerts": {"webhook_url": "https://hooks.example.com/x"}})
+
+
+@pytest.mark.parametrize("glob", ["/a/**b", "/a%zz", "/a b", "/a?x"])
+def test_bad_public_path_glob_is_a_config_error(glob: str) -> None:
+    with pytest.raises(ConfigError, match=r"^auth\.public_paths\[0\]: "):
+        parse_settings({"auth": {**_AUTH["auth"], "public_paths": [glob]}})
