@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from metering.errors import ConfigurationError, expect_mapping, kind_of
+from metering.paths import canonical_glob, readings
 
 Source = Literal["request", "request_bytes", "response_bytes", "reported"]
 Kind = Literal["counter", "gauge"]
@@ -23,9 +25,12 @@ METER_NAME = re.compile(r"[a-z0-9_]{1,64}")
 RESERVED_NAMES: frozenset[str] = frozenset({"rate"})
 # Stripe's meter event_name: kept to characters that need no escaping anywhere.
 STRIPE_EVENT = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-# Paths with ids make (method, path) unbounded; clearing a full cache keeps memory flat and is cheap
-# to refill, while an LRU would cost bookkeeping on every hit.
+# Paths with ids make (method, path) unbounded: the cache holds this many answers and drops the oldest
+# first, one at a time (FIFO: no bookkeeping on a hit, and no cliff where every answer is lost at once).
 MATCH_CACHE_SIZE = 10_000
+# Longer paths are matched every time instead: real ones are far shorter, and so the cache's memory is
+# bounded in bytes too (the head size limit bounds it anyway, but far higher).
+MATCH_CACHE_MAX_PATH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +55,12 @@ DEFAULT_METERS: tuple[Meter, ...] = (
 )
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
+def glob_to_regex(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
     """Compile a path glob, anchored: `*` is one segment (or part of one), `**` any number of segments.
 
     `/status/**` matches `/status`, `/status/` and `/status/a/b`; everything else is literal, so a
     percent-encoded `%2F` is just three characters inside a segment. Raises ValueError on a bad glob.
+    Requests are matched with `compile_glob`, on the readings of their path (`metering.paths`).
     """
     if not pattern.startswith("/"):
         raise ValueError("must start with '/'")
@@ -70,7 +76,12 @@ def glob_to_regex(pattern: str) -> re.Pattern[str]:
         else:
             parts.append("/" + "[^/]*".join(re.escape(piece) for piece in segment.split("*")))
     # Anchored in the pattern itself, so .match() and .search() callers cannot get a prefix match.
-    return re.compile(r"\A" + "".join(parts) + r"\Z")
+    return re.compile(r"\A" + "".join(parts) + r"\Z", re.IGNORECASE if ignore_case else 0)
+
+
+def compile_glob(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
+    """A path glob compiled to match the readings of a path (`metering.paths.readings`)."""
+    return glob_to_regex(canonical_glob(pattern), ignore_case=ignore_case)
 
 
 def check_path(value: Any, key: str) -> str:
@@ -80,7 +91,7 @@ def check_path(value: Any, key: str) -> str:
     if any(c.isspace() or ord(c) < 0x20 or c in "?#" for c in value):
         raise ConfigurationError(key, "must not contain whitespace, control characters, '?' or '#'")
     try:
-        glob_to_regex(value)
+        compile_glob(value)
     except ValueError as exc:
         raise ConfigurationError(key, str(exc)) from None
     return value
@@ -184,7 +195,12 @@ def parse_meters(raw: Mapping[str, Any] | None) -> tuple[Meter, ...]:
 
 
 class MeterMatcher:
-    """Which meters a request touches; patterns compiled once, answers cached per (method, path)."""
+    """Which meters a request touches; patterns compiled once, answers cached per (method, path).
+
+    A meter's path glob is matched on the readings of the request's path (`metering.paths`): it applies
+    when any reading matches, case-insensitively (an upstream that routes `/API/...` like `/api/...`
+    must not serve it unmetered; one that does not answers 404, and a 404 is counted like any call).
+    """
 
     __slots__ = ("_cache", "_requests", "by_name", "byte_meters", "gauges", "meters")
 
@@ -194,29 +210,35 @@ class MeterMatcher:
         self.byte_meters: tuple[Meter, ...] = tuple(m for m in self.meters if m.source in BYTE_SOURCES)
         self.gauges: dict[str, Meter] = {m.name: m for m in self.meters if m.kind == "gauge"}
         self._requests: tuple[tuple[Meter, re.Pattern[str] | None], ...] = tuple(
-            (m, glob_to_regex(m.path) if m.path is not None else None)
+            (m, compile_glob(m.path, ignore_case=True) if m.path is not None else None)
             for m in self.meters
             if m.source == "request"
         )
-        self._cache: dict[tuple[str, str], tuple[Meter, ...]] = {}
+        self._cache: OrderedDict[tuple[str, str], tuple[Meter, ...]] = OrderedDict()
 
     def request_meters(self, method: str, path: str) -> tuple[Meter, ...]:
-        """The request counters matching; `path` is matched as given (percent-encoding kept), no query."""
+        """The request counters matching; `path` is the raw path (a query is ignored).
+
+        Raises `metering.paths.UnsafePath` for a path that cannot be read safely (the proxy refuses
+        those before anything is matched).
+        """
         # Methods are case-sensitive on the wire, but an upstream that accepts "post" must not turn
         # it into an uncounted deployment.
         key = (method.upper(), path.partition("?")[0])
         found = self._cache.get(key)
         if found is None:
             method, path = key
+            spelled = readings(path)
             found = tuple(
                 meter
                 for meter, pattern in self._requests
                 if (meter.method is None or meter.method == method)
-                and (pattern is None or pattern.fullmatch(path) is not None)
+                and (pattern is None or any(pattern.fullmatch(reading) is not None for reading in spelled))
             )
-            if len(self._cache) >= MATCH_CACHE_SIZE:
-                self._cache.clear()
-            self._cache[key] = found
+            if len(path) <= MATCH_CACHE_MAX_PATH:
+                if len(self._cache) >= MATCH_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+                self._cache[key] = found
         return found
 
     def cache_size(self) -> int:

@@ -258,22 +258,22 @@ def test_method_case_does_not_dodge_a_meter() -> None:
     ]
 
 
-def test_trailing_slash_and_extra_segments_do_not_match_a_single_segment() -> None:
+def test_trailing_slash_is_ignored_but_extra_segments_do_not_match_a_single_segment() -> None:
     matcher = MeterMatcher(DEFAULT_METERS)
-    assert names(matcher.request_meters("POST", "/api/chains/c1/deployments/")) == ["api_calls"]
+    assert names(matcher.request_meters("POST", "/api/chains/c1/deployments/")) == ["api_calls", "chain_deployments"]
     assert names(matcher.request_meters("POST", "/api/chains/a/b/deployments")) == ["api_calls"]
 
 
-def test_percent_encoded_path_is_matched_as_given() -> None:
+def test_path_is_matched_on_its_readings() -> None:
     matcher = MeterMatcher(DEFAULT_METERS)
-    # %2F is not a separator: the raw path has one segment between chains/ and /deployments.
-    assert names(matcher.request_meters("POST", "/api/chains/a%2Fb/deployments")) == [
-        "api_calls",
-        "chain_deployments",
-    ]
-    # Nor is it decoded into a different route.
-    assert names(matcher.request_meters("POST", "/api%2Fchains%2Fc1%2Fdeployments")) == []
-    assert names(matcher.request_meters("POST", "/%61pi/chains/c1/deployments")) == []
+    deployment = ["api_calls", "chain_deployments"]
+    # %2F read as part of a segment: one segment between chains/ and /deployments.
+    assert names(matcher.request_meters("POST", "/api/chains/a%2Fb/deployments")) == deployment
+    # and as a separator, as servers that decode before routing read it.
+    assert names(matcher.request_meters("POST", "/api%2Fchains%2Fc1%2Fdeployments")) == deployment
+    assert names(matcher.request_meters("POST", "/%61pi/chains/c1/deployments")) == deployment
+    assert names(matcher.request_meters("POST", "/API/Chains/c1/DEPLOYMENTS")) == deployment
+    assert names(matcher.request_meters("POST", "/api/chains/c1/deployments;v=1")) == deployment
 
 
 def test_query_string_is_ignored_for_matching_and_caching() -> None:
@@ -322,20 +322,28 @@ def test_cached_answer_is_the_same_object() -> None:
     assert matcher.request_meters("GET", "/api/x") is first
 
 
-def test_cache_is_bounded_and_cleared_when_full(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_is_bounded_and_drops_its_oldest_entries_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(meters_module, "MATCH_CACHE_SIZE", 8)
     matcher = MeterMatcher(DEFAULT_METERS)
-    for i in range(8):
-        matcher.request_meters("GET", f"/api/chains/{i}")
+    answers = [matcher.request_meters("GET", f"/api/chains/{i}") for i in range(8)]
     assert matcher.cache_size() == 8
     assert names(matcher.request_meters("POST", "/api/chains/9/deployments")) == [
         "api_calls",
         "chain_deployments",
     ]
-    assert matcher.cache_size() == 1
+    assert matcher.cache_size() == 8  # no cliff: only the oldest answer went
+    assert matcher.request_meters("GET", "/api/chains/7") is answers[7]
+    assert matcher.request_meters("GET", "/api/chains/0") is not answers[0]
     for i in range(100):
         matcher.request_meters("GET", f"/api/chains/{i}")
         assert matcher.cache_size() <= 8
+
+
+def test_long_paths_are_not_cached() -> None:
+    matcher = MeterMatcher(DEFAULT_METERS)
+    long_path = "/api/" + "x" * meters_module.MATCH_CACHE_MAX_PATH
+    assert names(matcher.request_meters("GET", long_path)) == ["api_calls"]
+    assert matcher.cache_size() == 0
 
 
 def test_cache_bound_at_the_real_size() -> None:
