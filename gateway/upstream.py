@@ -18,6 +18,7 @@ from gateway.upstream_protocol import (
     UpstreamConnectError,
     UpstreamConnection,
     UpstreamError,
+    UpstreamPoolBusy,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeout,
@@ -27,6 +28,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamPool",
+    "UpstreamPoolBusy",
     "UpstreamProtocolError",
     "UpstreamResponse",
     "UpstreamTimeout",
@@ -34,15 +36,25 @@ __all__ = [
 
 # Methods that define a body: without one they still say so, as clients do (RFC 9110 §8.6).
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Methods whose request may be sent twice with the effect of once (RFC 9110 §9.2.2): only these are
+# sent again after they reached a connection that then failed. A POST is never sent twice.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# Requests waiting for a connection beyond this many are refused at once (as Envoy's max_pending_requests).
+MAX_WAITERS = 1024
 _NO_BODY = "\r\n"
 _EMPTY_BODY = "Content-Length: 0\r\n\r\n"
 _CHUNKED = "Transfer-Encoding: chunked\r\n\r\n"
 
 
 class UpstreamPool:
-    """Keep-alive connections to one `http://host[:port]` upstream, at most `max_connections` open."""
+    """Keep-alive connections to one `http://host[:port]` upstream, at most `max_connections` open.
 
-    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_connections: int) -> None:
+    A request that finds them all busy waits (FIFO) at most `pool_timeout` seconds for one, and
+    at most `max_waiters` requests wait: beyond either, `UpstreamPoolBusy`.
+    """
+
+    def __init__(self, url: str, *, connect_timeout: float, read_timeout: float, max_connections: int,
+                 pool_timeout: float | None = None, max_waiters: int = MAX_WAITERS) -> None:
         parts = urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"expected an http://host[:port] upstream URL, got {url!r}")
@@ -55,6 +67,8 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max = max_connections
+        self._pool_timeout = pool_timeout
+        self._max_waiters = max_waiters
         self._open = 0  # connections open, being opened, or whose slot is being handed over
         self._idle: list[UpstreamConnection] = []  # LIFO: the warmest connection goes first
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
@@ -85,16 +99,19 @@ class UpstreamPool:
         if stream is None and body:
             data += body
         is_head = method == "HEAD"
+        replayable = stream is None and method in _IDEMPOTENT
         may_retry = True
         while True:
-            conn = await self._checkout()
+            conn = await self._checkout(probe=not replayable)
             try:
                 return await conn.exchange(data, stream, content_length, is_head)
             except UpstreamProtocolError:
                 self._discard(conn)
-                # A kept-alive connection the upstream closed meanwhile (its idle timeout): it saw
-                # nothing it could have acted on, so the request goes once more on a fresh one.
-                if not (may_retry and conn.reused and not conn.got_bytes and not conn.body_started):
+                # A kept-alive connection the upstream closed meanwhile (its idle timeout) and that
+                # did not answer: the request goes once more on a fresh one if it never left, or if
+                # its method is idempotent and its body is at hand (the upstream may have acted on it).
+                if not (may_retry and conn.reused and not conn.got_bytes
+                        and (not conn.written or replayable)):
                     raise
                 may_retry = False
             except BaseException:
@@ -129,18 +146,22 @@ class UpstreamPool:
 
     # ------------------------------------------------------------------------------- the slots
 
-    async def _checkout(self) -> UpstreamConnection:
+    async def _checkout(self, probe: bool) -> UpstreamConnection:
+        """A connection for one exchange; with `probe`, an idle one only after asking the kernel whether
+        the upstream has closed it (a request that cannot be sent again would be lost on it)."""
         idle = self._idle
         while idle:
             conn = idle.pop()
             conn.pooled = False
-            if not conn.broken and not conn.transport.is_closing():
+            if not conn.broken and not conn.transport.is_closing() and (not probe or conn.quiet()):
                 conn.reused = True
                 return conn
             self._discard(conn)
         if self._closed:
             raise UpstreamConnectError("the upstream pool is closed")
         if self._waiters or self._open >= self._max:
+            if len(self._waiters) >= self._max_waiters:
+                raise UpstreamPoolBusy(f"{self._max_waiters} requests are waiting for an upstream connection")
             handed = await self._wait_turn()
             if handed is not None:
                 if not handed.broken and not handed.transport.is_closing():
@@ -157,8 +178,11 @@ class UpstreamPool:
 
     async def _wait_turn(self) -> UpstreamConnection | None:
         """Queue (FIFO) for a connection or, when None comes, for a slot to connect on."""
-        waiter: asyncio.Future[UpstreamConnection | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
         self._waiters.append(waiter)
+        timer = None if self._pool_timeout is None else loop.call_at(
+            loop.time() + self._pool_timeout, self._expire, waiter)
         try:
             return await waiter
         except asyncio.CancelledError:
@@ -172,6 +196,15 @@ class UpstreamPool:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _expire(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        if not waiter.done():
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+            waiter.set_exception(UpstreamPoolBusy(f"no upstream connection was free within {self._pool_timeout} s"))
 
     async def _connect(self) -> UpstreamConnection:
         loop = asyncio.get_running_loop()

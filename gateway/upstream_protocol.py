@@ -8,6 +8,7 @@ flows to the reader through a bounded buffer on the `UpstreamResponse`.
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from collections import deque
 from collections.abc import AsyncIterable, Callable
@@ -18,6 +19,10 @@ import httptools
 # Reading pauses above HIGH unread body bytes and resumes at LOW: memory stays flat for any body.
 BUFFER_HIGH = 256 * 1024
 BUFFER_LOW = 64 * 1024
+# A response head (status line, headers, and any interim responses before it) larger than this,
+# or with more header lines, is refused: the upstream is trusted for its answers, not its size.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 256
 
 
 class UpstreamError(Exception):
@@ -33,7 +38,11 @@ class UpstreamTimeout(UpstreamError):
 
 
 class UpstreamProtocolError(UpstreamError):
-    """A malformed response, or the connection closed before the response was complete."""
+    """A malformed or oversized response, or the connection closed before the response was complete."""
+
+
+class UpstreamPoolBusy(UpstreamError):
+    """No connection was free within pool_timeout, or too many requests were waiting for one."""
 
 
 def _expire(waiter: asyncio.Future[object], message: str) -> None:
@@ -163,6 +172,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False  # carried a request before, so the upstream may have closed it meanwhile
         self.got_bytes = False  # the current exchange saw a response byte: never retried then
         self.body_started = False  # the current streamed body was iterated: never retried then
+        self.written = False  # the current request went (partly, perhaps) to the transport
         self._request_sent = False
         self._is_head = False
         self._parser: httptools.HttpResponseParser | None = None  # set while a response is due
@@ -172,8 +182,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._sender: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._writing_paused = False
+        self._poll: select.poll | None = None
         self._reason = b""
         self._headers: list[tuple[str, str]] = []
+        self._head_size = 0  # of the headers parsed so far in this head
+        self._head_fed = 0  # bytes fed while no final head had come (interim responses included)
         self._length: int | None = None
         self._chunked = False
 
@@ -182,12 +195,15 @@ class UpstreamConnection(asyncio.Protocol):
     async def exchange(self, data: bytes, body: AsyncIterable[bytes] | None, length: int | None,
                        is_head: bool) -> UpstreamResponse:
         """Send a request (`data`: its head, and its body unless streamed) and await the response head."""
+        self.written = False
         if self.broken:
             raise UpstreamProtocolError("the upstream closed the connection before the request")
         self.got_bytes = self.body_started = self._request_sent = False
+        self._head_fed = 0
         self._is_head = is_head
         self._parser = httptools.HttpResponseParser(self)
         head = self._head = self.loop.create_future()
+        self.written = True
         self.transport.write(data)
         if body is None:
             self._sent()
@@ -277,6 +293,13 @@ class UpstreamConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:  # small requests must not wait for Nagle
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLIN)
+
+    def quiet(self) -> bool:
+        """Nothing (no byte, EOF or reset) waits on the socket unread, as on an idle connection that is
+        in step with the upstream: asks the kernel, which may know of a close the loop has not seen yet."""
+        return self._poll is None or not self._poll.poll(0)
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -286,8 +309,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
             return
         self.got_bytes = True
+        in_head = self._response is None
         try:
             parser.feed_data(data)
+            if in_head and self._response is None and self._parser is not None:
+                # Still no final head: what came so far is all head. httptools keeps a header
+                # that has not ended in memory, so the size is bounded here, not only per header.
+                self._head_fed += len(data)
+                if self._head_fed > MAX_HEAD_BYTES:
+                    raise UpstreamProtocolError(f"the response head exceeds {MAX_HEAD_BYTES} bytes")
+        except UpstreamProtocolError as exc:
+            self.broken = True
+            self._fail(exc)
         except httptools.HttpParserError as exc:
             self.broken = True
             if self._parser is not None:  # else: stray bytes after a complete response
@@ -329,6 +362,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamProtocolError("data after the response")
         self._reason = b""
         self._headers = []
+        self._head_size = 0
         self._length = None
         self._chunked = False
 
@@ -336,8 +370,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += status  # may come in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        headers = self._headers
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
         size = len(name)  # the length check spares a lower() for most names
+        self._head_size += size + len(value) + 4  # ": " and CRLF
+        if self._head_size > MAX_HEAD_BYTES or len(headers) > MAX_HEADERS:
+            raise UpstreamProtocolError(f"the response head exceeds {MAX_HEAD_BYTES} bytes "
+                                        f"or {MAX_HEADERS} headers")
         if size == 14 and name.lower() == b"content-length":
             self._length = int(value)  # llhttp has validated it
         elif size == 17 and name.lower() == b"transfer-encoding":

@@ -243,14 +243,15 @@ async def test_upstream_closing_kept_alive_connections_never_502(
         redis_server: RedisProcess, sqlite_url: str, session: aiohttp.ClientSession) -> None:
     # An upstream that closes idle connections after 50 ms: the pooled connection is stale
     # by the time the next request comes, and must be replaced, not reported as a failure.
+    # (PUT: idempotent, so sent again when it met a close in flight; a POST never is.)
     upstream = await Upstream(upstream_app(), keepalive_timeout=0.05).start()
     worker = Worker(settings_for(upstream.url, redis_server.url, sqlite_url))
     await worker.start()
     try:
         statuses = []
         for i in range(12):
-            async with session.post(f"http://127.0.0.1:{worker.proxy_port}/api/x", headers=bearer(),
-                                    data=b"p" * (i * 100)) as response:
+            async with session.put(f"http://127.0.0.1:{worker.proxy_port}/api/x", headers=bearer(),
+                                   data=b"p" * (i * 100)) as response:
                 statuses.append(response.status)
             await asyncio.sleep(0.1 if i % 2 else 0.045)
         assert statuses == [200] * 12

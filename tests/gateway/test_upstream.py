@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from gateway.upstream import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamPool,
+    UpstreamPoolBusy,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeout,
@@ -548,12 +550,65 @@ async def test_stale_pooled_connection_is_retried_once(
     if when == "closed-before-next":
         await until(lambda: not pool.stats["idle"])  # the pool notices the close of an idle connection
         assert pool.stats["open"] == 0
-    response = await pool.request("POST", "/again", [("X-Id", "2")], b"payload")
+    response = await pool.request("PUT", "/again", [("X-Id", "2")], b"payload")  # idempotent: sent again
     assert await body_of(response) == b"1/1"
     assert server.accepted == 2
     [retried] = server.conns[1].requests
     assert retried.body == b"payload" and retried.values(b"x-id") == [b"2"]
     assert pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+async def test_stale_connection_never_sends_a_non_idempotent_request_twice(
+        raw_server: StartServer, make_pool: MakePool, method: str) -> None:
+    async def handler(conn: Conn) -> None:
+        if conn.index > 0:
+            return await keep_alive(conn)
+        await conn.read_request()
+        await conn.send(reply(b"first"))
+        await conn.read_request()  # it may have acted on this one: closes without an answer
+
+    server = await raw_server(handler)
+    pool = make_pool(server.url)
+    assert await body_of(await pool.request("GET", "/", [])) == b"first"
+    with pytest.raises(UpstreamProtocolError):
+        await pool.request(method, "/deploy", [], b"payload")
+    assert server.accepted == 1 and len(server.conns[0].requests) == 2
+    assert pool.stats["open"] == 0
+
+
+async def test_a_post_goes_on_a_fresh_connection_when_the_kernel_knows_of_the_close(
+        make_pool: MakePool) -> None:
+    """The upstream closed an idle connection and the FIN has arrived, but the loop has not run since:
+    a POST (which is never sent twice) must not be the request that finds out."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closed = threading.Event()
+    seen: list[bytes] = []
+
+    def serve() -> None:  # a blocking server in a thread: it runs while the loop is held up below
+        with listener:
+            for index in range(2):
+                conn, _ = listener.accept()
+                with conn:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    seen.append(data.split(b"\r\n", 1)[0])
+                    conn.sendall(reply(b"%d" % index))
+                    if index == 0:
+                        conn.shutdown(socket.SHUT_RDWR)
+                closed.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    pool = make_pool(f"http://127.0.0.1:{listener.getsockname()[1]}")
+    assert await body_of(await pool.request("GET", "/", [])) == b"0"
+    assert closed.wait(2)  # blocking on purpose: the loop must not see the close
+    time.sleep(0.05)  # noqa: ASYNC251 -- the FIN reaches this side's kernel meanwhile
+    assert pool.stats["idle"] == 1  # the pool has not noticed
+    assert await body_of(await pool.request("POST", "/deploy", [], b"payload")) == b"1"
+    thread.join(2)
+    assert seen == [b"GET / HTTP/1.1", b"POST /deploy HTTP/1.1"]
 
 
 async def test_stale_connection_with_streamed_body_is_not_retried(
@@ -746,6 +801,55 @@ async def test_max_connections_is_respected(raw_server: StartServer,
     assert server.max_active <= 2 and server.accepted == 2
     assert peak == 2
     assert pool.stats == {"open": 2, "idle": 2, "waiting": 0}
+
+
+async def test_pool_timeout_and_waiter_bound(raw_server: StartServer) -> None:
+    gate = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        while True:
+            await conn.read_request()
+            await gate.wait()
+            await conn.send(reply())
+
+    server = await raw_server(handler)
+    pool = UpstreamPool(server.url, connect_timeout=1, read_timeout=5, max_connections=1,
+                        pool_timeout=0.2, max_waiters=2)
+    try:
+        busy = asyncio.create_task(pool.request("GET", "/", []))
+        await until(lambda: server.accepted == 1 and pool.stats["open"] == 1)
+        waiters = [asyncio.create_task(pool.request("GET", "/", [])) for _ in range(2)]
+        await until(lambda: pool.stats["waiting"] == 2)
+        started = time.monotonic()
+        with pytest.raises(UpstreamPoolBusy):  # a third waiter is refused at once
+            await pool.request("GET", "/", [])
+        assert time.monotonic() - started < 0.1
+        for waiter in waiters:  # the two waiting ones after pool_timeout
+            with pytest.raises(UpstreamPoolBusy):
+                await asyncio.wait_for(waiter, 2)
+        assert 0.15 <= time.monotonic() - started < 1.5
+        assert pool.stats == {"open": 1, "idle": 0, "waiting": 0}
+        gate.set()
+        assert await body_of(await busy) == b"ok"
+        assert await body_of(await pool.request("GET", "/", [])) == b"ok"
+        assert server.accepted == 1 and pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+    finally:
+        await pool.close()
+
+
+async def test_a_waiter_served_in_time_is_not_expired(raw_server: StartServer) -> None:
+    server = await raw_server(keep_alive)
+    pool = UpstreamPool(server.url, connect_timeout=1, read_timeout=5, max_connections=1, pool_timeout=0.3)
+    try:
+        async def one() -> bytes:
+            return await body_of(await pool.request("GET", "/", []))
+
+        bodies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(5))), 3)
+        assert bodies == [b"0/%d" % i for i in range(1, 6)]
+        await asyncio.sleep(0.4)  # the timers of the served waiters must not fire late on anything
+        assert pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+    finally:
+        await pool.close()
 
 
 async def test_cancelled_waiter_frees_its_turn(raw_server: StartServer,
