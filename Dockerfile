@@ -19,11 +19,15 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY config/example.yaml /app/config.yaml
 WORKDIR /app
 USER gateway
+# The admin listener serves the admin API and an unauthenticated /metrics (tenant ids in its labels): it
+# stays on the container's loopback unless it is exposed on purpose, on a network only operators and
+# Prometheus reach, e.g. `docker run -e GATEWAY__LISTEN__ADMIN=0.0.0.0:8081 --network ops-private ...`
+# (never with `-p 8081:8081` on a public interface). The HEALTHCHECK below works either way.
 ENV GATEWAY_CONFIG=/app/config.yaml \
     GATEWAY__LISTEN__PROXY=0.0.0.0:8080 \
-    GATEWAY__LISTEN__ADMIN=0.0.0.0:8081 \
+    GATEWAY__LISTEN__ADMIN=127.0.0.1:8081 \
     PYTHONUNBUFFERED=1
-EXPOSE 8080 8081
+EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
   CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:8081/healthz', timeout=2)" || exit 1
 # Migrations run as a separate step (`cosmos-gateway db upgrade`) in production deployments.

@@ -11,8 +11,9 @@ applied to the tenant is recorded and skipped. After the commit the tenant is an
 TenantDirectory: the limiter answers 402 `subscription-inactive` at once for a canceled subscription.
 
 Answers: 2xx for every signed, well-formed event, including those we cannot use (Stripe retries anything
-else for days); 400 for unsigned or malformed bodies; 413 above 1 MiB; 503 when no secret is configured or
-the SQL store is down (Stripe retries later).
+else for days); 400 for unsigned or malformed bodies and for a Stripe-Signature header that is not one
+(any bytes: non-ASCII, Unicode digits, numbers of any size); 413 above 1 MiB; 503 when no secret is
+configured or the SQL store is down (Stripe retries later).
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ _TENANT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TERMINAL = frozenset({"canceled", "incomplete_expired"})
 _STORE_ERRORS = (OSError, TimeoutError, OperationalError, InterfaceError)
 _MAX_ID = 255  # the width of the Stripe id columns
+_MAX_TIMESTAMP = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
+_MAX_SIGNATURE_HEADER = 4096
+_SIGNATURE_TIME = re.compile(r"[0-9]{1,12}")
+_SIGNATURE_V1 = re.compile(r"[0-9a-f]{64}")  # a hex HMAC-SHA256, as Stripe writes it
 
 
 class _Problem(Exception):
@@ -96,7 +101,7 @@ def parse_event(payload: str) -> Event:
     """The event envelope of a webhook body; raises a 400 problem naming the bad field."""
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise _invalid("body", "not valid JSON") from None
     if not isinstance(data, dict):
         raise _invalid("body", "not a JSON object")
@@ -105,7 +110,7 @@ def parse_event(payload: str) -> Event:
         raise _invalid("id", "must be a non-empty string")
     if not isinstance(event_type, str) or not 0 < len(event_type) <= 128:
         raise _invalid("type", "must be a non-empty string")
-    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created <= _MAX_TIMESTAMP:
         raise _invalid("created", "must be a Unix timestamp")
     inner = data.get("data")
     return Event(event_id, event_type, created, inner.get("object") if isinstance(inner, dict) else None)
@@ -157,13 +162,40 @@ def _state(tenant: Tenant) -> dict[str, Any]:
             "stripe_subscription_id": tenant.stripe_subscription_id}
 
 
-def _signed_at(header: str) -> int:
-    """The `t=` timestamp of a Stripe-Signature header that stripe has already accepted."""
+def verify_signature(payload: str, header: str, secret: str, *, now: float, tolerance: int) -> None:
+    """Raise a 400 problem unless the Stripe-Signature `header` signs `payload` with `secret`, at most
+    `tolerance` seconds before `now`.
+
+    The header is client input: it is parsed here first (visible ASCII, `t=<digits>`, `v1=<64 hex>`),
+    and only its well-formed parts, rebuilt, reach stripe's verifier, whose own parser would take
+    Unicode digits or a 5,000-digit `t`, and whose comparison raises TypeError for non-ASCII text.
+    """
+    timestamp, signatures = _parse_signature(header)
+    canonical = ",".join([f"t={timestamp}", *(f"v1={signature}" for signature in signatures)])
+    try:
+        # Tolerance None: stripe would measure the age with time.time(); ours uses the injected clock.
+        stripe.WebhookSignature.verify_header(payload, canonical, secret, tolerance=None)
+    except (stripe.SignatureVerificationError, ValueError, TypeError):
+        raise _invalid("Stripe-Signature", "does not match the body and the webhook secret") from None
+    if timestamp < now - tolerance:
+        raise _invalid("Stripe-Signature", f"signed more than {tolerance} seconds ago")
+
+
+def _parse_signature(header: str) -> tuple[int, list[str]]:
+    """The timestamp and the v1 signatures of a Stripe-Signature header; a 400 problem if it has none."""
+    if len(header) > _MAX_SIGNATURE_HEADER or not header.isascii() or not header.isprintable():
+        raise _invalid("Stripe-Signature", "is not a Stripe signature header (visible ASCII, at most 4 KiB)")
+    timestamp: int | None = None
+    signatures: list[str] = []
     for part in header.split(","):
         name, _, value = part.partition("=")
-        if name == "t":
-            return int(value)
-    raise ValueError("no timestamp")
+        if name == "t" and timestamp is None and _SIGNATURE_TIME.fullmatch(value):
+            timestamp = int(value)
+        elif name == "v1" and _SIGNATURE_V1.fullmatch(value):
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        raise _invalid("Stripe-Signature", "is not a Stripe signature header (t=<unix time>,v1=<hex signature>)")
+    return timestamp, signatures
 
 
 class StripeWebhooks:
@@ -212,15 +244,8 @@ class StripeWebhooks:
     def _verify(self, payload: str, headers: Collection[str]) -> None:
         if len(headers) != 1:
             raise _invalid("Stripe-Signature", "exactly one signature header is required")
-        header = next(iter(headers))
-        try:
-            # Tolerance None: stripe would measure the age with time.time(); ours uses the injected clock.
-            stripe.WebhookSignature.verify_header(payload, header, self._secret, tolerance=None)
-            signed_at = _signed_at(header)
-        except (stripe.SignatureVerificationError, ValueError):
-            raise _invalid("Stripe-Signature", "does not match the body and the webhook secret") from None
-        if signed_at < self._clock() - self._tolerance:
-            raise _invalid("Stripe-Signature", f"signed more than {self._tolerance} seconds ago")
+        assert self._secret is not None
+        verify_signature(payload, next(iter(headers)), self._secret, now=self._clock(), tolerance=self._tolerance)
 
     async def _record(self, event: Event, subscription: Subscription | None) -> tuple[dict[str, Any], str | None]:
         """Apply the event in one transaction with its id; the answer, and the tenant to announce."""

@@ -2,25 +2,40 @@
 
 Readiness asks Redis and the SQL store with short timeouts. Redis down under `fail_open` is
 `degraded` (200): pulling every instance out of service would defeat failing open.
+Every error is problem+json with the request id; a fault of ours is a 500 with its traceback in the log
+only. No client input reaches such a fault: the endpoints here read none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from gateway import metrics
+from gateway.config import ServerSettings
+from gateway.errors import (
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    problem_response,
+)
+from gateway.headers import request_id
 
+log = logging.getLogger("cosmos_gateway.admin")
 Check = Callable[[], Awaitable[None]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHECK_TIMEOUT = 2.0
 
 
 def admin_app(*, redis_check: Check, database_check: Check, fail_closed: bool,
-              before_metrics: Check | None = None) -> web.Application:
-    app = web.Application()
+              before_metrics: Check | None = None,
+              problem_type_base: str = ServerSettings.problem_type_base) -> web.Application:
+    app = web.Application(middlewares=[_problems(problem_type_base)])
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -55,6 +70,43 @@ def metrics_response() -> web.Response:
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type  # carries its own charset/version parameters
     return response
+
+
+def _problems(type_base: str) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Every error of the admin listener as problem+json: the router's 404/405, and faults of ours as a
+    500 with the traceback in the log only. (The /admin API has its own middleware inside this one.)"""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        rid = request_id(request.raw_headers)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            error = _http_error(exc)
+            if error is None:
+                raise  # redirects and the like, raised on purpose by a handler
+            response = problem_response(error, type_base, rid)
+        except Exception:
+            log.exception("admin listener: unexpected error on %s %s (request %s)", request.method,
+                          request.rel_url.raw_path[:200], rid)
+            response = problem_response(GatewayError("the request could not be completed"), type_base, rid)
+        return response
+
+    return middleware
+
+
+def _http_error(exc: web.HTTPException) -> GatewayError | None:
+    """aiohttp's own errors (router, body size, 5xx) as the gateway's error of that kind; None for the rest."""
+    if exc.status == 404:
+        return NotFound("no such resource on the admin listener")
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return MethodNotAllowed("the method is not allowed here", headers={"Allow": allowed} if allowed else None)
+    if exc.status == 413:
+        return PayloadTooLarge("the request body is too large")
+    if exc.status >= 500:
+        return GatewayError("the request could not be completed")
+    return None
 
 
 async def _passes(check: Check) -> bool:

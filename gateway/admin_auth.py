@@ -3,6 +3,9 @@
 Admin tokens are kept only as SHA-256 digests. A presented token is hashed and compared with every
 configured digest in constant time, without stopping at the first match, so neither the timing
 nor the position of a token in GATEWAY_ADMIN_TOKENS leaks. Anything else is verified as a JWT.
+
+Credentials must match exactly: only SP and HTAB around them are ignored (RFC 9110 OWS), never NBSP,
+NEL or other Unicode spaces, and anything but visible ASCII is refused before it is hashed or parsed.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from gateway.auth import Authenticator, AuthError
+from gateway.auth import Authenticator, AuthError, bearer_token
 from gateway.errors import Forbidden, InvalidToken
 
 _NO_MATCH = ""
@@ -24,16 +27,11 @@ class AdminAuth:
 
     async def actor(self, authorization: str | None) -> str:
         """`token:<name>` or `jwt:<subject>` for an allowed caller; InvalidToken (401) or Forbidden (403)."""
-        if authorization is None or not authorization.strip():
-            raise InvalidToken("a bearer token is required", token_presented=False)
-        scheme, _, value = authorization.strip().partition(" ")
-        value = value.strip()
-        if scheme.lower() != "bearer" or not value:
-            raise InvalidToken("the Authorization header must be 'Bearer <token>'", token_presented=True)
-        name = self._token_name(value)
-        if name is not None:
-            return f"token:{name}"
         try:
+            value = bearer_token(authorization)
+            name = self._token_name(value)
+            if name is not None:
+                return f"token:{name}"
             identity = await self._authenticator.authenticate(authorization, require_tenant=False)
         except AuthError as exc:
             raise InvalidToken(exc.detail, token_presented=exc.token_presented) from None
@@ -42,7 +40,7 @@ class AdminAuth:
         return f"jwt:{identity.subject or '-'}"
 
     def _token_name(self, value: str) -> str | None:
-        digest = hashlib.sha256(value.encode(errors="surrogateescape")).digest()
+        digest = hashlib.sha256(value.encode("ascii")).digest()  # bearer_token() let only visible ASCII through
         found = _NO_MATCH
         for name, expected in self._digests:
             # Every digest is compared; the match is remembered, never returned early.

@@ -4,20 +4,25 @@ A token is checked with the key source of its algorithm family only: HS* with th
 secret, RS*/PS*/ES*/EdDSA with the JWKS keys or the PEM public key file. So an HMAC token can never
 be "verified" with a public key used as a secret. Keys named inside a token (`jku`, `x5u`, `jwk`,
 `x5c`) are never fetched or trusted. A verified token is cached until it expires, so the hot path
-parses each token once.
+parses each token once; the cache is bounded in entries and bytes and drops its oldest entries first.
+
+Everything a token carries is hostile input until checked here, independently of the PyJWT release:
+the credentials must be visible ASCII, a `crit` header is refused (no extension is understood), the
+NumericDates `exp`/`nbf`/`iat` must be numbers between 1970 and 9999 (checked here on the injected
+clock), and the subject is passed on percent-encoded, so nothing from a token can break a header.
 """
 
 from __future__ import annotations
 
-import math
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -25,23 +30,42 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.config import AuthSettings
 from gateway.jwks import JwksCache
-from metering.meters import glob_to_regex
+from metering.meters import compile_glob
+from metering.paths import UnsafePath, readings
 
 TENANT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _PLAN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SUBJECT_MAX = 255
+# What `sub` keeps as it is in X-Cosmos-Subject: visible ASCII but `%`; every other UTF-8 byte is %XX.
+_SUBJECT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
 _TOKEN_CACHE_MAX = 10_000
+# The cache's memory, estimated from the sizes of what each entry holds (token, claims, identity).
+_TOKEN_CACHE_BYTES = 4 * 1024 * 1024
+# Longer tokens are verified on every request instead: real ones are far shorter.
+_TOKEN_CACHE_MAX_TOKEN = 4096
+_TOKEN_CACHE_ENTRY_OVERHEAD = 512  # the Identity, its scopes and the cache's own tuple and slot
 # A cached verification is trusted for at most this long, so a key dropped from the JWKS stops working.
 _TOKEN_CACHE_SECONDS = 300.0
 _MAX_TOKEN_LENGTH = 8192
+# RFC 9110 §5.6.3 optional whitespace: only SP and HTAB. str.strip() would also drop NEL, NBSP and other
+# Unicode spaces, so that a credential followed by one of them would still match.
+_OWS = " \t"
+_CREDENTIALS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: token68 and every configured admin token
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_NUMERIC_DATES = ("exp", "nbf", "iat")
+_NUMERIC_DATE_MAX = 253_402_300_799  # 9999-12-31T23:59:59Z: beyond it no date type can hold the value
 _CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1", "ES256K": "secp256k1"}
-# Percent-encodings that could turn into a dot-segment, a slash or a backslash after decoding.
-_ENCODED_SEPARATORS = re.compile(r"%(2e|2f|5c|25)", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """A verified caller."""
+    """A verified caller.
+
+    `subject` is the token's `sub` as the gateway passes it on (X-Cosmos-Subject, audit actors):
+    percent-encoded UTF-8 (RFC 3986 §2.1) for every character outside visible ASCII and for `%`
+    itself, so a subject of visible ASCII without `%` is unchanged, and any subject decodes back
+    with `urllib.parse.unquote`. The raw claim stays in `claims`.
+    """
 
     tenant: str
     subject: str | None
@@ -119,9 +143,16 @@ class Authenticator:
         self._jwks = JwksCache(settings.jwks_url, cache_seconds=settings.jwks_cache_seconds,
                                min_refetch_seconds=settings.jwks_min_refetch_seconds,
                                clock=time.monotonic) if settings.jwks_url else None
-        self._public = [glob_to_regex(p) for p in settings.public_paths]
-        self._cache: dict[str, tuple[Identity, float]] = {}
-        self._options = {"require": ["exp"], "verify_aud": settings.audience is not None}
+        # The public globs as one alternation of anchored patterns: one match per reading. Case-sensitive.
+        public = [f"(?:{compile_glob(p).pattern})" for p in settings.public_paths]
+        self._public = re.compile("|".join(public)) if public else None
+        # token -> (identity, trusted until, estimated bytes); insertion order is age order.
+        self._cache: dict[str, tuple[Identity, float, int]] = {}
+        self._cache_bytes = 0
+        # The time claims are checked here (`_check_times`): on the injected clock, and the same with
+        # every PyJWT release (older ones let OverflowError or TypeError escape for odd values).
+        self._options = {"require": ["exp"], "verify_aud": settings.audience is not None,
+                         "verify_exp": False, "verify_nbf": False, "verify_iat": False}
 
     async def start(self) -> None:
         if self._jwks is not None:
@@ -131,18 +162,26 @@ class Authenticator:
         if self._jwks is not None:
             await self._jwks.close()
 
-    def is_public(self, path: str) -> bool:
-        """Whether `path` (raw, as sent) is under `public_paths`.
+    def is_public(self, path: str | tuple[str, ...]) -> bool:
+        """Whether a path is under `public_paths`: the raw path (no query), or its readings
+        (`metering.paths.readings`) when the caller has them already.
 
-        A path that could be normalised into something else downstream (dot-segments, encoded
-        slashes, backslashes, double encoding) is never public, so it cannot escape the allow-list.
+        Public only when every reading is, with the exact case (the upstream routes case-sensitively), so
+        no spelling (dot-segments, `..;`, an encoded slash or `;`) carries a path out of the allow-list;
+        a path that cannot be read safely is never public.
         """
-        if not self._public or _ENCODED_SEPARATORS.search(path) or "\\" in path:
+        public = self._public
+        if public is None:
             return False
-        decoded = unquote(path)
-        if any(segment in (".", "..") for segment in decoded.split("/")):
-            return False
-        return any(pattern.match(decoded) for pattern in self._public)
+        if isinstance(path, str):
+            try:
+                path = readings(path)
+            except UnsafePath:
+                return False
+        for reading in path:
+            if public.fullmatch(reading) is None:
+                return False
+        return True
 
     async def authenticate(self, authorization: str | None, *, require_tenant: bool = True) -> Identity:
         """The identity behind an `Authorization` header value, or AuthError.
@@ -150,16 +189,18 @@ class Authenticator:
         `require_tenant=False` (the admin API) accepts a token without the tenant claim; its
         identity then has `tenant == ""`.
         """
-        token = _bearer_token(authorization)
+        # Only cached tokens, which passed _verify's check of the JWS form (base64url ASCII), can hit:
+        # the characters of the others are checked there, after one dict lookup.
+        token = _credentials(authorization)
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
-            identity, valid_until = cached
+            identity, valid_until, _ = cached
             if now < valid_until:
                 if require_tenant and not identity.tenant:
                     raise self._missing_tenant()
                 return identity
-            del self._cache[token]
+            self._forget(token)
         identity = await self._verify(token, now, require_tenant)
         self._remember(token, identity, now)
         return identity
@@ -169,18 +210,37 @@ class Authenticator:
         return AuthError("missing_tenant", f"the token has no {claim!r} claim", status=403)
 
     def _remember(self, token: str, identity: Identity, now: float) -> None:
-        if len(self._cache) >= _TOKEN_CACHE_MAX:
-            # Oldest first (dicts keep insertion order): cheap and good enough for a bounded cache.
-            for stale in list(self._cache)[: _TOKEN_CACHE_MAX // 10]:
-                del self._cache[stale]
-        self._cache[token] = (identity, min(identity.expires_at + self._settings.leeway_seconds,
-                                            now + _TOKEN_CACHE_SECONDS))
+        """Cache a verification, evicting the oldest entries one by one until it fits."""
+        if len(token) > _TOKEN_CACHE_MAX_TOKEN:
+            return
+        cache = self._cache
+        if token in cache:  # verified twice at once: keep one entry, counted once
+            self._forget(token)
+        size = _entry_size(token, identity)
+        while cache and (len(cache) >= _TOKEN_CACHE_MAX or self._cache_bytes + size > _TOKEN_CACHE_BYTES):
+            self._forget(next(iter(cache)))  # dicts keep insertion order: the first is the oldest
+        valid_until = min(identity.expires_at + self._settings.leeway_seconds, now + _TOKEN_CACHE_SECONDS)
+        cache[token] = (identity, valid_until, size)
+        self._cache_bytes += size
+
+    def _forget(self, token: str) -> None:
+        entry = self._cache.pop(token, None)
+        if entry is not None:
+            self._cache_bytes -= entry[2]
 
     async def _verify(self, token: str, now: float, require_tenant: bool = True) -> Identity:
+        if not _COMPACT_JWS.fullmatch(token):
+            raise AuthError("malformed", "the token is not a well-formed JWT")
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError):  # older PyJWT: RecursionError escapes
             raise AuthError("malformed", "the token is not a well-formed JWT") from None
+        if "crit" in header:
+            # RFC 7515 §4.1.11: a listed extension that is not understood makes the JWS invalid, and
+            # none is understood here (PyJWT before 2.12 did not check `crit` at all).
+            raise AuthError("malformed", "the token names critical header extensions, none of which are supported")
+        if header.get("b64", True) is not True:
+            raise AuthError("malformed", "the token's payload is not base64url-encoded (b64)")
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in self._algorithms:
             raise AuthError("disallowed_alg", f"the token's algorithm {str(algorithm)[:16]!r} is not allowed")
@@ -205,7 +265,26 @@ class Authenticator:
             raise AuthError("invalid_claim", f"the token lacks the {exc.claim!r} claim") from None
         except jwt.PyJWTError:
             raise AuthError("malformed", "the token could not be decoded") from None
+        except (ValueError, TypeError, OverflowError, RecursionError):
+            # What older PyJWT releases let escape for a signed but odd payload (deep nesting, say).
+            raise AuthError("malformed", "the token could not be decoded") from None
+        self._check_times(claims, now)
         return self._identity(claims, now, require_tenant)
+
+    def _check_times(self, claims: Mapping[str, Any], now: float) -> None:
+        """`exp`, `nbf` and `iat`: NumericDates from 1970 to 9999, and now within them (give or take the leeway)."""
+        for name in _NUMERIC_DATES:
+            if name in claims:
+                value = claims[name]
+                # Compared, not converted: float(10**400) would raise. NaN and the infinities fail the range.
+                if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= _NUMERIC_DATE_MAX:
+                    raise AuthError("invalid_claim", f"the token's {name!r} claim is not a NumericDate "
+                                    "(a number of seconds from 1970 to 9999)")
+        leeway = self._settings.leeway_seconds
+        if claims["exp"] <= now - leeway:
+            raise AuthError("expired", "the token has expired")
+        if claims.get("nbf", 0) > now + leeway or claims.get("iat", 0) > now + leeway:
+            raise AuthError("not_yet_valid", "the token is not valid yet")
 
     async def _key_for(self, algorithm: str, kid: Any) -> Any:
         kind = family(algorithm)
@@ -242,11 +321,6 @@ class Authenticator:
         return None
 
     def _identity(self, claims: dict[str, Any], now: float, require_tenant: bool = True) -> Identity:
-        for name in ("exp", "nbf", "iat"):
-            value = claims.get(name)
-            if name in claims and (isinstance(value, bool) or not isinstance(value, int | float)
-                                   or not math.isfinite(value)):
-                raise AuthError("invalid_claim", f"the token's {name!r} claim is not a finite number")
         settings = self._settings
         tenant = claims.get(settings.tenant_claim)
         if tenant is None or tenant == "":
@@ -263,9 +337,11 @@ class Authenticator:
                 raise AuthError("invalid_claim",
                                 f"the token's {settings.plan_claim!r} claim is not a plan name")
         subject = claims.get("sub")
-        if subject is not None and (not isinstance(subject, str) or len(subject) > _SUBJECT_MAX
-                                    or not subject.isprintable()):
-            raise AuthError("invalid_claim", "the token's 'sub' claim is not a printable string")
+        if subject is not None:
+            # Printable excludes controls (CR, LF, NUL, NEL), line and paragraph separators and lone surrogates.
+            if not isinstance(subject, str) or len(subject) > _SUBJECT_MAX or not subject.isprintable():
+                raise AuthError("invalid_claim", "the token's 'sub' claim is not a printable string")
+            subject = quote(subject, safe=_SUBJECT_SAFE)
         return Identity(tenant=tenant, subject=subject, plan=plan, scopes=_scopes(claims),
                         expires_at=float(claims["exp"]), claims=claims)
 
@@ -283,16 +359,45 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     return frozenset()
 
 
-def _bearer_token(authorization: str | None) -> str:
-    if authorization is None or not authorization.strip():
+def bearer_token(authorization: str | None) -> str:
+    """The credentials of an `Authorization: Bearer <token>` value, or AuthError.
+
+    Only SP and HTAB around them are ignored, and they must be visible ASCII: bytes that are not
+    UTF-8 (which arrive as lone surrogates), NBSP, NEL or any other character make them malformed,
+    before any parser or comparison sees them.
+    """
+    token = _credentials(authorization)
+    if not _CREDENTIALS.fullmatch(token):
+        raise AuthError("malformed", "the bearer token is not a well-formed token (visible ASCII)")
+    return token
+
+
+def _credentials(authorization: str | None) -> str:
+    """What follows `Bearer ` (SP and HTAB around it ignored), at most 8 KiB; its characters unchecked."""
+    if authorization is None or not authorization.strip(_OWS):
         raise AuthError("missing", "a bearer token is required", token_presented=False)
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
+    scheme, _, token = authorization.strip(_OWS).partition(" ")
+    token = token.strip(_OWS)
     if scheme.lower() != "bearer" or not token:
         raise AuthError("malformed", "the Authorization header must be 'Bearer <token>'")
-    if len(token) > _MAX_TOKEN_LENGTH or " " in token:
-        raise AuthError("malformed", "the bearer token is not a well-formed JWT")
+    if len(token) > _MAX_TOKEN_LENGTH:
+        raise AuthError("malformed", "the bearer token is longer than 8 KiB")
     return token
+
+
+def _entry_size(token: str, identity: Identity) -> int:
+    """Estimated bytes of a cache entry: the token, every object of its claims, and a fixed overhead."""
+    size = sys.getsizeof(token) + _TOKEN_CACHE_ENTRY_OVERHEAD
+    pending: list[Any] = [identity.claims]
+    while pending:  # iterative: claims may nest as deep as the JSON parser allowed
+        value = pending.pop()
+        size += sys.getsizeof(value)
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return size
 
 
 def mint_token(secret: str, *, tenant: str, tenant_claim: str = "org_id", plan: str | None = None,

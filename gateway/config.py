@@ -35,6 +35,7 @@ ALLOWED_ALGORITHMS = frozenset(
      "ES256", "ES384", "ES512", "EdDSA"}
 )
 TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
 
 
 class ConfigError(ValueError):
@@ -523,10 +524,12 @@ def _admin(s: _Section) -> AdminSettings:
             raise ConfigError("admin.tokens: expected \"name:token,name:token\" (GATEWAY_ADMIN_TOKENS)")
         for i, item in enumerate(x.strip() for x in raw.split(",") if x.strip()):
             name, sep, token = item.partition(":")
-            if not sep or not TOKEN_NAME_RE.match(name) or len(token) < 16:
+            # A presented credential must be visible ASCII (gateway.auth.bearer_token): any other
+            # character would make a token that can never match.
+            if not sep or not TOKEN_NAME_RE.match(name) or len(token) < 16 or not _VISIBLE_ASCII.match(token):
                 raise ConfigError(
                     f"GATEWAY_ADMIN_TOKENS[{i}]: expected name:token with a name of [A-Za-z0-9._-] "
-                    "and a token of at least 16 characters"
+                    "and a token of at least 16 visible ASCII characters (no spaces)"
                 )
             tokens.append((name, token))
     scope = s.string("scope", "gateway:admin")

@@ -1,18 +1,20 @@
 """Errors the gateway itself answers, each with its HTTP status, as RFC 9457 problem+json.
 
-GatewayError
+GatewayError              500 internal                (itself: a fault of the gateway's, never bad input;
+│                                                      the outermost handlers answer it, the log has the trace)
 ├── InvalidRequest        400 invalid-request
 ├── InvalidToken          401 invalid-token
 ├── SubscriptionInactive  402 subscription-inactive
 ├── Forbidden             403 forbidden
 ├── NotFound              404 not-found
 ├── MethodNotAllowed      405 method-not-allowed      (admin API)
+├── RequestTimeout        408 request-timeout         (a request body paused longer than listen.body_timeout)
 ├── PayloadTooLarge       413 payload-too-large       (admin API)
 ├── RateLimited           429 rate-limited
 ├── QuotaExceeded         429 quota-exceeded
 ├── BadGateway            502 bad-gateway
 ├── LimiterUnavailable    503 limiter-unavailable
-├── DatabaseUnavailable   503 database-unavailable    (admin API)
+├── DatabaseUnavailable   503 database-unavailable    (admin API, /_gateway/usage)
 ├── UpstreamBusy          503 upstream-busy           (no upstream connection free within pool_timeout)
 └── GatewayTimeout        504 gateway-timeout
 """
@@ -78,6 +80,10 @@ class NotFound(GatewayError):
 
 class MethodNotAllowed(GatewayError):
     status, suffix, title = 405, "method-not-allowed", "Method not allowed"
+
+
+class RequestTimeout(GatewayError):
+    status, suffix, title = 408, "request-timeout", "Request timeout"
 
 
 class PayloadTooLarge(GatewayError):

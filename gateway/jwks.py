@@ -4,6 +4,8 @@ Keys are refreshed every `cache_seconds` in the background, so a rotation needs 
 whose `kid` is unknown may trigger one extra fetch, but at most one per `min_refetch_seconds`: forged
 `kid`s must not turn the gateway into a traffic amplifier against the IdP. When the IdP is down the
 keys already held keep working; when none were ever fetched, tokens are refused (401), never a 500.
+The document is bounded (512 KiB, 100 keys) and may be anything: too large, nested too deeply or
+not JSON, a refresh fails, logs, keeps the old keys, and the next one comes at its time.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import jwt
 
 log = logging.getLogger("cosmos_gateway.jwks")
 
-FETCH_TIMEOUT = 5.0
+FETCH_TIMEOUT = 5.0  # the whole fetch, so a slow trickle of bytes cannot hold a refresh open either
 MAX_JWKS_BYTES = 512 * 1024
+MAX_JWKS_KEYS = 100  # identity providers publish a handful; more would only cost parsing time
 
 
 class JwksError(Exception):
@@ -50,6 +53,9 @@ def parse_jwks(document: Any) -> tuple[dict[str, SigningKey], list[SigningKey]]:
     by_kid: dict[str, SigningKey] = {}
     anonymous: list[SigningKey] = []
     for entry in document["keys"]:
+        if len(by_kid) + len(anonymous) >= MAX_JWKS_KEYS:
+            log.warning("the JWKS holds more than %d usable keys; the rest are ignored", MAX_JWKS_KEYS)
+            break
         if not isinstance(entry, Mapping) or entry.get("use", "sig") != "sig":
             continue
         if entry.get("kty") == "oct":
@@ -137,6 +143,10 @@ class JwksCache:
             log.warning("JWKS fetch from %s failed (%s); keeping %d cached keys", self._url, exc,
                         len(self.keys()))
             return False
+        except Exception:  # whatever the document did, the refresh goes on and the old keys stay
+            log.exception("JWKS fetch from %s failed unexpectedly; keeping %d cached keys", self._url,
+                          len(self.keys()))
+            return False
         if not by_kid and not anonymous:
             log.warning("JWKS at %s holds no usable signature keys; keeping the cached ones", self._url)
             return False
@@ -148,14 +158,27 @@ class JwksCache:
         async with self._session.get(self._url, headers={"Accept": "application/json"}) as response:
             if response.status != 200:
                 raise JwksError(f"HTTP {response.status}")
-            raw = await response.content.read(MAX_JWKS_BYTES + 1)
-            if len(raw) > MAX_JWKS_BYTES:
-                raise JwksError("document larger than 512 KiB")
-            return json.loads(raw)
+            if response.content_length is not None and response.content_length > MAX_JWKS_BYTES:
+                raise JwksError(f"document larger than {MAX_JWKS_BYTES // 1024} KiB")
+            chunks: list[bytes] = []
+            size = 0
+            # read(n) returns what has arrived, not n bytes: read to the end, stopping past the limit.
+            while chunk := await response.content.read(MAX_JWKS_BYTES + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_JWKS_BYTES:
+                    raise JwksError(f"document larger than {MAX_JWKS_BYTES // 1024} KiB")
+        try:
+            return json.loads(b"".join(chunks))
+        except RecursionError:  # nested deeper than the parser goes: not a key set either
+            raise JwksError("document nested too deeply") from None
 
     async def _refresh_periodically(self) -> None:
         while True:
             # Retry sooner while we hold no keys at all, so a gateway started during an IdP outage recovers.
             await asyncio.sleep(self._cache_seconds if self.has_keys else min(self._min_refetch, 5.0))
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # _fetch reports its own failures; this loop must never end early
+                log.exception("JWKS refresh from %s failed", self._url)
 

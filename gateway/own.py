@@ -2,27 +2,35 @@
 
 `GET /_gateway/usage` shows the caller's own tenant: usage, limits, remaining and reset times, from
 the same view the admin API serves. Nothing under `/_gateway/` is ever forwarded upstream.
+A store that is down is a 503 (`limiter-unavailable` for Redis, `database-unavailable` for SQL), never a 500.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from aiohttp import web
+from redis.exceptions import RedisError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from gateway.auth import Identity
-from gateway.errors import NotFound
+from gateway.errors import DatabaseUnavailable, LimiterUnavailable, NotFound
 from metering.meters import Meter
+from metering.redis_store import StoreUnavailable
 from quota.alerts import Alerts
 from quota.limiter import Limiter
 from quota.plans import Plan
 from quota.tenants import TenantDirectory
 from quota.usage_view import tenant_view
 
+log = logging.getLogger("cosmos_gateway.own")
 Authenticate = Callable[[web.BaseRequest], Awaitable[Identity]]
+RETRY_AFTER = "1"
+_SQL_ERRORS = (OSError, TimeoutError, OperationalError, InterfaceError)
 WebhookHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -53,10 +61,20 @@ class OwnEndpoints:
         tenant = identity.tenant
         record = self._directory.get(tenant)
         now = self._clock()
-        usage = await self._limiter.usage(tenant, record, self._meter_names)
+        try:
+            usage = await self._limiter.usage(tenant, record, self._meter_names)
+        except (StoreUnavailable, RedisError, OSError, TimeoutError) as exc:
+            log.warning("usage of %s: the usage store is unavailable (%r)", tenant, exc)
+            raise LimiterUnavailable("the usage store is unavailable; try again shortly",
+                                     headers={"Retry-After": RETRY_AFTER}) from None
         view = tenant_view(tenant_id=tenant, record=record, plans=self._plans, default_plan=self._default_plan,
                            meters=self._meters, usage=usage, now=datetime.fromtimestamp(now, UTC))
         if self._alerts is not None:
             start, _ = self._limiter.period(record.billing_anchor_day if record else None, now)
-            view["alerts"] = await self._alerts.alerts_for(tenant, datetime.fromtimestamp(start, UTC))
+            try:
+                view["alerts"] = await self._alerts.alerts_for(tenant, datetime.fromtimestamp(start, UTC))
+            except _SQL_ERRORS as exc:
+                log.warning("usage of %s: the SQL store failed (%r)", tenant, exc)
+                raise DatabaseUnavailable("the SQL store is unavailable; try again shortly",
+                                          headers={"Retry-After": RETRY_AFTER}) from None
         return web.Response(body=json.dumps(view).encode(), content_type="application/json")

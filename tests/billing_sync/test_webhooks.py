@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import stripe
 from aiohttp import web
@@ -18,7 +20,7 @@ from aiohttp.test_utils import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.webhooks import MAX_BODY_BYTES, StripeWebhooks
+from billing_sync.webhooks import MAX_BODY_BYTES, StripeWebhooks, _Problem, verify_signature
 from metering.db import create_engine, session_factory
 from metering.errors import ConfigurationError
 from metering.migrate import upgrade_async
@@ -391,3 +393,65 @@ def test_lookup_key_naming_an_unknown_plan_is_a_configuration_error() -> None:
         StripeWebhooks(secret=SECRET, sessions=None, directory=None,  # type: ignore[arg-type]
                        plans_by_lookup_key={"gold_monthly": "gold"}, known_plans=PLANS)
     assert caught.value.key == "billing.stripe.plans_by_lookup_key.gold_monthly"
+
+
+# --------------------------------------------------------------------------- hostile signature headers and bodies
+
+
+@pytest.mark.parametrize("signature", [
+    f"t={int(NOW)},v1=é" + "0" * 63,
+    f"t={int(NOW)},v1=\udcff\udcfe" + "0" * 62,  # bytes that are not UTF-8, as aiohttp hands them over
+    "t=١٨٠٠٠٠٠٠٠٠,v1=" + "0" * 64,  # Unicode digits, which int() would take
+    "t=" + "9" * 5000 + ",v1=" + "0" * 64,
+    f"t={int(NOW)},v1=" + "0" * 64 + "\t",
+    f"t={int(NOW)}," + ",".join(["v1=" + "0" * 64] * 80),  # over 4 KiB
+])
+def test_signature_header_that_is_not_one_is_a_400_problem(signature: str) -> None:
+    with pytest.raises(_Problem) as caught:
+        verify_signature("{}", signature, SECRET, now=NOW, tolerance=300)
+    assert caught.value.status == 400
+    assert caught.value.extra["errors"][0]["field"] == "Stripe-Signature"
+
+
+def _as_aiohttp_decodes(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(header=st.one_of(
+    st.binary(max_size=300).map(_as_aiohttp_decodes),
+    st.text(max_size=300),
+    st.builds(lambda t, sig: f"t={t},v1={sig}", st.text(max_size=30), st.text(max_size=80)),
+    st.builds(lambda t, sig: f"t={t},v1={sig}", st.integers(), st.binary(max_size=64).map(bytes.hex)),
+))
+def test_any_signature_header_is_verified_or_a_400(header: str) -> None:
+    payload = '{"id": "evt_1"}'
+    try:
+        verify_signature(payload, header, SECRET, now=NOW, tolerance=300)
+    except _Problem as problem:
+        assert problem.status == 400
+    else:  # only a real signature passes
+        timestamp, _ = header.split(",", 1)
+        assert stripe.WebhookSignature.generate_signature_header(payload, SECRET, int(timestamp[2:])) in header
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(payload=st.text(max_size=200), age=st.integers(min_value=0, max_value=300))
+def test_a_real_signature_of_any_payload_verifies(payload: str, age: int) -> None:
+    header = stripe.WebhookSignature.generate_signature_header(payload, SECRET, timestamp=int(NOW) - age)
+    verify_signature(payload, header, SECRET, now=NOW, tolerance=300)
+
+
+async def test_signed_body_nested_too_deeply_is_400(hooks: Hooks) -> None:
+    body = '{"id": "evt_deep", "type": "invoice.paid", "created": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    await _assert_problem(hooks, await hooks.post(body), 400, "invalid-request")
+
+
+@pytest.mark.parametrize("created", ["1" + "0" * 400, "253402300800", "1e308"])
+async def test_signed_event_created_out_of_range_is_400(hooks: Hooks, created: str) -> None:
+    text = json.dumps(event())
+    body = text.replace(f'"created": {int(NOW) - 10}', f'"created": {created}', 1)
+    assert body != text
+    result = await hooks.post(body)
+    problem = await _assert_problem(hooks, result, 400, "invalid-request")
+    assert problem["errors"][0]["field"] == "created"

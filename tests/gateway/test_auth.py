@@ -101,7 +101,7 @@ async def test_scheme_is_case_insensitive() -> None:
     ({"aud": "someone-else"}, "bad_audience"),
     ({"exp": None}, "invalid_claim"),
     ({"exp": "9999999999"}, "invalid_claim"),
-    ({"iat": 1e400}, "malformed"),
+    ({"iat": 1e400}, "invalid_claim"),  # json.dumps writes Infinity: not a NumericDate
     ({"org_id": "bad tenant!"}, "invalid_claim"),
     ({"org_id": "x" * 65}, "invalid_claim"),
     ({"org_id": 42}, "invalid_claim"),
@@ -167,8 +167,10 @@ async def test_verified_token_is_cached_until_expiry() -> None:
     assert await authenticate(auth, raw) is first
     now[0] += 61
     # Past its expiry (on the injected clock) the cached verification is dropped and the token
-    # verified afresh (PyJWT itself uses the real clock, by which it is still valid).
-    assert await authenticate(auth, raw) is not first
+    # verified afresh, on the same clock: expired.
+    assert (await refused(auth, raw)).reason == "expired"
+    now[0] -= 30
+    assert await authenticate(auth, raw) is not first  # verified again, cached anew
 
 
 # ------------------------------------------------------------------ public paths
@@ -187,7 +189,14 @@ async def test_verified_token_is_cached_until_expiry() -> None:
     ("/status/%252e%252e/api", False),
     ("/status%2f..%2fapi", False),
     ("/status/..\\api", False),
-    ("/status/./x", False),
+    ("/status/./x", True),  # every reading stays under /status/
+    ("/status/..;/api/chains", False),
+    ("/status;/../api/chains", False),
+    ("/status/..%3b/api/chains", False),
+    ("/api/../status/x", False),  # resolved it is public, as routed unresolved it is not
+    ("/Status/x", False),
+    ("/health/", True),
+    ("/health;x", False),
 ])
 def test_public_paths(path: str, public: bool) -> None:
     auth = Authenticator(settings(public_paths=("/health", "/status/**")))

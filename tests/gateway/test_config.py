@@ -187,3 +187,9 @@ def test_alert_webhook_url_needs_a_signing_secret() -> None:
 def test_bad_public_path_glob_is_a_config_error(glob: str) -> None:
     with pytest.raises(ConfigError, match=r"^auth\.public_paths\[0\]: "):
         parse_settings({"auth": {**_AUTH["auth"], "public_paths": [glob]}})
+
+
+@pytest.mark.parametrize("token", ["admin-token-with-\u00a0nbsp-inside", "admin-token-with space-in", "t\u00e9" * 8])
+def test_admin_tokens_must_be_visible_ascii(token: str) -> None:
+    with pytest.raises(ConfigError, match=r"^GATEWAY_ADMIN_TOKENS\[0\]: "):
+        parse_settings({**_AUTH, "admin": {"tokens": f"ops:{token}"}})
