@@ -11,12 +11,16 @@ One URL selects the backend: `sqlite+aiosqlite:///var/gateway.db` for a single h
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from metering.spool_files import make_private_folder
 
 # SQLite settings applied to every new connection. They are per-connection, not per-file
 # (except journal_mode, which sticks to the file), so a pool refill must set them again.
@@ -52,13 +56,16 @@ def _set_sqlite_pragmas(dbapi_connection: Any, _connection_record: Any) -> None:
 
 
 def create_engine(url: str) -> AsyncEngine:
-    """An async engine for `url`; for SQLite files the parent directory is created if missing."""
+    """An async engine for `url`; a missing SQLite file is created 0600, and missing folders 0700."""
     parsed = make_url(url)
     if _is_sqlite(parsed):
         path = _sqlite_file(parsed)
         if path is not None:
             # A fresh checkout has no var/ directory; sqlite would fail with "unable to open database file".
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_private_folder(path.parent)
+            # Created here, 0600, before SQLite creates it 0644; its -wal and -shm files take its mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         engine = create_async_engine(parsed)
         # The event hangs on the sync engine: that is where DBAPI connections are created.
         event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)

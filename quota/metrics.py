@@ -16,6 +16,10 @@ USAGE = Gauge("gateway_usage", "Usage of the current period per tenant and meter
 STORE_ERRORS = Counter("gateway_store_errors_total", "Usage store (Redis) calls that failed")
 SPOOL_PENDING = Gauge("gateway_spool_pending", "Usage records spooled to disk, waiting for Redis",
                       multiprocess_mode="livesum")
+SPOOL_BYTES = Gauge("gateway_spool_bytes", "Bytes of the fail-open spool (files and buffer; redis.spool_max_bytes "
+                    "caps the folder)", multiprocess_mode="livesum")
+SPOOL_DROPPED = Counter("gateway_spool_dropped_total",
+                        "Usage records not spooled because the spool was at its cap or the disk refused them")
 USAGE_REPORT_ERRORS = Counter("gateway_usage_report_errors_total",
                               "Items of X-Cosmos-Usage headers that were ignored as malformed")
 
@@ -59,6 +63,15 @@ class QuotaMetrics:
     @staticmethod
     def spool_pending(count: int) -> None:
         SPOOL_PENDING.set(count)
+
+    @staticmethod
+    def spool_bytes(size: int) -> None:
+        SPOOL_BYTES.set(size)
+
+    @staticmethod
+    def spool_dropped(count: int) -> None:
+        if count > 0:
+            SPOOL_DROPPED.inc(count)
 
     @staticmethod
     def bad_usage_report(count: int) -> None:
