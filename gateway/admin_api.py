@@ -16,7 +16,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from sqlalchemy import select
@@ -58,6 +58,7 @@ from quota.usage_view import number, plan_catalog_view, rfc3339, tenant_view
 log = logging.getLogger("cosmos_gateway.admin")
 ACTOR = web.RequestKey("actor", str)  # "token:<name>" or "jwt:<subject>", set by the auth middleware
 _DEFAULT_PAGE = 50
+T = TypeVar("T")
 _MAX_PAGE = 500
 
 
@@ -66,7 +67,9 @@ class UsageReader(Protocol):
 
     async def usage(self, tenant: str, period_start: int, meters: Sequence[str]) -> dict[str, float]: ...
 
-    async def tenants_seen(self) -> set[str]: ...
+    async def tenant_seen(self, tenant: str) -> bool: ...
+
+    async def tenants_seen_after(self, after: str | None, limit: int) -> list[str]: ...
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -228,15 +231,15 @@ class _Handlers:
         limit = limit_param(request, errors, default=_DEFAULT_PAGE, maximum=_MAX_PAGE)
         errors.raise_if_any("invalid query")
         after: str | None = _decode_cursor(request, "t", str)
-        seen = await self._seen()
+        seen = await self._seen(self._usage.tenants_seen_after(after, limit + 1))
         async with self._sessions() as session:
             column = Tenant.id.collate("C") if _is_postgres(session) else Tenant.id  # byte order, as Python
             query = select(Tenant).order_by(column).limit(limit + 1)
             if after is not None:
                 query = query.where(column > after)
             rows = {t.id: t for t in (await session.scalars(query)).all()}
-        traffic_only = sorted(t for t in seen if (after is None or t > after) and TENANT_ID.fullmatch(t))
-        ids = sorted(set(rows) | set(traffic_only[: limit + 1]))[: limit + 1]
+        traffic_only = [t for t in seen if TENANT_ID.fullmatch(t)]
+        ids = sorted(set(rows) | set(traffic_only))[: limit + 1]
         page = ids[:limit]
         items = [self._summary(tenant, rows.get(tenant)) for tenant in page]
         next_cursor = _encode_cursor("t", page[-1]) if len(ids) > limit else None
@@ -257,7 +260,7 @@ class _Handlers:
         if record is None:
             # Created on another instance moments ago, or never: ask the store (admin path, not per request).
             record = await self._directory.reload(tenant)
-        if record is None and tenant not in await self._seen():
+        if record is None and not await self._seen(self._usage.tenant_seen(tenant)):
             raise NotFound(f"tenant {tenant!r} has no record and has sent no traffic", tenant=tenant)
         return _json(await self._view(tenant, record))
 
@@ -279,9 +282,10 @@ class _Handlers:
                            default_plan=self._settings.default_plan, meters=self._meters, usage=usage,
                            now=now, alerts=alerts)
 
-    async def _seen(self) -> set[str]:
+    async def _seen(self, read: Awaitable[T]) -> T:
+        """`read` of the tenant index, or 503 when the store is down."""
         try:
-            return await self._usage.tenants_seen()
+            return await read
         except Exception as exc:
             log.warning("admin API: tenants seen unavailable: %r", exc)
             raise LimiterUnavailable("the usage store is unavailable; try again shortly") from None

@@ -8,7 +8,12 @@ and one script can touch them atomically.
     gw:{t:acme}:g:<meter>                 gauge, last reported value
     gw:{t:acme}:b:<bucket_start>          hash meter -> billable value in that billing bucket
     gw:{t:acme}:seen                      marker: the tenant has sent traffic
-    gw:tenants:seen                       set of tenants (no tag: never touched by a script)
+    gw:tenants:index                      sorted set of tenants that sent traffic, all scored 0 (read in
+                                          id order, a page at a time: ZRANGEBYLEX)
+    gw:tenants:last_seen                  the same tenants scored by when they were last seen (epoch
+                                          seconds): those idle for long are forgotten from both
+    gw:tenants:seen                       the set an older version kept instead; moved into the two above
+(the three have no tag: they are never touched by a script)
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import functools
 import re
 
 PREFIX = "gw"
-TENANTS_SEEN_KEY = "gw:tenants:seen"
+TENANTS_INDEX_KEY = "gw:tenants:index"
+TENANTS_LAST_SEEN_KEY = "gw:tenants:last_seen"
+TENANTS_SEEN_KEY = "gw:tenants:seen"  # legacy (a plain set); its members are moved, then it is deleted
 TENANTS_CHANGED_CHANNEL = "gw:tenants:changed"  # pub/sub: operator changes to reload
 
 _TENANT_SAFE = re.compile(r"[A-Za-z0-9._:-]{1,64}")

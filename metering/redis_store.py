@@ -34,14 +34,21 @@ from metering.resp import RespConnection
 log = logging.getLogger("cosmos_gateway.redis_store")
 PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (late records, usage view)
 RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week is applied once
-SEEN_EVERY = 60.0  # seconds between two SADDs of one tenant to the global set, per process
+SEEN_EVERY = 60.0  # seconds between two writes of one tenant to the tenant index, per process
+# A tenant that sent no traffic for this long leaves the index (its usage keys are gone by then: two
+# periods and PERIOD_KEY_GRACE), and the index never holds more than SEEN_MAX tenants (the least
+# recently seen go first), so neither a long life nor a flood of tenant ids grows it without bound.
+SEEN_RETENTION = 70 * 86_400
+SEEN_MAX = 1_000_000
+_SEEN_TRIM_BATCH = 1000
+_SEEN_TRIM_SECONDS = 60.0
 MAX_PIPELINES_IN_FLIGHT = 2  # more calls wait for the next pipeline instead of opening another
 # While one pipeline is out, calls wait for its reply (normally a fraction of a millisecond) and go out
 # together after it: fewer, larger batches. Only a pipeline still out after 10 ms lets a second one
 # go, so a stalled Redis delays new calls by about its timeout (+10 ms), not by two timeouts.
 SECOND_PIPELINE_AFTER = 0.01
 LATE_REPLY_SECONDS = 5.0  # how long a timed-out batch's replies are awaited before the connection is dropped
-_SEEN_MEMORY = 100_000  # tenants remembered before the throttle starts over
+_SEEN_MEMORY = 100_000  # tenants whose last write is remembered (the oldest entry is dropped first)
 
 _REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
@@ -350,15 +357,23 @@ def _fail(call: _Call | _Check, error: StoreUnavailable) -> None:
         call.on_abandoned(error)
 
 
-def _commands(batch: list[_Call], seen: set[str]) -> list[bytes | tuple[Any, ...]]:
+def _commands(batch: list[_Call], seen: set[str], now: float) -> list[bytes | tuple[Any, ...]]:
     """A batch as commands for the RESP connection (packed already, or argument tuples)."""
     commands: list[bytes | tuple[Any, ...]] = [
         call.packed if call.packed is not None else ("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
         for call in batch]
-    if seen:
-        # The global set has no hash tag, so it cannot be written by a script; it rides along.
-        commands.append(("SADD", keys.TENANTS_SEEN_KEY, *sorted(seen)))
+    commands.extend(_seen_commands(seen, now))
     return commands
+
+
+def _seen_commands(seen: set[str], now: float) -> list[tuple[Any, ...]]:
+    """The tenant index writes for `seen` (none when empty). The index keys have no hash tag, so no
+    script can write them; they ride along in the pipeline, and their replies come last."""
+    if not seen:
+        return []
+    ordered = sorted(seen)
+    return [("ZADD", keys.TENANTS_INDEX_KEY, *(part for t in ordered for part in (0, t))),
+            ("ZADD", keys.TENANTS_LAST_SEEN_KEY, *(part for t in ordered for part in (int(now), t)))]
 
 
 def _settle(call: _Call | _Check, reply: Any) -> None:
@@ -586,10 +601,54 @@ class RedisUsageStore:
             raw = await self._client.hgetall(keys.bucket_key(tenant, bucket_start))
         return {_text(meter): _number(value) for meter, value in raw.items()}
 
-    async def tenants_seen(self) -> set[str]:
+    async def tenant_seen(self, tenant: str) -> bool:
+        """Whether `tenant` has sent traffic (within SEEN_RETENTION)."""
         async with self._guarded(self._read_timeout):
-            members = await self._client.smembers(keys.TENANTS_SEEN_KEY)
-        return {_text(member) for member in members}
+            score = await self._client.zscore(keys.TENANTS_LAST_SEEN_KEY, tenant)
+            if score is None:  # written by an older version and not moved yet
+                return bool(await self._client.sismember(keys.TENANTS_SEEN_KEY, tenant))
+        return True
+
+    async def tenants_seen_after(self, after: str | None, limit: int) -> list[str]:
+        """Up to `limit` tenants that sent traffic, in id order, after `after` (from the first when None)."""
+        async with self._guarded(self._read_timeout):
+            members = await self._client.zrangebylex(keys.TENANTS_INDEX_KEY, "-" if after is None else f"({after}",
+                                                     "+", start=0, num=limit)
+        return [_text(member) for member in members]
+
+    async def trim_tenants_seen(self, *, retention: float = SEEN_RETENTION, maximum: int = SEEN_MAX) -> int:
+        """Forget the tenants idle for longer than `retention`, and the least recently seen beyond
+        `maximum`; first move the set an older version kept into the index. Returns how many left.
+        Idempotent: every gateway worker runs it now and then."""
+        async with self._guarded(_SEEN_TRIM_SECONDS):  # many small calls; a deadline for them all
+            await self._move_legacy_seen()
+            cutoff = self._clock() - retention
+            removed = 0
+            while True:
+                stale = await self._client.zrangebyscore(keys.TENANTS_LAST_SEEN_KEY, "-inf", f"({cutoff}",
+                                                         start=0, num=_SEEN_TRIM_BATCH)
+                excess = await self._client.zcard(keys.TENANTS_LAST_SEEN_KEY) - len(stale) - maximum
+                if excess > 0:
+                    stale += await self._client.zrange(keys.TENANTS_LAST_SEEN_KEY, len(stale),
+                                                       len(stale) + min(excess, _SEEN_TRIM_BATCH) - 1)
+                if not stale:
+                    return removed
+                await self._client.zrem(keys.TENANTS_LAST_SEEN_KEY, *stale)
+                await self._client.zrem(keys.TENANTS_INDEX_KEY, *stale)
+                removed += len(stale)
+
+    async def _move_legacy_seen(self) -> None:
+        now = int(self._clock())
+        cursor: int | bytes = 0
+        while True:
+            cursor, members = await self._client.sscan(keys.TENANTS_SEEN_KEY, cursor, count=_SEEN_TRIM_BATCH)
+            if members:
+                # NX: a tenant the index has already keeps the time it was really last seen.
+                await self._client.zadd(keys.TENANTS_LAST_SEEN_KEY, dict.fromkeys(members, now), nx=True)
+                await self._client.zadd(keys.TENANTS_INDEX_KEY, dict.fromkeys(members, 0))
+            if not int(cursor):
+                break
+        await self._client.delete(keys.TENANTS_SEEN_KEY)
 
     async def load_scripts(self) -> None:
         """SCRIPT LOAD both scripts (every primary of a cluster); done on first use and after NOSCRIPT."""
@@ -620,10 +679,11 @@ class RedisUsageStore:
         self._pending.append(call)
         self._schedule_flush()
         now = self._clock()
-        if now - self._seen_at.get(tenant, -math.inf) >= SEEN_EVERY:
-            if len(self._seen_at) >= _SEEN_MEMORY:
-                self._seen_at.clear()
-            self._seen_at[tenant] = now
+        seen_at = self._seen_at
+        if now - seen_at.get(tenant, -math.inf) >= SEEN_EVERY:
+            if tenant not in seen_at and len(seen_at) >= _SEEN_MEMORY:
+                del seen_at[next(iter(seen_at))]  # the oldest: at worst it is written again a minute early
+            seen_at[tenant] = now
             self._pending_seen.add(tenant)
 
     def _schedule_flush(self) -> None:
@@ -687,7 +747,7 @@ class RedisUsageStore:
         assert self._resp is not None
         loop = self._running_loop()
         try:
-            reply = self._resp.send(_commands(batch, seen), protocol)
+            reply = self._resp.send(_commands(batch, seen, self._clock()), protocol)
         except Exception as exc:  # nothing was written: nothing can have counted
             log.exception("could not write a Redis batch")
             self._give_up_batch(batch, seen, StoreUnavailable(f"redis: {exc!r}"), None)
@@ -837,9 +897,8 @@ class RedisUsageStore:
             # Not pipe.evalsha(): redis-py blocks that name in cluster pipelines, as a script's keys could
             # span slots. Ours never do (one tenant's hash tag), and EVALSHA is routed by its keys.
             pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
-        if seen:
-            # The global set has no hash tag, so it cannot be written by a script; it rides along.
-            pipe.sadd(keys.TENANTS_SEEN_KEY, *sorted(seen))
+        for command in _seen_commands(seen, self._clock()):
+            pipe.execute_command(*command)
         self.round_trips += 1
         # A task, shielded, so that a timeout still learns what the pipeline did (see _flush).
         execution: asyncio.Future[list[Any]] = asyncio.ensure_future(pipe.execute(raise_on_error=False))
@@ -848,15 +907,19 @@ class RedisUsageStore:
         return self._pipeline_replies(list(await asyncio.shield(execution)), len(batch), seen)
 
     def _pipeline_replies(self, replies: list[Any], calls: int, seen: set[str]) -> list[Any]:
-        if seen and isinstance(replies[-1], Exception):
-            for tenant in seen:
-                self._seen_at.pop(tenant, None)
+        if seen and any(isinstance(reply, Exception) for reply in replies[calls:]):
+            self._forget_seen(seen)
         return replies[:calls]
+
+    def _forget_seen(self, seen: set[str]) -> None:
+        """The index writes for `seen` failed: they go out again with the tenants' next calls."""
+        for tenant in seen:
+            self._seen_at.pop(tenant, None)
 
     async def _resp_pipeline(self, batch: list[_Call], seen: set[str],
                              sent: list[asyncio.Future[list[Any]]] | None = None) -> list[Any]:
         assert self._resp is not None
-        commands = _commands(batch, seen)
+        commands = _commands(batch, seen, self._clock())
         self.round_trips += 1
         protocol = await self._resp.connect()
         reply = self._resp.send(commands, protocol)
@@ -866,9 +929,8 @@ class RedisUsageStore:
         return self._resp_replies(await asyncio.shield(reply), len(batch), seen)
 
     def _resp_replies(self, replies: list[Any], calls: int, seen: set[str]) -> list[Any]:
-        if seen and isinstance(replies[-1], hiredis.ReplyError):
-            for tenant in seen:
-                self._seen_at.pop(tenant, None)
+        if seen and any(isinstance(reply, hiredis.ReplyError) for reply in replies[calls:]):
+            self._forget_seen(seen)
         return [_reply_error(reply) if isinstance(reply, hiredis.ReplyError) else reply for reply in replies[:calls]]
 
     async def _load(self) -> None:

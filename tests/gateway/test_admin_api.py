@@ -59,10 +59,15 @@ class MemoryUsage:
         stored = self.values.get((tenant, period_start), {})
         return {m: stored[m] for m in meters if m in stored}
 
-    async def tenants_seen(self) -> set[str]:
+    async def tenant_seen(self, tenant: str) -> bool:
         if self.down:
             raise ConnectionError("redis down")
-        return set(self.seen)
+        return tenant in self.seen
+
+    async def tenants_seen_after(self, after: str | None, limit: int) -> list[str]:
+        if self.down:
+            raise ConnectionError("redis down")
+        return sorted(t for t in self.seen if after is None or t > after)[:limit]
 
 
 @dataclass

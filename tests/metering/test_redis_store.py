@@ -192,7 +192,34 @@ async def test_period_and_bucket_keys_expire(store: RedisUsageStore, client: Red
 async def test_tenants_seen_written_outside_the_script(store: RedisUsageStore) -> None:
     first, second = tenant(), tenant()
     await asyncio.gather(store.check(make_check(first)), store.record(make_record(second, add=(("b", 1),))))
-    assert await store.tenants_seen() == {first, second}
+    assert set(await store.tenants_seen_after(None, 10_000)) == {first, second}
+    assert await store.tenant_seen(first) and not await store.tenant_seen(tenant())
+
+
+async def test_tenant_index_pages_in_id_order_and_forgets_idle_tenants(client: Redis) -> None:
+    clock = [NOW]
+    store = RedisUsageStore(client, timeout=0.5, clock=lambda: clock[0])
+    try:
+        await client.sadd(keys.TENANTS_SEEN_KEY, "legacy-a", "legacy-b")  # left by an older version
+        old = [f"old-{i:02d}" for i in range(5)]
+        for t in old:
+            await store.check(make_check(t))
+        clock[0] += 3 * 86_400
+        recent = [f"new-{i:02d}" for i in range(5)]
+        for t in recent:
+            await store.check(make_check(t))
+        assert await store.tenants_seen_after(None, 3) == ["new-00", "new-01", "new-02"]
+        assert await store.tenants_seen_after("new-02", 100) == ["new-03", "new-04", *old]
+        assert await store.tenant_seen("legacy-a")  # still readable before it is moved
+
+        # Idle for more than two days, or beyond the six most recently seen: forgotten.
+        assert await store.trim_tenants_seen(retention=2 * 86_400, maximum=6) == 6
+        assert not await client.exists(keys.TENANTS_SEEN_KEY)
+        assert await store.tenants_seen_after(None, 100) == ["legacy-b", *recent]
+        assert not await store.tenant_seen("old-00")
+        assert await store.trim_tenants_seen(retention=2 * 86_400, maximum=6) == 0
+    finally:
+        await store.aclose()
 
 
 # -- record -----------------------------------------------------------------------------------------
@@ -358,7 +385,7 @@ async def test_redis_down_raises_store_unavailable_within_the_timeout(redis_serv
         await store.check(make_check(t))
         redis_server.stop()
         for call in (store.check(make_check(t)), store.record(make_record(t, add=(("b", 1),))),
-                     store.usage(t, PERIOD_START, ["b"]), store.tenants_seen()):
+                     store.usage(t, PERIOD_START, ["b"]), store.tenants_seen_after(None, 10_000)):
             started = time.monotonic()
             with pytest.raises(StoreUnavailable):
                 await call
@@ -447,7 +474,7 @@ async def test_cluster_check_record_usage_across_slots(cluster_store: RedisUsage
         assert await cluster_store.bucket(t, BUCKET) == {
             "chain_deployments": 4.0, "bandwidth_bytes": 7.0, "chains": 3.0,
         }
-    assert set(tenants) <= await cluster_store.tenants_seen()
+    assert set(tenants) <= set(await cluster_store.tenants_seen_after(None, 10_000))
 
 
 async def test_cluster_reloads_scripts_on_every_master(
@@ -503,3 +530,4 @@ async def test_checks_timing_out_under_load_are_accounted_exactly_once(redis_ser
     await store.aclose()
     await blocker.aclose()
     await client.aclose()
+
