@@ -38,6 +38,7 @@ from billing_sync.sender import DryRunSender, MeterEvent, MeterEventSender, Outc
 from billing_sync.settings import StripeSettings
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
+from metering.tasks import cancel_and_wait
 
 log = logging.getLogger("cosmos_gateway.billing_sync")
 
@@ -133,9 +134,7 @@ class SyncWorker:
         try:
             return await self._pass()
         finally:
-            if renew is not None:
-                renew.cancel()
-                await asyncio.gather(renew, return_exceptions=True)
+            await cancel_and_wait([renew])
             if isinstance(token, str):
                 await self._release_lock(token)
 

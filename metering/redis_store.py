@@ -942,14 +942,22 @@ class RedisUsageStore:
 
     @contextlib.asynccontextmanager
     async def _guarded(self, seconds: float) -> AsyncIterator[None]:
-        """The one place where driver errors become StoreUnavailable."""
+        """The one place where driver errors become StoreUnavailable, and where a cancellation the driver
+        swallowed is raised again (redis-py catches it while disconnecting in some windows; a task that
+        goes on after its cancel() never stops, so a shutdown would hang)."""
+        task = asyncio.current_task()
+        cancelling = 0 if task is None else task.cancelling()
         try:
             async with asyncio.timeout(seconds):
                 yield
         except StoreUnavailable:
             raise
         except _REDIS_ERRORS as exc:
+            if task is not None and task.cancelling() > cancelling:
+                raise asyncio.CancelledError from exc
             raise _unavailable(exc, seconds) from exc
+        if task is not None and task.cancelling() > cancelling:
+            raise asyncio.CancelledError
 
 
 def _unavailable(exc: BaseException, seconds: float) -> StoreUnavailable:

@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from metering.errors import ConfigurationError, expect_mapping, kind_of
 from metering.models import AlertEvent
+from metering.tasks import cancel_and_wait
 from quota import usage_view
 
 log = logging.getLogger("cosmos_gateway.alerts")
@@ -281,10 +282,7 @@ class Alerts:
                     await self._queue.join()
                     if self._deliveries:
                         await asyncio.wait(self._deliveries)
-            tasks = [self._worker, *self._deliveries]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_and_wait([self._worker, *self._deliveries])
             self._worker = None
         if self._owns_http and self._http is not None:
             await self._http.close()

@@ -10,7 +10,6 @@ before answering, so the change is effective there immediately.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from metering.keys import TENANTS_CHANGED_CHANNEL
 from metering.models import Tenant, TenantOverride
+from metering.tasks import cancel_and_wait
 from quota.plans import Override
 
 log = logging.getLogger("cosmos_gateway.tenants")
@@ -82,11 +82,7 @@ class TenantDirectory:
             self._tasks.append(asyncio.create_task(self._listen()))
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
 
     async def reload_changed(self) -> int:

@@ -531,3 +531,28 @@ async def test_checks_timing_out_under_load_are_accounted_exactly_once(redis_ser
     await blocker.aclose()
     await client.aclose()
 
+
+async def test_a_cancelled_store_call_always_ends_cancelled(redis_server: RedisProcess) -> None:
+    """redis-py swallows a cancellation that lands while it disconnects; the store raises it again, so a
+    background loop that awaits the store stops when cancelled (a shutdown once hung on this)."""
+    client = Redis.from_url(redis_server.url, socket_timeout=0.5)  # as the gateway's client
+    store = RedisUsageStore(client, timeout=0.5)
+    swallowed = cancelled = 0
+    try:
+        for i in range(1000):
+            call = asyncio.create_task(store.usage(tenant(), PERIOD_START, ["chain_deployments", "chains"]))
+            for _ in range(i % 8):  # land the cancel anywhere in the call
+                await asyncio.sleep(0)
+            if not call.cancel():
+                continue  # done already
+            cancelled += 1
+            try:
+                await call
+            except asyncio.CancelledError:
+                continue
+            swallowed += 1
+        assert cancelled > 100, cancelled
+        assert swallowed == 0, f"{swallowed} of {cancelled} cancelled calls went on as if not cancelled"
+    finally:
+        await store.aclose()
+        await client.aclose()
