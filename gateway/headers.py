@@ -1,7 +1,9 @@
 """Header rules of the proxy (PRODUCT.md §3), as pure functions over raw header lists.
 
 Raw headers are `(name, value)` pairs of bytes in the order the peer sent them, so repeated
-headers (two `Set-Cookie`) survive. Names are compared lower-cased.
+headers (two `Set-Cookie`) survive. Names are compared lower-cased, and on requests with `_` read
+as `-`: WSGI and CGI servers map both to `HTTP_X_COSMOS_TENANT`, so `X_Cosmos_Tenant` is an identity
+header to an upstream app as much as `X-Cosmos-Tenant` is.
 """
 
 from __future__ import annotations
@@ -31,16 +33,19 @@ USAGE_REPORT = b"x-cosmos-usage"
 # Removed from requests before forwarding (the request id is the gateway's own, set separately).
 _REQUEST_DROP = HOP_BY_HOP | FRAMING | {REQUEST_ID}
 
-_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
-_TOKEN_RE = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_TOKEN_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+# Hosts up to this long (a DNS name and a port) have their Forwarded element cached; longer ones
+# are built each time, so the cache stays bounded in bytes as well as in entries.
+_CACHED_HOST_LENGTH = 261
 
 
 def connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
-    """Header names a `Connection` header declares hop-by-hop."""
+    """Header names a `Connection` header declares hop-by-hop (lower-cased, `_` read as `-`)."""
     names: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            names.update(t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip())
     return frozenset(names)
 
 
@@ -48,7 +53,7 @@ def request_id(headers: RawHeaders) -> str:
     """The client's X-Request-Id when sane, else a fresh one."""
     for name, value in headers:
         if name.lower() == REQUEST_ID:
-            if _REQUEST_ID_RE.match(value):
+            if _REQUEST_ID_RE.fullmatch(value):
                 return value.decode("ascii")
             break
     return _next_request_id()
@@ -74,15 +79,27 @@ def is_trusted(peer: str | None, trusted: Sequence[ipaddress.IPv4Network | ipadd
     return any(address in network for network in trusted)
 
 
-@functools.lru_cache(maxsize=4096)
 def _forwarded_element(peer: str, scheme: str, host: str | None) -> str:
-    """This hop's `Forwarded` element (RFC 7239); the same few values recur, so it is built once each."""
+    """This hop's `Forwarded` element (RFC 7239)."""
+    if host is not None and len(host) > _CACHED_HOST_LENGTH:
+        return _build_forwarded_element(peer, scheme, host)
+    return _cached_forwarded_element(peer, scheme, host)
+
+
+def _build_forwarded_element(peer: str, scheme: str, host: str | None) -> str:
     node = f"for={_forwarded_node(peer)};proto={scheme}"
-    if host and _TOKEN_RE.match(host.encode("latin-1")):
+    if host and _TOKEN_RE.fullmatch(host.encode("latin-1")):
         node += f";host={host}"
     elif host:
+        # A quoted-string (RFC 9110 §5.6.4): `\` and `"` escaped; the parser has refused CTLs already,
+        # and every other byte (obs-text included) may stand in one as it is.
         node += ';host="' + host.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return node
+
+
+# The same few (peer, scheme, host) values recur, so each element is built once; entries are
+# bounded in number here and in size by _CACHED_HOST_LENGTH (client-chosen hosts beyond it are not cached).
+_cached_forwarded_element = functools.lru_cache(maxsize=4096)(_build_forwarded_element)
 
 
 def _forwarded_node(peer: str) -> str:
@@ -119,6 +136,10 @@ def _request_headers(raw: RawHeaders, drop: frozenset[bytes], peer: str | None, 
     client_proto = client_host = host = None
     for name, value in raw:
         lower = name.lower()
+        if b"_" in lower:  # the name an upstream WSGI/CGI server would read
+            lower = lower.replace(b"_", b"-")
+            if lower in FORWARDING:  # never the gateway's own, nor a trusted proxy's: dropped
+                continue
         if lower in drop:
             if lower == b"connection" and not connection_tokens(((name, value),)) <= drop:
                 return None

@@ -93,3 +93,50 @@ def test_headers_named_by_a_later_connection_header_are_dropped_too() -> None:
                                      "Forwarded", "X-Request-Id"]
     response, _ = client_response_headers([("X-Early", "1"), ("Connection", "keep-alive, X-Early"), ("A", "b")], "r")
     assert response == [("A", "b"), ("X-Request-Id", "r")]
+
+
+def test_underscore_spellings_of_identity_forwarding_hop_by_hop_and_framing_are_dropped() -> None:
+    # WSGI/CGI servers read `_` as `-`: each of these would be HTTP_X_COSMOS_TENANT & co. upstream.
+    raw = [
+        (b"Host", b"h"), (b"X_Cosmos_Tenant", b"evil"), (b"x_cosmos_plan", b"evil"), (b"X-Cosmos_Subject", b"evil"),
+        (b"X_Forwarded_For", b"6.6.6.6"), (b"x_forwarded_host", b"evil"), (b"X_Forwarded_Proto", b"https"),
+        (b"X_Request_Id", b"spoof"), (b"Content_Length", b"5"), (b"Transfer_Encoding", b"chunked"),
+        (b"Keep_Alive", b"1"), (b"Proxy_Authorization", b"x"), (b"Connection", b"x_private"), (b"X-Private", b"p"),
+        (b"X_Private", b"p"), (b"X_Custom", b"kept"),
+    ]
+    for trusted in (False, True):
+        out = upstream_request_headers(raw, peer="10.0.0.9", trusted_peer=trusted, scheme="http", request_id="rid",
+                                       identity=identity_headers("acme", "starter", "sub-1"))
+        assert out == [
+            ("Host", "h"), ("X_Custom", "kept"), ("X-Forwarded-For", "10.0.0.9"), ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Host", "h"), ("Forwarded", "for=10.0.0.9;proto=http;host=h"), ("X-Request-Id", "rid"),
+            ("X-Cosmos-Tenant", "acme"), ("X-Cosmos-Plan", "starter"), ("X-Cosmos-Subject", "sub-1"),
+        ]
+    assert connection_tokens([(b"Connection", b"X_A, x-b")]) == {b"x-a", b"x-b"}
+
+
+def test_forwarded_host_is_quoted_safely_and_the_cache_stays_small() -> None:
+    from gateway import headers
+
+    def element(host: bytes) -> str:
+        out = upstream_request_headers([(b"Host", host)], peer="10.0.0.9", trusted_peer=False, scheme="http",
+                                       request_id="r")
+        return dict(out)["Forwarded"]
+
+    assert element(b"api.example") == "for=10.0.0.9;proto=http;host=api.example"
+    assert element(b"api.example:8443") == 'for=10.0.0.9;proto=http;host="api.example:8443"'
+    assert element(b'a"b\\c') == 'for=10.0.0.9;proto=http;host="a\\"b\\\\c"'
+    assert element(b"caf\xe9\tx") == 'for=10.0.0.9;proto=http;host="caf\xe9\tx"'
+    # A quoted-string ends at the first unescaped `"`: nothing after the host can be read as a new parameter.
+    assert element(b'x";for=1.2.3.4') == 'for=10.0.0.9;proto=http;host="x\\";for=1.2.3.4"'
+    headers._cached_forwarded_element.cache_clear()
+    for i in range(50):
+        element(b"h" * 5000 + str(i).encode())  # long client-chosen hosts are never kept
+    assert headers._cached_forwarded_element.cache_info().currsize == 0
+    element(b"short.example")
+    assert headers._cached_forwarded_element.cache_info().currsize == 1
+    assert headers._cached_forwarded_element.cache_info().maxsize == 4096
+
+
+def test_request_id_with_a_trailing_newline_is_not_sane() -> None:
+    assert request_id([(b"X-Request-Id", b"abc\n")]) != "abc\n"
