@@ -38,6 +38,7 @@ from metering import db
 from metering.migrate import prepare_schema
 from metering.redis_store import RedisUsageStore, StoreUnavailable
 from metering.spool import Spool
+from metering.tasks import cancel_and_wait
 from quota.alerts import Alerts
 from quota.limiter import Limiter, LimiterSettings
 from quota.metrics import QuotaMetrics
@@ -46,6 +47,7 @@ from quota.tenants import TenantDirectory
 log = logging.getLogger("cosmos_gateway.worker")
 TENANT_RELOAD_SECONDS = 2.0  # operator changes reach every instance well within the promised 5 s
 SPOOL_REPLAY_SECONDS = 1.0
+TENANT_INDEX_TRIM_SECONDS = 3600.0  # idle tenants leave the Redis tenant index this often (every worker)
 SYNC_METRICS_SECONDS = 5.0  # a scrape refreshes the billing_sync gauges from the ledger at most this often
 
 class Worker:
@@ -63,9 +65,12 @@ class Worker:
         self.pool = UpstreamPool(
             settings.upstream.url, connect_timeout=settings.upstream.connect_timeout,
             read_timeout=settings.upstream.read_timeout, max_connections=settings.upstream.max_connections,
+            pool_timeout=settings.upstream.pool_timeout,
         )
         self.websockets = WebSocketRelay(settings.upstream.url,
-                                         connect_timeout=settings.upstream.connect_timeout)
+                                         connect_timeout=settings.upstream.connect_timeout,
+                                         max_connections=settings.websocket.max_connections,
+                                         idle_timeout=settings.websocket.idle_timeout)
         redis_url = settings.redis.url or "redis://127.0.0.1:6379/0"
         self.redis = redis_client(redis_url)
         self.store = RedisUsageStore(self.redis)
@@ -74,7 +79,8 @@ class Worker:
         # Pub/sub needs a connection without a read timeout; a cluster is covered by the periodic reload.
         self._pubsub = None if is_cluster_url(redis_url) else aioredis.Redis.from_url(redis_url)
         self.directory = TenantDirectory(self.sessions, self._pubsub, reload_interval=TENANT_RELOAD_SECONDS)
-        self.spool = Spool(Path(settings.redis.spool_dir) / f"worker-{index}.jsonl")
+        self.spool = Spool(Path(settings.redis.spool_dir) / f"worker-{index}.jsonl",
+                           max_bytes=settings.redis.spool_max_bytes)
         self.alerts = Alerts(self.policy.alerts, self.sessions, clock=self._now)
         self.quota_metrics = QuotaMetrics(self.policy.plans, [m.name for m in self.policy.meters],
                                           tenant_usage=self.policy.metrics.tenant_usage,
@@ -132,6 +138,7 @@ class Worker:
             "keepalive_timeout": settings.listen.header_timeout,
             "max_line_size": settings.listen.max_header_size,
             "max_field_size": settings.listen.max_header_size,
+            "auto_decompress": False,  # bodies pass byte-exact: never inflated (a gzip bomb stays small)
         }
         grace = settings.server.shutdown_grace_seconds
         self._proxy_runner = web.ServerRunner(
@@ -148,6 +155,7 @@ class Worker:
         admin = admin_app(
             redis_check=self._ping_redis, database_check=lambda: db.ping(self.engine),
             fail_closed=settings.redis.on_error == "fail_closed", before_metrics=self._before_metrics,
+            problem_type_base=settings.server.problem_type_base,
         )
         self._add_admin_api(admin)
         self._admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=grace,
@@ -170,6 +178,8 @@ class Worker:
 
     async def _before_metrics(self) -> None:
         self.quota_metrics.publish()
+        self.quota_metrics.spool_pending(self.spool.pending())
+        self.quota_metrics.spool_bytes(self.spool.bytes())
         await self._refresh_sync_metrics()
 
     async def _refresh_sync_metrics(self) -> None:
@@ -192,11 +202,25 @@ class Worker:
         await self.redis.ping()
 
     async def _replay_spool(self) -> None:
-        """Once a second: fail-open spool replay (as soon as Redis answers again), and metrics upkeep."""
+        """Once a second: fail-open spool replay (as soon as Redis answers again), taking over the spool
+        files of workers that no longer run, metrics upkeep, and now and then the tenant index trimmed."""
+        dropped = 0
+        trimmed_at: float | None = None
         while True:
+            if trimmed_at is None or time.monotonic() - trimmed_at >= TENANT_INDEX_TRIM_SECONDS:
+                trimmed_at = time.monotonic()
+                with contextlib.suppress(StoreUnavailable):  # Redis down: next time
+                    await self.store.trim_tenants_seen()
             # Also the per-tenant usage gauges: with several workers each publishes its own, every second.
             self.quota_metrics.publish()
+            try:
+                await self.spool.adopt()
+            except OSError:
+                log.exception("spool takeover failed; retrying")
             self.quota_metrics.spool_pending(self.spool.pending())
+            self.quota_metrics.spool_bytes(self.spool.bytes())
+            self.quota_metrics.spool_dropped(self.spool.dropped - dropped)
+            dropped = self.spool.dropped
             if self.spool.pending():
                 try:
                     await self.spool.replay(self.store, rebucket=self.limiter.rebucket)
@@ -211,10 +235,7 @@ class Worker:
         runners = [r for r in (self._proxy_runner, self._admin_runner) if r is not None]
         await asyncio.gather(*(r.cleanup() for r in runners), return_exceptions=True)
         await self.limiter.drain()
-        if self._replayer is not None:
-            self._replayer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._replayer
+        await cancel_and_wait([self._replayer])
         await self.spool.aclose()
         await self.alerts.close()
         await self.directory.close()

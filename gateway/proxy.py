@@ -8,11 +8,15 @@ are handed to `gateway.websocket`.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
+from aiohttp import StreamReader, web
+from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict
 
 from gateway.accesslog import AccessLog
@@ -26,6 +30,8 @@ from gateway.errors import (
     InvalidRequest,
     InvalidToken,
     NotFound,
+    RequestTimeout,
+    UpstreamBusy,
     problem_response,
 )
 from gateway.headers import (
@@ -38,20 +44,29 @@ from gateway.headers import (
 from gateway.metrics import RequestMetrics
 from gateway.own import OwnEndpoints
 from gateway.refusals import refusal_error
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeout
+from gateway.upstream import UpstreamError, UpstreamPool, UpstreamPoolBusy, UpstreamResponse, UpstreamTimeout
 from gateway.websocket import WebSocketRelay, is_websocket_upgrade
 from gateway.wire import SmallResponse, UnsafeHeader
+from metering.paths import UnsafePath
+from metering.paths import readings as path_readings
 from quota.limiter import Admission, Limiter, Refusal
+
+log = logging.getLogger("cosmos_gateway.proxy")
 
 # Paths the gateway answers itself on the proxy listener; never forwarded.
 OWN_PREFIX = "/_gateway/"
+# A path is the gateway's own when any reading of it is under OWN_PREFIX, in any case: nothing that some
+# server could take for a /_gateway/ path goes upstream.
+_OWN = re.compile(r"/_gateway(?:/|\Z)", re.IGNORECASE)
+# The answer to a fault of the gateway's own; details go to the log only.
+_INTERNAL_ERROR = GatewayError("the gateway could not complete the request; the log has the details "
+                               "under the X-Request-Id of this answer")
 
 # Request bodies up to this size are read first, so a request on a stale pooled connection
 # can be replayed on a fresh one; larger bodies stream and are never replayed.
 REPLAYABLE_BODY = 64 * 1024
 # Responses up to this size are read whole and written in one call (the fast path).
 SMALL_RESPONSE = 256 * 1024
-STREAM_CHUNK = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -91,17 +106,30 @@ class ProxyHandler:
         started = loop.time()
         rid = request_id(request.raw_headers)
         outcome = Outcome()
+        response: web.StreamResponse | None = None
+        settle = 500  # an exit without a response (any other BaseException) gives the units back
         try:
             response = await self._handle(request, rid, outcome)
         except GatewayError as error:
             outcome.error = error.suffix
             response = problem_response(error, self._type_base, rid)
+            if _expects_continue(request) and not request.content.is_eof():
+                response.force_close()  # a refused upload's body was never asked for: nothing can follow it
         except asyncio.CancelledError:
             # The client went away, or the upstream failed mid-body (then nothing is billed).
-            self._complete(outcome, 502 if outcome.error == "upstream-mid-body" else 499)
+            settle = 502 if outcome.error == "upstream-mid-body" else 499
             raise
+        except Exception:
+            # A fault of the gateway's, not of the input: a 500 like every other error of ours, the
+            # traceback in the log and only the request id in the answer.
+            log.exception("request %s (%s): unexpected error", rid, request.method)
+            outcome.error = "internal"
+            response = problem_response(_INTERNAL_ERROR, self._type_base, rid)
+            response.force_close()  # where the fault left the request's body is unknown: nothing may follow
+        finally:
+            # Every exit settles the admission: counted, or its units given back.
+            self._complete(outcome, settle if response is None else response.status)
         outcome.status = response.status
-        self._complete(outcome, response.status)
         self._record(request, rid, outcome, loop.time() - started)
         return response
 
@@ -109,19 +137,27 @@ class ProxyHandler:
         admission = outcome.admission
         if admission is not None and self._limiter is not None:
             outcome.admission = None
-            self._limiter.complete(admission, status, outcome.request_bytes, outcome.response_bytes,
-                                   outcome.usage_report)
+            try:
+                self._limiter.complete(admission, status, outcome.request_bytes, outcome.response_bytes,
+                                       outcome.usage_report)
+            except Exception:  # the answer stands; what could not be recorded is in the log
+                log.exception("could not record the outcome (status %d) of an admitted request", status)
 
     async def _handle(self, request: web.BaseRequest, rid: str, outcome: Outcome) -> web.StreamResponse:
         target = _origin_form(request.raw_path)
         path = target.split("?", 1)[0]
-        if path.startswith(OWN_PREFIX) or path == OWN_PREFIX[:-1]:
+        try:
+            spelled = path_readings(path)  # public paths, meters and guards match these, never the raw path
+        except UnsafePath as exc:
+            raise InvalidRequest("the request path cannot be read safely",
+                                 [{"field": "path", "message": str(exc)}]) from None
+        if _is_own(spelled):
             outcome.route = "gateway"
             if self._own is None:
                 raise NotFound("no such gateway endpoint")
-            return await self._own.handle(request, path, self._authenticate)
+            return await self._own.handle(request, spelled[0], self._authenticate)
         identity: Identity | None = None
-        if self._auth.is_public(path):
+        if self._auth.is_public(spelled):
             outcome.route = "public"
         else:
             identity = outcome.identity = await self._authenticate(request)
@@ -158,10 +194,16 @@ class ProxyHandler:
 
     async def _forward(self, request: web.BaseRequest, target: str, headers: list[tuple[str, str]],
                        rid: str, outcome: Outcome) -> web.StreamResponse:
-        body, length = await _request_body(request, outcome)
-        sent = self._loop.time()
+        if "Expect" in request.headers:  # answered here (`_request_body`), so never sent on
+            headers = [header for header in headers if header[0].lower() != "expect"]
         try:
+            body, length = await _request_body(request, outcome, self._settings.listen.body_timeout)
+            sent = self._loop.time()
             upstream = await self._pool.request(request.method, target, headers, body, content_length=length)
+        except BodyTimeout:
+            return self._body_timed_out(request, outcome, rid)
+        except UpstreamPoolBusy:
+            raise UpstreamBusy("no upstream connection was free in time") from None
         except UpstreamTimeout:
             raise GatewayTimeout("the upstream did not answer in time") from None
         except UpstreamError:
@@ -171,6 +213,17 @@ class ProxyHandler:
             return await self._respond(request, upstream, rid, outcome)
         finally:
             upstream.release()
+
+    def _body_timed_out(self, request: web.BaseRequest, outcome: Outcome, rid: str) -> web.StreamResponse:
+        """408, then the connection closed; the upstream got no whole request, so the units are given back."""
+        outcome.error = "body-timeout"
+        self._complete(outcome, _GIVE_BACK)
+        problem = problem_response(RequestTimeout("the request body stalled for longer than body_timeout"),
+                                   self._type_base, rid)
+        response = _FinalResponse(request.protocol, status=problem.status, body=problem.body,
+                                  headers=problem.headers)
+        response.force_close()
+        return response
 
     async def _respond(self, request: web.BaseRequest, upstream: UpstreamResponse, rid: str,
                        outcome: Outcome) -> web.StreamResponse:
@@ -219,17 +272,27 @@ class ProxyHandler:
         return response
 
     def _record(self, request: web.BaseRequest, rid: str, outcome: Outcome, duration: float) -> None:
-        identity = outcome.identity
-        plan = None if identity is None else (identity.plan or self._default_plan)
-        self._metrics.observe(request.method, outcome.status, plan, outcome.route, duration,
-                              outcome.upstream_duration)
-        if not self._log.enabled:
-            return
-        self._log.write(
-            request_id=rid, tenant=None if identity is None else identity.tenant, method=request.method,
-            path=request.raw_path, route=outcome.route, status=outcome.status, duration=duration,
-            upstream_duration=outcome.upstream_duration, remote=request.remote, error=outcome.error,
-        )
+        try:
+            identity = outcome.identity
+            plan = None if identity is None else (identity.plan or self._default_plan)
+            self._metrics.observe(request.method, outcome.status, plan, outcome.route, duration,
+                                  outcome.upstream_duration)
+            if not self._log.enabled:
+                return
+            self._log.write(
+                request_id=rid, tenant=None if identity is None else identity.tenant, method=request.method,
+                path=request.raw_path, route=outcome.route, status=outcome.status, duration=duration,
+                upstream_duration=outcome.upstream_duration, remote=request.remote, error=outcome.error,
+            )
+        except Exception:  # metrics and the access log never cost the client its answer
+            log.exception("request %s: could not record metrics or the access log line", rid)
+
+
+def _is_own(spelled: tuple[str, ...]) -> bool:
+    for reading in spelled:
+        if _OWN.match(reading) is not None:
+            return True
+    return False
 
 
 def _origin_form(raw_target: str) -> str:
@@ -243,20 +306,73 @@ def _origin_form(raw_target: str) -> str:
     raise InvalidRequest("the request-target must be a path or an absolute http(s) URL")
 
 
-async def _request_body(request: web.BaseRequest,
-                        outcome: Outcome) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
-    """The body to forward: small ones read whole (replayable), others streamed; bytes counted."""
+class BodyTimeout(Exception):
+    """The client paused longer than `listen.body_timeout` within its request body."""
+
+
+class _FinalResponse(web.Response):
+    """A response after which the connection closes at once. aiohttp would first read (and drop) the
+    rest of an unread request body for up to its lingering_time: for a body that stalled, in vain."""
+
+    def __init__(self, protocol: RequestHandler, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._handler = protocol
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await super().write_eof(data)
+        self._handler.force_close()  # the transport flushes the response, then closes
+
+
+# `Limiter.complete()` gives a request's units back for a status from 500 on: what a request that
+# never reached the upstream whole is completed with (as the 503 of upstream-busy is).
+_GIVE_BACK = 503
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def _request_body(request: web.BaseRequest, outcome: Outcome,
+                        gap: float) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+    """The body to forward, as sent (never inflated): small ones read whole (replayable), others
+    streamed; bytes counted; each wait for more of it at most `gap` seconds (else BodyTimeout)."""
     if not request.body_exists:
         return None, None
+    content = request.content
+    if not content.is_eof() and request.version >= (1, 1) and _expects_continue(request):
+        # Admitted (authenticated, within quota): now the client may send the body.
+        transport = request.transport
+        if transport is not None:
+            transport.write(_CONTINUE)
     length = request.content_length
     if length is not None and length <= REPLAYABLE_BODY:
-        body = await request.read()
+        if content.is_eof():  # the common case: the body came with the head
+            body = content.read_nowait()
+        else:
+            parts = []
+            while chunk := await _next_chunk(content, gap):
+                parts.append(chunk)
+            body = b"".join(parts)
         outcome.request_bytes = len(body)
         return body, length
-    return _counted(request.content.iter_chunked(STREAM_CHUNK), outcome), length
+    return _counted(content, outcome, gap), length
 
 
-async def _counted(chunks: AsyncIterator[bytes], outcome: Outcome) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
+async def _counted(content: StreamReader, outcome: Outcome, gap: float) -> AsyncIterator[bytes]:
+    while chunk := await _next_chunk(content, gap):
         outcome.request_bytes += len(chunk)
         yield chunk
+
+
+async def _next_chunk(content: StreamReader, gap: float) -> bytes:
+    """What has come of the body since the last call (b"" at its end), waiting at most `gap` seconds."""
+    chunk = content.read_nowait()
+    if chunk or content.is_eof():
+        return chunk  # no timer for what is there already
+    try:
+        async with asyncio.timeout(gap):
+            return await content.readany()
+    except TimeoutError:
+        raise BodyTimeout(f"no body bytes for {gap} s") from None
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    expect = request.headers.get("Expect")
+    return expect is not None and expect.strip().lower() == "100-continue"

@@ -17,14 +17,13 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from metering.meters import Meter, MeterMatcher, glob_to_regex, parse_usage_report
+from metering.meters import Meter, MeterMatcher, parse_usage_report
 from metering.redis_store import (
     Check,
     CounterRule,
@@ -38,14 +37,21 @@ from metering.redis_store import (
     StoreUnavailable,
 )
 from metering.spool import Spool
+from quota.guards import GuardMatcher
 from quota.metrics import QuotaMetrics
 from quota.periods import bucket_start, period_bounds
-from quota.plans import Plan, Quota, Rate, effective
+from quota.plans import Guard, Plan, Quota, Rate, effective
 from quota.tenants import TenantDirectory, TenantRecord
 
 log = logging.getLogger("cosmos_gateway.limiter")
 
-COMPILED_CACHE_SIZE = 20_000  # (tenant, claimed plan, method, path) entries; cleared whole when full
+# The compiled-check cache, keyed by (tenant, claimed plan, meters counted, guards run into): one entry
+# per tenant and route, whatever the paths. Bounded in entries and in estimated bytes, oldest entries
+# dropped first; an entry is kept only once the store admitted a request with it (a refused or
+# rate-limited client cannot fill it).
+COMPILED_CACHE_SIZE = 20_000
+COMPILED_CACHE_BYTES = 32 << 20
+_COMPILED_ENTRY_OVERHEAD = 2048  # the Compiled, its Check, rules and tuples beyond the strings counted
 BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete_expired"})
 
@@ -151,7 +157,9 @@ class Limiter:
         self._clock = clock
         self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
         self._periods: dict[int | None, tuple[int, int]] = {}
-        self._compiled: dict[tuple[object, ...], Compiled] = {}
+        self._compiled: dict[tuple[object, ...], tuple[Compiled, int]] = {}  # insertion order: oldest first
+        self._compiled_bytes = 0
+        self._guards = GuardMatcher(g for plan in plans.values() for q in plan.quotas.values() for g in q.guards)
         self._on_record_failure = self._spool_failed  # one bound method, so the store can tell it is the same
         # The byte meters as (name, counts the request's bytes (not the response's), bills server errors).
         self._byte_sources = tuple((m.name, m.source == "request_bytes", m.bill_server_errors)
@@ -195,16 +203,21 @@ class Limiter:
     async def admit(self, tenant: str, claimed_plan: str | None, method: str, path: str) -> Admission:
         now = self._clock()
         record = self._directory.get(tenant)
-        key = (tenant, claimed_plan, method, path)
-        compiled = self._compiled.get(key)
-        if compiled is None or compiled.record is not record or not compiled.since <= now < compiled.until:
-            compiled = self._compile(tenant, claimed_plan, method, path, now)
-            if compiled.cacheable:
-                if len(self._compiled) >= COMPILED_CACHE_SIZE:
-                    self._compiled.clear()
-                self._compiled[key] = compiled
+        # What the method and path decide (the meters counted, the guards run into) comes from caches of
+        # its own; the compiled check is shared by every path of the same route.
+        counted = self._matcher.request_meters(method, path)
+        hits = self._guards.hits(method, path)
+        key = (tenant, claimed_plan, counted, hits)
+        cached = self._compiled.get(key)
+        compiled = cached[0] if cached is not None else None
+        fresh = compiled is None or compiled.record is not record or not compiled.since <= now < compiled.until
+        if fresh:
+            compiled = self._compile(tenant, claimed_plan, counted, hits, now)
+        assert compiled is not None
         admission = Admission(compiled)
         if compiled.prepared is None:
+            if fresh:
+                self._keep_compiled(key, compiled)
             return admission  # nothing to check or count: no Redis round trip
         try:
             # If the client goes away meanwhile, a check already sent still completes, and what it
@@ -213,22 +226,50 @@ class Limiter:
                                                       lambda outcome: self._give_back(admission, outcome))
         except StoreUnavailable as error:
             self._metrics.store_error()
-            if not self._settings.fail_open:
+            # A full fail-open spool (at its cap, or the disk refusing writes) refuses as fail_closed does.
+            if not self._settings.fail_open or self._spool.full:
                 if error.applied is not None:  # refused here, but Redis may count it late: give it back then
                     error.applied.add_done_callback(lambda done: self._give_back_late(admission, done))
-                raise Refusal("unavailable", "the usage store is unavailable", tenant=tenant,
-                              plan=compiled.plan, retry_after=1) from None
+                detail = ("the usage store is unavailable" if not self._settings.fail_open
+                          else "the usage store is unavailable and the fail-open spool is full")
+                raise Refusal("unavailable", detail, tenant=tenant, plan=compiled.plan, retry_after=1) from None
             self._spool_unless_applied(compiled.check, error)  # replayed into Redis, once, when it is back
             admission.spooled = True
+            if fresh:
+                self._keep_compiled(key, compiled)
             return admission
         if not decision.allowed:
             raise self._refusal(decision, compiled, now)
+        if fresh:
+            self._keep_compiled(key, compiled)
         if compiled.policy is not None:
             admission.ratelimit = _ratelimit_values(compiled, decision, now)
         self._observe(compiled, decision.used)
         return admission
 
-    def _compile(self, tenant: str, claimed_plan: str | None, method: str, path: str, now: float) -> Compiled:
+    def _keep_compiled(self, key: tuple[object, ...], compiled: Compiled) -> None:
+        """Cache `compiled` for the next requests of its key, dropping the oldest entries to make room."""
+        if not compiled.cacheable:
+            return
+        self._forget_compiled(key)
+        size = _compiled_size(key, compiled)
+        cache = self._compiled
+        while cache and (len(cache) >= COMPILED_CACHE_SIZE or self._compiled_bytes + size > COMPILED_CACHE_BYTES):
+            self._forget_compiled(next(iter(cache)))
+        cache[key] = (compiled, size)
+        self._compiled_bytes += size
+
+    def _forget_compiled(self, key: tuple[object, ...]) -> None:
+        entry = self._compiled.pop(key, None)
+        if entry is not None:
+            self._compiled_bytes -= entry[1]
+
+    def compiled_cache(self) -> tuple[int, int]:
+        """(entries, estimated bytes) of the compiled-check cache."""
+        return len(self._compiled), self._compiled_bytes
+
+    def _compile(self, tenant: str, claimed_plan: str | None, counted: tuple[Meter, ...], hits: frozenset[Guard],
+                 now: float) -> Compiled:
         """Everything of a request but its time; raises Refusal for a tenant that may not pass."""
         record, plan = self.resolve(tenant, claimed_plan)
         period_start, period_end = self.period(record.billing_anchor_day if record else None, now)
@@ -239,9 +280,8 @@ class Limiter:
             rate, quotas, _ = effective(plan, overrides, datetime.fromtimestamp(now, UTC))
         else:
             rate, quotas = plan.rate, plan.quotas
-        counted = self._matcher.request_meters(method, path)
         counters = tuple(_counter_rule(m, quotas.get(m.name)) for m in counted)
-        guards = _guard_rules(quotas, method, path)
+        guards = _guard_rules(quotas, hits)
         check = Check(
             tenant=tenant, now=now, period_start=period_start, period_end=period_end, bucket_start=bucket,
             bucket_ttl=BUCKET_TTL, rate=RateRule(rate.per_second, rate.burst) if rate else None,
@@ -394,29 +434,29 @@ class Limiter:
         return await self._store.usage(tenant, start, meters)
 
 
+def _compiled_size(key: tuple[object, ...], compiled: Compiled) -> int:
+    """Estimated bytes of a cache entry: its key's strings, the prepared command, the header lines."""
+    prepared = compiled.prepared
+    strings = sum(len(part) for part in key if isinstance(part, str)) + len(compiled.head_lines) + len(
+        compiled.ratelimit)
+    if prepared is not None:
+        strings += 2 * (len(prepared.head) + len(prepared.tail)) + sum(len(k) for k in prepared.keys)
+    return strings + _COMPILED_ENTRY_OVERHEAD
+
+
 def _counter_rule(meter: Meter, quota: Quota | None) -> CounterRule:
     limit = None if quota is None or quota.limit is None else int(quota.limit)
     enforce = quota is not None and limit is not None and quota.on_exceed == "reject"
     return CounterRule(meter=meter.name, units=1, limit=limit, enforce=enforce)
 
 
-def _guard_rules(quotas: Mapping[str, Quota], method: str, path: str) -> tuple[GuardRule, ...]:
-    rules = []
-    for quota in quotas.values():
-        if quota.guards and quota.limit is not None and quota.on_exceed == "reject" and any(
-                (m is None or m == method.upper()) and _guard_path(p, path) for m, p in quota.guards):
-            rules.append(GuardRule(meter=quota.meter, limit=float(quota.limit)))
-    return tuple(rules)
-
-
-_GUARD_PATTERNS: dict[str, re.Pattern[str]] = {}
-
-
-def _guard_path(glob: str, path: str) -> bool:
-    pattern = _GUARD_PATTERNS.get(glob)
-    if pattern is None:
-        pattern = _GUARD_PATTERNS[glob] = glob_to_regex(glob)
-    return pattern.fullmatch(path.partition("?")[0]) is not None
+def _guard_rules(quotas: Mapping[str, Quota], hits: frozenset[Guard]) -> tuple[GuardRule, ...]:
+    """The gauge guards of `quotas` that apply to a request matching the guards `hits`."""
+    if not hits:
+        return ()
+    return tuple(GuardRule(meter=quota.meter, limit=float(quota.limit))
+                 for quota in quotas.values()
+                 if quota.limit is not None and quota.on_exceed == "reject" and not hits.isdisjoint(quota.guards))
 
 
 def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mapping[str, Quota],
