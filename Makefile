@@ -11,7 +11,7 @@ CONFIG ?= config/example.yaml
 DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs256-secret-change-me-0123456789abcdef} \
                GATEWAY_ADMIN_TOKENS=$${GATEWAY_ADMIN_TOKENS:-dev:dev-admin-token-change-me}
 
-.PHONY: run test bench bench-sync lint token redis-server clean demo
+.PHONY: run test fuzz bench bench-sync lint token redis-server clean demo
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ run: $(STAMP) redis-server
 
 test: $(STAMP) redis-server
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The fuzz suite at length: FUZZ_EXAMPLES random examples per fuzz test (`make test` runs a small, seeded
+# budget of the same tests). Failing examples are kept in var/hypothesis-fuzz and tried first next time.
+FUZZ_EXAMPLES ?= 20000
+fuzz: $(STAMP) redis-server
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 \
+		--hypothesis-show-statistics tests/fuzz tests/gateway/test_admin_schemathesis.py $(PYTEST_ARGS)
 
 demo: $(STAMP) redis-server
 	$(BIN)/cosmos-gateway demo --config $(CONFIG)
