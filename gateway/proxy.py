@@ -169,7 +169,7 @@ class ProxyHandler:
                 outcome.admission = admission
                 outcome.route = admission.compiled.route
         identity_hdrs = () if identity is None else identity_headers(
-            identity.tenant, identity.plan or self._default_plan, identity.subject)
+            identity.tenant, self._plan_of(identity, outcome.admission), identity.subject)
         peer = request.remote
         headers = upstream_request_headers(
             request.raw_headers, peer=peer, trusted_peer=is_trusted(peer, self._trusted),
@@ -179,6 +179,13 @@ class ProxyHandler:
             outcome.route = "websocket"
             return await self._websockets.relay(request, target, headers, rid)
         return await self._forward(request, target, headers, rid, outcome)
+
+    def _plan_of(self, identity: Identity, admission: Admission | None) -> str | None:
+        """The tenant's effective plan (an operator's or Stripe's choice, else the token's claim, else the
+        default plan), as the limiter resolved it for this request."""
+        if admission is not None:
+            return admission.compiled.plan
+        return identity.plan or self._default_plan
 
     async def _authenticate(self, request: web.BaseRequest) -> Identity:
         values = request.headers.getall("Authorization", ())

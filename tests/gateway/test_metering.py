@@ -462,3 +462,23 @@ async def test_cluster_mode_is_exact(upstream: Upstream, tmp_path: Path) -> None
             await worker.stop()
     finally:
         await asyncio.to_thread(cluster.close)
+
+
+async def test_the_upstream_is_told_the_effective_plan(make_gateway: MakeGateway,
+                                                       session: aiohttp.ClientSession) -> None:
+    """X-Cosmos-Plan is the plan an operator (or Stripe) set, not the token's claim (PRODUCT.md §3)."""
+    worker = await make_gateway()
+
+    async def plan_seen(**claims: Any) -> list[str]:
+        async with session.get(url(worker, "/api/chains"), headers=bearer("upgraded", **claims)) as response:
+            assert response.status == 200, await response.text()
+            echoed = await response.json()
+        return [v for k, v in echoed["headers"] if k.lower() == "x-cosmos-plan"]
+
+    assert await plan_seen(plan="trickle") == ["trickle"]  # no record yet: the token's claim
+    assert await plan_seen() == ["starter"]  # no claim: the default plan
+    async with session.put(admin_url(worker, "/admin/tenants/upgraded"), json={"plan": "overage"},
+                           headers=ADMIN) as response:
+        assert response.status in (200, 201), await response.text()
+    assert await plan_seen(plan="trickle") == ["overage"]
+    assert await plan_seen() == ["overage"]
