@@ -53,7 +53,8 @@ COMPILED_CACHE_SIZE = 20_000
 COMPILED_CACHE_BYTES = 32 << 20
 _COMPILED_ENTRY_OVERHEAD = 2048  # the Compiled, its Check, rules and tuples beyond the strings counted
 BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
-INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete_expired"})
+# Stripe subscription statuses that get 402 (PRODUCT.md §8); past_due is refused only after its grace.
+INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete", "incomplete_expired", "paused"})
 
 
 class Refusal(Exception):

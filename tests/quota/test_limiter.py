@@ -218,3 +218,22 @@ async def test_a_tenant_change_or_the_end_of_its_grace_takes_effect_with_the_nex
         await limiter.admit("fickle", None, "POST", DEPLOY)
     put_tenant(limiter, dataclasses.replace(base, plan="unlimited"))
     assert (await limiter.admit("fickle", None, "POST", DEPLOY)).compiled.plan == "unlimited"
+
+
+@pytest.mark.parametrize(("status", "served"), [
+    ("active", True), ("trialing", True), ("past_due", True), (None, True),
+    ("canceled", False), ("unpaid", False), ("incomplete", False), ("incomplete_expired", False), ("paused", False),
+])
+async def test_which_subscription_statuses_are_served(setup, status: str | None, served: bool) -> None:
+    """PRODUCT.md §8: trialing and active are served, past_due within its grace; the rest get 402."""
+    limiter, _, _, clock, _ = setup
+    put_tenant(limiter, TenantRecord(id="subscriber", plan="starter", status="active", subscription_status=status,
+                                     stripe_customer_id="cus_1", stripe_subscription_id="sub_1",
+                                     billing_anchor_day=None, overrides=(),
+                                     subscription_changed_at=datetime.fromtimestamp(clock.now, UTC)))
+    if served:
+        await limiter.admit("subscriber", None, "GET", "/api/chains")
+        return
+    with pytest.raises(Refusal) as refused:
+        await limiter.admit("subscriber", None, "GET", "/api/chains")
+    assert refused.value.kind == "subscription_inactive"
