@@ -549,9 +549,15 @@ def _server(s: _Section) -> ServerSettings:
 
 
 def _billing(s: _Section) -> BillingSettings:
+    bucket_seconds = s.integer("bucket_seconds", 300, minimum=1, maximum=86_400)
+    if 86_400 % bucket_seconds:
+        # Buckets start at multiples of their length: only a divisor of a day keeps every bucket inside
+        # one day, and so inside one billing period (periods start at midnight UTC).
+        raise ConfigError(f"{s.key('bucket_seconds')}: must divide 86400 (a bucket never crosses a day, so "
+                          f"never a period boundary), e.g. 60, 300, 900, 3600; got {bucket_seconds}")
     return BillingSettings(
         period=s.choice("period", "calendar_month", ("calendar_month",)),
-        bucket_seconds=s.integer("bucket_seconds", 300, minimum=1, maximum=86_400),
+        bucket_seconds=bucket_seconds,
         grace_seconds=s.integer("grace_seconds", 10, minimum=0, maximum=3600),
         stripe=s.mapping("stripe"),
         stripe_api_key=s.string("stripe_api_key", None, nullable=True),

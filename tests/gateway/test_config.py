@@ -61,6 +61,8 @@ def test_defaults_and_env_overrides(tmp_path: Path) -> None:
     ({"admin": {"tokens": "no-colon"}}, "GATEWAY_ADMIN_TOKENS[0]"),
     ({"plans": ["starter"]}, "plans"),
     ({"bogus": 1}, ".bogus: unknown key"),
+    ({"billing": {"bucket_seconds": 7000}}, "billing.bucket_seconds: must divide 86400"),
+    ({"billing": {"bucket_seconds": 86_401}}, "billing.bucket_seconds"),
 ])
 def test_errors_name_the_key(raw: dict, message: str) -> None:
     merged = {**KEYED, **raw}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quota.periods import bucket_start, period_bounds, seconds_until
 
@@ -189,3 +191,18 @@ def test_seconds_until_refuses_naive() -> None:
         seconds_until(datetime(2025, 2, 1), utc(2025, 1, 1))
     with pytest.raises(ValueError):
         seconds_until(utc(2025, 2, 1), datetime(2025, 1, 1))
+
+
+_DAY_DIVISORS = [d for d in range(1, 86_401) if 86_400 % d == 0]
+
+
+@given(ts=st.integers(min_value=946_684_800, max_value=4_102_444_800), size=st.sampled_from(_DAY_DIVISORS),
+       anchor=st.one_of(st.none(), st.integers(min_value=1, max_value=31)))
+@settings(max_examples=500, deadline=None)
+def test_a_bucket_never_crosses_a_period_boundary(ts: int, size: int, anchor: int | None) -> None:
+    """With a bucket length that divides a day (the config refuses others), a bucket's first and last
+    second lie in the same period, calendar month or anchor day: Stripe gets each unit in its own period."""
+    start = bucket_start(ts, size)
+    first = period_bounds(datetime.fromtimestamp(start, UTC), anchor)
+    last = period_bounds(datetime.fromtimestamp(start + size - 1, UTC), anchor)
+    assert first == last
