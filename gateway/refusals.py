@@ -15,7 +15,8 @@ from quota.usage_view import number, rfc3339
 
 
 def refusal_error(refusal: Refusal) -> GatewayError:
-    retry = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else None
+    retry = {"Retry-After": str(refusal.retry_after)} if refusal.retry_after is not None else {}
+    retry.update(refusal.headers)  # RateLimit-Policy and RateLimit on a 429
     if refusal.kind == "rate":
         return RateLimited(refusal.detail, headers=retry, tenant=refusal.tenant, retry_after=refusal.retry_after,
                            **{"violated-policies": ["burst"]})

@@ -62,7 +62,8 @@ class Refusal(Exception):
 
     def __init__(self, kind: str, detail: str, *, tenant: str, plan: str | None = None, meter: str | None = None,
                  limit: float | None = None, used: float | None = None, retry_after: int | None = None,
-                 resets_at: datetime | None = None, subscription_status: str | None = None) -> None:
+                 resets_at: datetime | None = None, subscription_status: str | None = None,
+                 headers: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(detail)
         self.kind = kind  # forbidden | subscription_inactive | rate | quota | unavailable
         self.detail = detail
@@ -74,6 +75,7 @@ class Refusal(Exception):
         self.retry_after = retry_after
         self.resets_at = resets_at
         self.subscription_status = subscription_status
+        self.headers = headers  # RateLimit-Policy and RateLimit (r=0 for the violated policy) of a 429
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,14 +328,16 @@ class Limiter:
         if decision.reason == "rate":
             self._metrics.rejected("rate", plan, "rate")
             return Refusal("rate", "the per-second rate limit is exceeded", tenant=tenant, plan=plan,
-                           limit=rate.burst if rate else None, retry_after=max(1, math.ceil(decision.retry_after)))
+                           limit=rate.burst if rate else None, retry_after=max(1, math.ceil(decision.retry_after)),
+                           headers=_refusal_headers(compiled, decision, now, "burst"))
         meter = decision.meter or ""
         quota = compiled.quotas.get(meter)
         self._metrics.rejected("quota" if decision.reason == "quota" else "guard", plan, meter)
         resets_at = datetime.fromtimestamp(compiled.period_end, UTC)
         return Refusal("quota", f"the {meter} quota of this period is used up", tenant=tenant, plan=plan,
                        meter=meter, limit=quota.limit if quota else None, used=decision.used.get(meter),
-                       retry_after=max(1, math.ceil(compiled.period_end - now)), resets_at=resets_at)
+                       retry_after=max(1, math.ceil(compiled.period_end - now)), resets_at=resets_at,
+                       headers=_refusal_headers(compiled, decision, now, meter))
 
     def _observe(self, compiled: Compiled, used: Mapping[str, float]) -> None:
         usage, alerts, tenant = self._metrics.usage, compiled.alerts, compiled.check.tenant
@@ -480,14 +484,25 @@ def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mappi
     return policy, tuple(limited), ", ".join(template)
 
 
-def _ratelimit_values(compiled: Compiled, decision: Decision, now: float) -> tuple[int | float, ...]:
-    """What is left of each policy, and when it is whole again: the values of the RateLimit template."""
+def _ratelimit_values(compiled: Compiled, decision: Decision, now: float,
+                      violated: str | None = None) -> tuple[int | float, ...]:
+    """What is left of each policy, and when it is whole again: the values of the RateLimit template.
+    The `violated` policy of a refusal ("burst" or a meter) shows 0 left."""
     reset = compiled.period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
     used = decision.used
     # The script keeps the rate's remaining within [0, burst]; %d truncates what is left of a quota.
-    values = [decision.rate_remaining or 0] if compiled.rate is not None else []
+    values = [0 if violated == "burst" else decision.rate_remaining or 0] if compiled.rate is not None else []
     for name, limit in compiled.limited:
-        left = limit - used.get(name, 0)
+        left = 0 if name == violated else limit - used.get(name, 0)
         values.append(left if left > 0 else 0)
         values.append(reset)
     return tuple(values)
+
+
+def _refusal_headers(compiled: Compiled, decision: Decision, now: float,
+                     violated: str) -> tuple[tuple[str, str], ...]:
+    """RateLimit-Policy and RateLimit of a 429 (PRODUCT.md §4), `r=0` for the violated policy."""
+    if compiled.policy is None:
+        return ()
+    values = _ratelimit_values(compiled, decision, now, violated)
+    return compiled.policy, ("RateLimit", compiled.ratelimit % values)

@@ -482,3 +482,27 @@ async def test_the_upstream_is_told_the_effective_plan(make_gateway: MakeGateway
         assert response.status in (200, 201), await response.text()
     assert await plan_seen(plan="trickle") == ["overage"]
     assert await plan_seen() == ["overage"]
+
+
+async def test_a_429_carries_ratelimit_headers_with_the_violated_policy_at_zero(
+        make_gateway: MakeGateway, session: aiohttp.ClientSession) -> None:
+    """PRODUCT.md §4: a 429 carries RateLimit-Policy and RateLimit, `r=0` for the violated policy."""
+    worker = await make_gateway()
+    for _ in range(2):
+        assert await post_deploy(session, url(worker, ""), "capped", plan="monthly") == 200
+    async with session.post(url(worker, DEPLOY), headers=bearer("capped", plan="monthly"), data=b"{}") as response:
+        assert response.status == 429
+        assert (await response.json())["type"].endswith("/quota-exceeded")
+        assert response.headers["RateLimit-Policy"].startswith('"burst";q=1000;w=1, "chain_deployments";q=2;w=')
+        burst, deployments = response.headers["RateLimit"].split(", ")
+        assert burst.startswith('"burst";r=') and burst != '"burst";r=0;t=1'
+        assert deployments.startswith('"chain_deployments";r=0;t=')
+        assert int(deployments.rsplit("=", 1)[1]) == int(response.headers["Retry-After"])
+
+    statuses = [await post_deploy(session, url(worker, ""), "hasty", plan="trickle") for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    async with session.get(url(worker, "/api/chains"), headers=bearer("hasty", plan="trickle")) as response:
+        assert response.status == 429
+        assert (await response.json())["type"].endswith("/rate-limited")
+        assert response.headers["RateLimit-Policy"] == '"burst";q=3;w=1'
+        assert response.headers["RateLimit"] == '"burst";r=0;t=1'
