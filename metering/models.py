@@ -98,6 +98,9 @@ class Tenant(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)
     # Time of the newest Stripe event applied, so an older event delivered late does not win.
     stripe_event_at: Mapped[datetime | None] = mapped_column()
+    # When the subscription became past due (kept across later events of the same spell): the grace
+    # of billing.stripe.past_due_grace_days counts from here.
+    past_due_since: Mapped[datetime | None] = mapped_column()
 
 
 class TenantOverride(Base):
@@ -167,6 +170,10 @@ class LedgerEntry(Base):
     next_attempt_at: Mapped[datetime | None] = mapped_column()
     sent_at: Mapped[datetime | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The first send to Stripe: past 23 hours, Stripe's summaries are checked before a resend.
+    first_attempt_at: Mapped[datetime | None] = mapped_column()
+    # Dry run: when the row was last shown as what would be sent (it stays unsent).
+    previewed_at: Mapped[datetime | None] = mapped_column()
 
 
 class AlertEvent(Base):

@@ -53,15 +53,15 @@ async def test_upgrade_twice_is_idempotent(db_url: str, engine: AsyncEngine) -> 
     await upgrade_async(db_url)
     await upgrade_async(db_url)
     assert await table_names(engine) == TABLES | {"alembic_version"}
-    assert await current_revision_async(db_url) == "0001"
+    assert await current_revision_async(db_url) == head_revision() == "0002"
 
 
 async def test_current_revision(db_url: str) -> None:
     assert await current_revision_async(db_url) is None
     await upgrade_async(db_url)
-    assert await current_revision_async(db_url) == "0001" == head_revision()
+    assert await current_revision_async(db_url) == "0002" == head_revision()
     # The sync helper needs a thread without a running loop.
-    assert await asyncio.to_thread(current_revision, db_url) == "0001"
+    assert await asyncio.to_thread(current_revision, db_url) == "0002"
 
 
 async def test_sync_upgrade_from_thread_without_loop(db_url: str, engine: AsyncEngine) -> None:
@@ -210,3 +210,21 @@ async def test_sqlite_pragmas(tmp_path: Path) -> None:
         await engine.dispose()
     assert pragmas == {"journal_mode": "wal", "busy_timeout": 5000, "foreign_keys": 1}
     assert (tmp_path / "nested" / "dir" / "gw.db").exists()
+
+
+async def test_upgrade_from_the_first_revision_keeps_the_rows(db_url: str, engine: AsyncEngine) -> None:
+    """A database at 0001 with rows in it upgrades to head; the new columns start empty."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import text
+
+    await upgrade_async(db_url, "0001")
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO tenants (id, plan, status, created_at, updated_at) "
+                                      "VALUES ('kept', 'starter', 'active', :t, :t)"),
+                                 {"t": datetime(2026, 12, 1, tzinfo=UTC)})
+    await upgrade_async(db_url)
+    async with engine.connect() as connection:
+        row = (await connection.execute(text("SELECT id, past_due_since FROM tenants"))).one()
+    assert tuple(row) == ("kept", None)
+    assert await current_revision_async(db_url) == head_revision()
