@@ -44,7 +44,14 @@ from gateway.headers import (
 from gateway.metrics import RequestMetrics
 from gateway.own import OwnEndpoints
 from gateway.refusals import refusal_error
-from gateway.upstream import UpstreamError, UpstreamPool, UpstreamPoolBusy, UpstreamResponse, UpstreamTimeout
+from gateway.upstream import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamPoolBusy,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from gateway.websocket import WebSocketRelay, is_websocket_upgrade
 from gateway.wire import SmallResponse, UnsafeHeader
 from metering.paths import UnsafePath
@@ -82,6 +89,9 @@ class Outcome:
     request_bytes: int = 0
     response_bytes: int = 0
     usage_report: str | None = None
+    # The whole request went to the upstream (or is going, in one write): from here on the upstream may
+    # act on it. Until then a request that fails or is abandoned gives all its units back (PRODUCT.md §5).
+    delivered: bool = False
 
 
 class ProxyHandler:
@@ -138,6 +148,9 @@ class ProxyHandler:
         if admission is not None and self._limiter is not None:
             outcome.admission = None
             try:
+                if not outcome.delivered:  # client gone, body timeout, upstream unreachable or busy
+                    self._limiter.abandon(admission)
+                    return
                 self._limiter.complete(admission, status, outcome.request_bytes, outcome.response_bytes,
                                        outcome.usage_report)
             except Exception:  # the answer stands; what could not be recorded is in the log
@@ -177,6 +190,7 @@ class ProxyHandler:
         )
         if is_websocket_upgrade(request):
             outcome.route = "websocket"
+            outcome.delivered = True  # the upstream is dialled and sent the upgrade first
             return await self._websockets.relay(request, target, headers, rid)
         return await self._forward(request, target, headers, rid, outcome)
 
@@ -205,12 +219,18 @@ class ProxyHandler:
             headers = [header for header in headers if header[0].lower() != "expect"]
         try:
             body, length = await _request_body(request, outcome, self._settings.listen.body_timeout)
+            if body is None or isinstance(body, bytes):
+                outcome.delivered = True  # at hand whole, written in one call; a stream sets it at its end
             sent = self._loop.time()
             upstream = await self._pool.request(request.method, target, headers, body, content_length=length)
         except BodyTimeout:
             return self._body_timed_out(request, outcome, rid)
         except UpstreamPoolBusy:
+            outcome.delivered = False
             raise UpstreamBusy("no upstream connection was free in time") from None
+        except UpstreamConnectError:
+            outcome.delivered = False
+            raise BadGateway("the upstream could not be reached") from None
         except UpstreamTimeout:
             raise GatewayTimeout("the upstream did not answer in time") from None
         except UpstreamError:
@@ -224,7 +244,7 @@ class ProxyHandler:
     def _body_timed_out(self, request: web.BaseRequest, outcome: Outcome, rid: str) -> web.StreamResponse:
         """408, then the connection closed; the upstream got no whole request, so the units are given back."""
         outcome.error = "body-timeout"
-        self._complete(outcome, _GIVE_BACK)
+        self._complete(outcome, 408)  # not delivered: every unit is given back
         problem = problem_response(RequestTimeout("the request body stalled for longer than body_timeout"),
                                    self._type_base, rid)
         response = _FinalResponse(request.protocol, status=problem.status, body=problem.body,
@@ -330,9 +350,6 @@ class _FinalResponse(web.Response):
         self._handler.force_close()  # the transport flushes the response, then closes
 
 
-# `Limiter.complete()` gives a request's units back for a status from 500 on: what a request that
-# never reached the upstream whole is completed with (as the 503 of upstream-busy is).
-_GIVE_BACK = 503
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -366,6 +383,7 @@ async def _counted(content: StreamReader, outcome: Outcome, gap: float) -> Async
     while chunk := await _next_chunk(content, gap):
         outcome.request_bytes += len(chunk)
         yield chunk
+    outcome.delivered = True  # the whole body is handed to the upstream connection
 
 
 async def _next_chunk(content: StreamReader, gap: float) -> bytes:

@@ -318,6 +318,12 @@ class Limiter:
         if outcome.allowed:
             self._refund_all(admission)
 
+    def abandon(self, admission: Admission) -> None:
+        """The request never reached the upstream whole (client gone, body timeout, upstream unreachable or
+        busy): every unit it counted is given back and nothing is billed, whatever the meters bill for
+        server errors (PRODUCT.md §5). The rate limit keeps it: it was admitted."""
+        self._refund_all(admission)
+
     def _refund_all(self, admission: Admission) -> None:
         refund = tuple((m.name, 1) for m in admission.compiled.counted)
         if refund:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import socket
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -202,3 +203,63 @@ async def test_expect_admitted_gets_100_continue_then_the_body_streams_on(setup:
         assert echoed["body_size"] == length
         assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
         assert not [k for k, _ in echoed["headers"] if k.lower() == "expect"]  # handled here, not forwarded
+
+
+# ------------------------------------------------------------------------------ abandoned requests
+
+ABANDONED_PLANS: dict[str, Any] = {
+    "two": {"rate": {"per_second": 1000, "burst": 1000}, "quotas": {"chain_deployments": {"limit": 2}}}}
+
+
+async def test_clients_gone_before_the_upstream_got_the_request_keep_nothing(setup: Setup) -> None:
+    """PRODUCT.md §5: a request that fails before the upstream received it gives its units back. Three
+    clients send half a deployment body (sized and chunked) and leave; the quota of 1 still serves 1."""
+    tenant = "halfway"
+    token = bearer(tenant, plan="single")["Authorization"]
+    heads = [f"Content-Length: 5000\r\n\r\n{'x' * 100}",  # a body read whole (small), cut short
+             f"Content-Length: 200000\r\n\r\n{'x' * 100}",  # a streamed body, cut short
+             "Transfer-Encoding: chunked\r\n\r\n64\r\n" + "x" * 100 + "\r\n"]  # chunked, no last chunk
+    for rest in heads:
+        _, writer = await asyncio.open_connection("127.0.0.1", setup.port)
+        writer.write(f"POST {DEPLOY} HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n{rest}".encode())
+        await writer.drain()
+        await asyncio.sleep(0.2)  # admitted and counted, body on its way
+        writer.close()
+    async with aiohttp.ClientSession() as session:
+        await eventually_used(session, setup, tenant, 0, plan="single")
+        async with session.post(setup.gateway.url + DEPLOY, headers=bearer(tenant, plan="single"),
+                                data=b"{}") as response:
+            assert response.status == 200, await response.text()
+        await eventually_used(session, setup, tenant, 1, plan="single")
+
+
+async def test_an_unreachable_upstream_bills_nothing_whatever_the_meter_says(
+        redis_server: RedisProcess, tmp_path: Path) -> None:
+    """Upstream unreachable → 502, and the units come back even for a meter that bills server errors:
+    the upstream never got the request."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there
+    meters = {"api_calls": {"match": {"path": "/api/**"}, "stripe_event": "api_calls"},
+              "chain_deployments": {"match": {"method": "POST", "path": "/api/chains/*/deployments"},
+                                    "stripe_event": "chain_deployments", "bill_server_errors": True},
+              "chains": {"source": "reported", "kind": "gauge"},
+              "storage_gb": {"source": "reported", "kind": "gauge"}}
+    config = config_dict(f"http://127.0.0.1:{port}", redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
+                         plans=ABANDONED_PLANS, meters=meters, default_plan="two")
+    gateway = GatewayProcess(config, tmp_path).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.post(gateway.url + DEPLOY, headers=bearer("nowhere"), data=b"{}") as response:
+                    assert response.status == 502, await response.text()
+            for _ in range(100):
+                async with session.get(gateway.url + "/_gateway/usage", headers=bearer("nowhere")) as response:
+                    meters_used = (await response.json())["meters"]
+                if meters_used["chain_deployments"]["used"] == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert meters_used["chain_deployments"]["used"] == 0, meters_used
+    finally:
+        gateway.stop()
