@@ -437,6 +437,9 @@ class RedisUsageStore:
         self._flush_handle: asyncio.Handle | None = None  # the scheduled _start_flush
         self._sent_at = 0.0  # loop time the newest pipeline was sent
         self._pending_records: dict[RecordKey, _RecordGroup] = {}
+        # Replies of timed-out batches still awaited (LATE_REPLY_SECONDS at most): what they decide (count,
+        # spool, give back) must happen before a shutdown closes the spool.
+        self._late: set[asyncio.Future[list[Any]]] = set()
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
         # The loop the store is first used in, and stays in (as a redis-py client does). Kept because
         # asyncio.get_running_loop() makes a getpid() system call each time on Linux (Python 3.11).
@@ -656,11 +659,14 @@ class RedisUsageStore:
             await self._load()
 
     async def flush(self) -> None:
-        """Send what is pending and wait for the pipelines in flight."""
-        while self._flushes or self._pending or self._pending_records:
-            if not self._flushes:
+        """Send what is pending, wait for the pipelines in flight and for the late replies of timed-out
+        ones (each resolves within LATE_REPLY_SECONDS), until nothing is left: what late replies decide
+        may add records, which are sent too."""
+        while self._flushes or self._pending or self._pending_records or self._late:
+            if not self._flushes and (self._pending or self._pending_records):
                 self._start_flush()
-            await asyncio.gather(*self._flushes, return_exceptions=True)
+            await asyncio.gather(*self._flushes, *self._late, return_exceptions=True)
+            await asyncio.sleep(0)  # the late replies' callbacks run, and may record more
 
     async def aclose(self) -> None:
         """`flush()`, then close this store's own connection; the client belongs to the caller."""
@@ -854,6 +860,8 @@ class RedisUsageStore:
             self._running_loop().call_later(LATE_REPLY_SECONDS, self._resp.give_up, late)
         calls = _calls(batch)
         outcomes = [self._running_loop().create_future() for _ in calls]
+        self._late.add(late)
+        late.add_done_callback(self._late.discard)
         late.add_done_callback(lambda done: _resolve_late(calls, _late_replies(done, batch), outcomes))
         for call, applied in zip(calls, outcomes, strict=True):
             _fail(call, StoreUnavailable(str(exc), applied=applied))

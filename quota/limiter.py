@@ -52,6 +52,8 @@ log = logging.getLogger("cosmos_gateway.limiter")
 COMPILED_CACHE_SIZE = 20_000
 COMPILED_CACHE_BYTES = 32 << 20
 _COMPILED_ENTRY_OVERHEAD = 2048  # the Compiled, its Check, rules and tuples beyond the strings counted
+# A shutdown waits this long at most for the store: a late reply is awaited LATE_REPLY_SECONDS (5 s).
+DRAIN_SECONDS = 8.0
 BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
 # Stripe subscription statuses that get 402 (PRODUCT.md §8); past_due is refused only after its grace.
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete", "incomplete_expired", "paused"})
@@ -436,9 +438,10 @@ class Limiter:
         return Record(*self._where(compiled), **parts)
 
     async def drain(self) -> None:
-        """Wait for records in flight (shutdown, tests)."""
+        """Wait for records in flight and for the late replies of timed-out checks, and for what those
+        decide (records, spool entries), so that a shutdown closes the spool after them (shutdown, tests)."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._store.flush(), timeout=5)
+            await asyncio.wait_for(self._store.flush(), timeout=DRAIN_SECONDS)
 
     async def usage(self, tenant: str, record: TenantRecord | None, meters: Sequence[str]) -> dict[str, float]:
         start, _ = self.period(record.billing_anchor_day if record else None, self._clock())

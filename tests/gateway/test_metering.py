@@ -14,13 +14,15 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Worker
 from gateway.devservices import RedisProcess
 from quota.alerts import verify_signature
-from tests.support import GatewayProcess, Upstream, bearer, config_dict, settings_for
+from tests.faultproxy import FaultProxy
+from tests.support import BUSY_SCRIPT, GatewayProcess, Upstream, bearer, config_dict, settings_for
 
 ADMIN = {"Authorization": "Bearer ops-token-0123456789"}
 PLANS: dict[str, Any] = {
@@ -506,3 +508,98 @@ async def test_a_429_carries_ratelimit_headers_with_the_violated_policy_at_zero(
         assert (await response.json())["type"].endswith("/rate-limited")
         assert response.headers["RateLimit-Policy"] == '"burst";q=3;w=1'
         assert response.headers["RateLimit"] == '"burst";r=0;t=1'
+
+
+async def test_sigterm_while_redis_stalls_loses_nothing(upstream: Upstream, redis_server: RedisProcess,
+                                                        tmp_path: Path) -> None:
+    """PRODUCT.md §5: SIGTERM loses nothing. Under load, Redis stalls past the check timeout (checks wait
+    for late replies, byte counts wait in the store) and the gateway gets SIGTERM meanwhile: every request
+    a client got is counted once, and every byte it got is billed, after the late replies and the spool."""
+    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
+                         **overrides(plans={"starter": {"rate": {"per_second": 100000, "burst": 100000}}}))
+    victim = GatewayProcess(config, tmp_path).start()
+    ok = received = 0
+    stop = asyncio.Event()
+
+    async def client(session: aiohttp.ClientSession, i: int) -> None:
+        nonlocal ok, received
+        n = 0
+        while not stop.is_set():
+            n += 1
+            try:
+                async with session.get(f"{victim.url}/api/load/{i}/{n}", headers=bearer("drained")) as response:
+                    body = await response.read()
+            except (TimeoutError, aiohttp.ClientError):
+                return
+            if response.status == 200:
+                ok += 1
+                received += len(body)
+
+    stall = redis.asyncio.Redis.from_url(redis_server.url)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+            clients = [asyncio.ensure_future(client(session, i)) for i in range(16)]
+            await asyncio.sleep(0.5)
+            # Redis busy for 3 s: checks time out after 50 ms and their late replies come after the stall,
+            # long after the last request was answered.
+            stalled = asyncio.ensure_future(stall.eval(BUSY_SCRIPT, 0, 3_000_000))
+            await asyncio.sleep(0.3)
+            assert victim.process is not None
+            victim.process.send_signal(signal.SIGTERM)
+            stop.set()
+            await asyncio.gather(*clients)
+            await stalled
+        assert victim.terminate(timeout=30) == 0
+    finally:
+        await stall.aclose()
+        victim.stop()
+    survivor = GatewayProcess(config, tmp_path).start()  # replays what the first one spooled
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 10
+            while True:
+                async with session.get(survivor.url + "/_gateway/usage", headers=bearer("drained")) as response:
+                    meters = (await response.json())["meters"]
+                if (meters["api_calls"]["used"], meters["bandwidth_bytes"]["used"]) == (ok, received):
+                    break
+                assert time.monotonic() < deadline, (meters["api_calls"], meters["bandwidth_bytes"], ok, received)
+                await asyncio.sleep(0.2)
+    finally:
+        survivor.terminate()
+    assert ok > 50
+
+
+async def test_sigterm_spools_checks_whose_replies_never_came(upstream: Upstream, redis_server: RedisProcess,
+                                                              tmp_path: Path) -> None:
+    """SIGTERM waits for the outcome of checks that timed out (their late replies, LATE_REPLY_SECONDS at
+    most) and spools those Redis never ran, before the spool closes: every request served is counted."""
+    proxy = await FaultProxy(redis_server.port).start()
+    database = f"sqlite+aiosqlite:///{tmp_path}/gw.db"
+    plans = {"starter": {"rate": {"per_second": 100000, "burst": 100000}}}
+    victim = GatewayProcess(config_dict(upstream.url, proxy.url, database, **overrides(plans=plans)), tmp_path).start()
+    served = 0
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(5):
+                served += await post_deploy(session, victim.url, "blackholed") == 200
+            proxy.blackhole = True  # Redis never sees what the gateway sends from now on
+            statuses = await asyncio.gather(*(post_deploy(session, victim.url, "blackholed") for _ in range(20)))
+            assert statuses == [200] * 20  # fail_open: served, their checks timed out unanswered
+            served += 20
+            assert victim.process is not None
+            victim.process.send_signal(signal.SIGTERM)
+            assert victim.terminate(timeout=30) == 0
+    finally:
+        victim.stop()
+        await proxy.close()
+    survivor = GatewayProcess(config_dict(upstream.url, redis_server.url, database, **overrides(plans=plans)),
+                              tmp_path).start()  # replays what the first one spooled
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 10
+            while (used := (await usage(session, survivor, "blackholed"))["meters"]["chain_deployments"]["used"]) \
+                    != served:
+                assert time.monotonic() < deadline, (used, served)
+                await asyncio.sleep(0.2)
+    finally:
+        survivor.terminate()
