@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -34,6 +35,12 @@ from metering.resp import RespConnection
 log = logging.getLogger("cosmos_gateway.redis_store")
 PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (late records, usage view)
 RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week is applied once
+# Records sent from the request path carry an id too, marked for this long: when a batch's reply is lost
+# (a dropped connection, a timeout without a late reply) the record is spooled, and its replay is skipped
+# if Redis had applied it after all. Replay starts within seconds of Redis answering again; only an outage
+# longer than this after a lost reply leaves a window for counting that record twice. Short, because the
+# hot path writes one marker per tenant and pipeline.
+LIVE_RECORD_MARKER_TTL = 900
 SEEN_EVERY = 60.0  # seconds between two writes of one tenant to the tenant index, per process
 # A tenant that sent no traffic for this long leaves the index (its usage keys are gone by then: two
 # periods and PERIOD_KEY_GRACE), and the index never holds more than SEEN_MAX tenants (the least
@@ -274,12 +281,12 @@ class _RecordGroup:
                 totals[meter] = totals.get(meter, 0) + int(n)
         self.gauges.update(record.gauges)
 
-    def record(self) -> Record:
+    def record(self, record_id: str | None = None) -> Record:
         tenant, period_start, period_end, bucket_start, bucket_ttl = self.key
         return Record(tenant, period_start, period_end, bucket_start, bucket_ttl,
                       refund=tuple(self.refund.items()), add=tuple(self.add.items()),
                       gauges=tuple(self.gauges.items()), count=tuple(self.count.items()),
-                      bill=tuple(self.bill.items()))
+                      bill=tuple(self.bill.items()), record_id=record_id)
 
 
 def _reply_error(reply: hiredis.ReplyError) -> ResponseError:
@@ -440,6 +447,9 @@ class RedisUsageStore:
         # Replies of timed-out batches still awaited (LATE_REPLY_SECONDS at most): what they decide (count,
         # spool, give back) must happen before a shutdown closes the spool.
         self._late: set[asyncio.Future[list[Any]]] = set()
+        # Ids of the request path's merged records: unique per process (a random prefix) and cheap (a count).
+        self._id_prefix = f"l{uuid.uuid4().hex[:12]}-"
+        self._record_ids = 0
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
         # The loop the store is first used in, and stays in (as a redis-py client does). Kept because
         # asyncio.get_running_loop() makes a getpid() system call each time on Linux (Python 3.11).
@@ -553,7 +563,7 @@ class RedisUsageStore:
             callbacks.append(on_failure)
         return group
 
-    def _record_call(self, record: Record, *, awaited: bool = True) -> _Call:
+    def _record_call(self, record: Record, *, awaited: bool = True, marker_ttl: int = RECORD_MARKER_TTL) -> _Call:
         tenant, period = record.tenant, record.period_start
         bucket = keys.bucket_key(tenant, record.bucket_start)
         # Without an id the marker slot still needs a key of the tenant's slot; it is never touched.
@@ -564,7 +574,7 @@ class RedisUsageStore:
         key_list += [keys.gauge_key(tenant, m) for m, _ in record.gauges]
         args: list[Any] = [
             record.period_end + PERIOD_KEY_GRACE, record.bucket_ttl,
-            RECORD_MARKER_TTL if record.record_id else 0,
+            marker_ttl if record.record_id else 0,
             len(record.refund), len(record.add), len(record.count), len(record.bill), len(record.gauges),
         ]
         for section in (record.refund, record.add, record.count, record.bill):
@@ -800,10 +810,11 @@ class RedisUsageStore:
     def _record_groups(self) -> list[_Call]:
         calls = []
         for group in self._pending_records.values():
-            merged = group.record()
+            self._record_ids += 1
+            merged = group.record(f"{self._id_prefix}{self._record_ids:x}")
             if merged.is_empty():
                 continue
-            call = self._record_call(merged, awaited=False)
+            call = self._record_call(merged, awaited=False, marker_ttl=LIVE_RECORD_MARKER_TTL)
             callbacks = group.on_failure
             call.on_failure = lambda error, merged=merged, callbacks=callbacks: [  # type: ignore[misc]
                 callback(merged, error) for callback in callbacks]

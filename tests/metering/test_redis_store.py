@@ -25,6 +25,7 @@ from metering.redis_store import (
     RedisUsageStore,
     StoreUnavailable,
 )
+from tests.faultproxy import FaultProxy
 from tests.metering.redis_cluster import RedisClusterProcess
 from tests.support import BUSY_SCRIPT
 
@@ -556,3 +557,39 @@ async def test_a_cancelled_store_call_always_ends_cancelled(redis_server: RedisP
     finally:
         await store.aclose()
         await client.aclose()
+
+
+async def test_a_record_whose_reply_was_lost_is_not_counted_twice_by_its_replay(
+        redis_server: RedisProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte counts go out without waiting; when their reply is lost (Redis ran the script, the answer never
+    came) the record is handed to the spool as failed. Its replay carries the same id, so Redis applies it
+    once (PRODUCT.md §5: no unit counted twice)."""
+    monkeypatch.setattr("metering.redis_store.LATE_REPLY_SECONDS", 0.3)  # give up on the late reply sooner
+    proxy = await FaultProxy(redis_server.port).start()
+    faulty = Redis.from_url(proxy.url, socket_timeout=0.5)
+    direct = Redis.from_url(redis_server.url)
+    store = RedisUsageStore(faulty, timeout=0.2)
+    replayer = RedisUsageStore(direct, timeout=2.0)
+    t = tenant()
+    failed: list[tuple[Record, StoreUnavailable]] = []
+    try:
+        await store.record(make_record(t, add=(("bandwidth_bytes", 1),)))  # connected, scripts loaded
+        proxy.drop_replies = True
+        store.add_later((t, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL), [("bandwidth_bytes", 100)],
+                        lambda record, error: failed.append((record, error)))
+        deadline = time.monotonic() + 5
+        while not failed or (failed[0][1].applied is not None and not failed[0][1].applied.done()):
+            assert time.monotonic() < deadline, "the lost reply was never given up on"
+            await asyncio.sleep(0.05)
+        record, error = failed[0]
+        assert error.applied is None or error.applied.result() is False  # as far as the store knows: not applied
+        assert record.record_id is not None
+        # Redis did run it: the spool's replay (same id) must be a no-op.
+        assert await replayer.record(record) is False
+        assert await replayer.usage(t, PERIOD_START, ["bandwidth_bytes"]) == {"bandwidth_bytes": 101.0}
+    finally:
+        await store.aclose()
+        await replayer.aclose()
+        await faulty.aclose()
+        await direct.aclose()
+        await proxy.close()
