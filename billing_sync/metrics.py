@@ -6,6 +6,10 @@
     billing_sync_parked_buckets                      ledger rows waiting for an operator
     billing_sync_lag_seconds                         age of the oldest pending bucket (0 when none)
     billing_sync_last_success_timestamp_seconds      end of the last pass that left nothing to retry
+    billing_sync_webhook_refused_total{reason}       subscription webhooks not applied (tenant bound to another
+                                                     customer, no tenant, ...), per bounded reason
+    billing_sync_meter_error_parked_total            ledger rows parked by Stripe's asynchronous rejections (v2 stream)
+    billing_sync_meter_error_unattributed_total      rejected events Stripe counted but named no bucket of
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ FAILURE_REASONS = frozenset({
     "network", "timeout", "rate_limited", "conflict", "server_error", "auth", "session_expired", "other",
     # parked
     "no_customer", "too_old", "customer_not_found", "in_future", "no_meter", "invalid_value", "unknown_meter",
-    "rejected",
+    "rejected", "refund_not_netted", "summary_mismatch",
     # the pass itself
     "store",
 })
@@ -30,6 +34,14 @@ PENDING = Gauge("billing_sync_pending_buckets", "Ledger rows waiting to be sent 
                 multiprocess_mode="mostrecent")
 PARKED = Gauge("billing_sync_parked_buckets", "Ledger rows parked for an operator", multiprocess_mode="mostrecent")
 LAG = Gauge("billing_sync_lag_seconds", "Age of the oldest pending bucket", multiprocess_mode="mostrecent")
+WEBHOOK_REFUSED_REASONS = frozenset({
+    "bound_to_other_customer", "no_tenant", "invalid_tenant_id", "customer_shared_by_tenants"})
+WEBHOOK_REFUSED = Counter("billing_sync_webhook_refused_total",
+                          "Stripe subscription webhooks acknowledged but not applied", ["reason"])
+METER_ERROR_PARKED = Counter("billing_sync_meter_error_parked_total",
+                             "Ledger rows parked because Stripe rejected their meter events after accepting them")
+METER_ERROR_UNATTRIBUTED = Counter("billing_sync_meter_error_unattributed_total",
+                                   "Meter events Stripe reported rejected without naming them or their meter")
 LAST_SUCCESS = Gauge("billing_sync_last_success_timestamp_seconds",
                      "End of the last sync pass that left nothing to retry", multiprocess_mode="mostrecent")
 
@@ -44,6 +56,10 @@ class SyncMetrics:
     @staticmethod
     def failed(reason: str | None, count: int = 1) -> None:
         FAILURES.labels(reason if reason in FAILURE_REASONS else "other").inc(count)
+
+    @staticmethod
+    def webhook_refused(reason: str) -> None:
+        WEBHOOK_REFUSED.labels(reason if reason in WEBHOOK_REFUSED_REASONS else "other").inc()
 
     @staticmethod
     def state(*, pending: int, parked: int, lag_seconds: float) -> None:

@@ -20,9 +20,10 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from billing_sync.webhooks import store_unavailable
 from gateway.admin_auth import AdminAuth
 from gateway.admin_input import (
     Errors,
@@ -73,7 +74,6 @@ class UsageReader(Protocol):
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-_STORE_ERRORS = (OSError, TimeoutError, OperationalError, InterfaceError)
 
 
 def add_admin_api(app: web.Application, **dependencies: Any) -> web.Application:
@@ -123,14 +123,16 @@ def _problems(auth: AdminAuth, type_base: str) -> Callable[..., Awaitable[web.St
             response = problem_response(error, type_base)
         except web.HTTPRequestEntityTooLarge:
             response = problem_response(PayloadTooLarge("the request body is too large"), type_base)
-        except _STORE_ERRORS:
-            log.exception("admin API: the SQL store failed")
-            response = problem_response(DatabaseUnavailable("the SQL store is unavailable"), type_base)
         except web.HTTPException:
             raise
-        except Exception:
-            log.exception("admin API: unexpected error on %s %s", request.method, request.path)
-            response = problem_response(GatewayError("the request could not be completed"), type_base)
+        except Exception as exc:
+            if store_unavailable(exc):  # down or restarting (PostgreSQL's errors included): try again later
+                log.warning("admin API: the SQL store is unavailable: %r", exc)
+                error = DatabaseUnavailable("the SQL store is unavailable", headers={"Retry-After": "1"})
+            else:
+                log.exception("admin API: unexpected error on %s %s", request.method, request.path)
+                error = GatewayError("the request could not be completed")
+            response = problem_response(error, type_base)
         response.headers["X-Request-Id"] = rid
         return response
 

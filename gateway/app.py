@@ -19,6 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from billing_sync.meter_errors import StripeEventFetcher
 from billing_sync.webhooks import StripeWebhooks
 from billing_sync.worker import SyncWorker, build_worker
 from gateway.accesslog import AccessLog
@@ -103,6 +104,7 @@ class Worker:
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._replayer: asyncio.Task[None] | None = None
+        self._event_fetcher: StripeEventFetcher | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -125,10 +127,19 @@ class Worker:
         await self._warm_up_redis()
         await self.alerts.start()
         self._replayer = asyncio.create_task(self._replay_spool())
+        stripe = self.policy.stripe
+        # Thin v2 events (the v2 meter event stream's error reports) carry no data: it is read from Stripe.
+        self._event_fetcher = (StripeEventFetcher(stripe.api_key, api_base=stripe.api_base)
+                               if stripe.api_key else None)
+        meters_by_event: dict[str, list[str]] = {}
+        for meter in self.policy.meters:
+            if meter.stripe_event is not None:
+                meters_by_event.setdefault(meter.stripe_event, []).append(meter.name)
         webhooks = StripeWebhooks(
             secret=settings.billing.stripe_webhook_secret, sessions=self.sessions, directory=self.directory,
-            plans_by_lookup_key=self.policy.stripe.plans_by_lookup_key, known_plans=self.policy.plans,
-            clock=self.clock, problem_type_base=settings.server.problem_type_base)
+            plans_by_lookup_key=stripe.plans_by_lookup_key, known_plans=self.policy.plans,
+            clock=self.clock, problem_type_base=settings.server.problem_type_base,
+            event_fetcher=self._event_fetcher, meters_by_event_name=meters_by_event)
         own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
                            meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts,
                            stripe_webhook=webhooks.handle, clock=self.clock)
@@ -242,6 +253,8 @@ class Worker:
         await self.websockets.close()
         await self.pool.close()
         await self.authenticator.close()
+        if self._event_fetcher is not None:
+            await self._event_fetcher.aclose()
         await self.store.aclose()
         await self.redis.aclose()
         if self._pubsub is not None:

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 from redis.exceptions import RedisError
-from sqlalchemy.exc import InterfaceError, OperationalError
 
+from billing_sync.webhooks import store_unavailable
 from gateway.auth import Identity
 from gateway.errors import DatabaseUnavailable, LimiterUnavailable, NotFound
 from metering.meters import Meter
@@ -30,7 +30,6 @@ from quota.usage_view import tenant_view
 log = logging.getLogger("cosmos_gateway.own")
 Authenticate = Callable[[web.BaseRequest], Awaitable[Identity]]
 RETRY_AFTER = "1"
-_SQL_ERRORS = (OSError, TimeoutError, OperationalError, InterfaceError)
 WebhookHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
@@ -73,7 +72,9 @@ class OwnEndpoints:
             start, _ = self._limiter.period(record.billing_anchor_day if record else None, now)
             try:
                 view["alerts"] = await self._alerts.alerts_for(tenant, datetime.fromtimestamp(start, UTC))
-            except _SQL_ERRORS as exc:
+            except Exception as exc:
+                if not store_unavailable(exc):  # PostgreSQL restarting included; anything else is a bug
+                    raise
                 log.warning("usage of %s: the SQL store failed (%r)", tenant, exc)
                 raise DatabaseUnavailable("the SQL store is unavailable; try again shortly",
                                           headers={"Retry-After": RETRY_AFTER}) from None

@@ -40,7 +40,9 @@ class TenantRecord:
     billing_anchor_day: int | None
     overrides: tuple[Override, ...]
     updated_at: datetime | None = None
-    subscription_changed_at: datetime | None = None
+    subscription_changed_at: datetime | None = None  # the newest Stripe event applied
+    # When the subscription became past due (None unless past due): the grace counts from here.
+    past_due_since: datetime | None = None
 
 
 def to_record(tenant: Tenant, overrides: list[TenantOverride]) -> TenantRecord:
@@ -55,6 +57,7 @@ def to_record(tenant: Tenant, overrides: list[TenantOverride]) -> TenantRecord:
         ),
         updated_at=tenant.updated_at,  # aware UTC: models.UTCDateTime
         subscription_changed_at=tenant.stripe_event_at,
+        past_due_since=tenant.past_due_since,
     )
 
 

@@ -5,6 +5,7 @@ Payloads are signed with stripe's own test helper, the way Stripe signs them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -455,3 +456,348 @@ async def test_signed_event_created_out_of_range_is_400(hooks: Hooks, created: s
     result = await hooks.post(body)
     problem = await _assert_problem(hooks, result, 400, "invalid-request")
     assert problem["errors"][0]["field"] == "created"
+
+
+# --------------------------------------------------------------------------- past-due grace (PRODUCT.md §8)
+
+DAY = 86_400
+
+
+async def test_past_due_since_is_the_first_past_due_event_and_kept_across_later_ones(hooks: Hooks) -> None:
+    became = int(NOW) - 6 * DAY
+    await hooks.send(event("created", status="active", created=became - DAY))
+    await hooks.send(event(status="past_due", created=became))
+    # Stripe keeps sending events while it retries the payment: none of them restarts the grace.
+    await hooks.send(event(status="past_due", lookup_key="enterprise_yearly", created=became + 3 * DAY))
+    await hooks.send(event(status="past_due", created=became + 5 * DAY))
+    row = await hooks.tenant("acme")
+    assert row is not None and row.past_due_since == datetime.fromtimestamp(became, UTC)
+    record = hooks.directory.get("acme")
+    assert record is not None and record.past_due_since == datetime.fromtimestamp(became, UTC)
+    # Paid: the spell ends; a later one starts its own grace.
+    await hooks.send(event(status="active", created=became + 6 * DAY))
+    assert (await hooks.tenant("acme")).past_due_since is None  # type: ignore[union-attr]
+    await hooks.send(event(status="past_due", created=became + 6 * DAY + 60))
+    assert (await hooks.tenant("acme")).past_due_since == datetime.fromtimestamp(  # type: ignore[union-attr]
+        became + 6 * DAY + 60, UTC)
+
+
+async def test_past_due_grace_runs_out_from_when_it_became_past_due(hooks: Hooks, redis_server: Any,
+                                                                     tmp_path: Any) -> None:
+    from redis.asyncio import Redis
+
+    from gateway.config import parse_settings
+    from gateway.policy import build_policy
+    from metering.redis_store import RedisUsageStore
+    from metering.spool import Spool
+    from quota.limiter import Limiter, LimiterSettings, Refusal
+    from quota.metrics import QuotaMetrics
+
+    became = int(NOW) - 8 * DAY  # the grace is 7 days
+    await hooks.send(event("created", status="active", created=became - DAY))
+    await hooks.send(event(status="past_due", created=became))
+    await hooks.send(event(status="past_due", created=int(NOW) - DAY))  # a failed retry, yesterday
+    policy = build_policy(parse_settings({"auth": {"algorithms": ["HS256"], "hs256_secret": "x" * 40}}))
+    client = Redis.from_url(redis_server.url)
+    store = RedisUsageStore(client, timeout=0.5)
+    spool = Spool(tmp_path / "spool.jsonl")
+    limiter = Limiter(store, policy.matcher, policy.plans, hooks.directory, spool,
+                      QuotaMetrics(policy.plans, [m.name for m in policy.meters]),
+                      LimiterSettings(default_plan="starter", bucket_seconds=300, fail_open=True, grace_seconds=10,
+                                      past_due_grace_seconds=7 * DAY),
+                      clock=lambda: NOW)
+    try:
+        with pytest.raises(Refusal) as refused:
+            await limiter.admit("acme", None, "GET", "/api/chains")
+        assert refused.value.kind == "subscription_inactive"
+    finally:
+        await limiter.drain()
+        await store.aclose()
+        await spool.aclose()
+        await client.aclose()
+
+
+# --------------------------------------------------------------------------- tenant binding (PRODUCT.md §8)
+
+
+def _refused(reason: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("billing_sync_webhook_refused_total", {"reason": reason}) or 0.0
+
+
+async def test_a_tenant_bound_to_a_customer_is_never_moved_by_another_customers_subscription(
+        hooks: Hooks, caplog: pytest.LogCaptureFixture) -> None:
+    await seed(hooks, "acme", plan="enterprise", stripe_customer_id="cus_paying", stripe_subscription_id="sub_paid",
+               subscription_status="active")
+    refused = _refused("bound_to_other_customer")
+    status, answer = await hooks.send(event(tenant="acme", customer="cus_other", sub="sub_x", status="unpaid",
+                                            lookup_key="starter_monthly"))
+    assert (status, answer) == (200, {"received": True, "ignored": "tenant bound to another customer"})
+    row = await hooks.tenant("acme")
+    assert row is not None
+    assert (row.plan, row.subscription_status, row.stripe_customer_id, row.stripe_subscription_id) == (
+        "enterprise", "active", "cus_paying", "sub_paid")
+    assert _refused("bound_to_other_customer") == refused + 1
+    assert "tenant bound to another customer" in caplog.text and "cus_other" in caplog.text
+    assert await hooks.audit("acme") == []
+    # Its own customer's events still apply, and an unbound tenant is bound by its first event.
+    _, answer = await hooks.send(event(tenant="acme", customer="cus_paying", sub="sub_paid", status="past_due"))
+    assert answer["subscription_status"] == "past_due"
+    await seed(hooks, "fresh", plan="starter")
+    _, answer = await hooks.send(event(tenant="fresh", customer="cus_fresh", sub="sub_f"))
+    assert answer["tenant"] == "fresh"
+    assert (await hooks.tenant("fresh")).stripe_customer_id == "cus_fresh"  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------- concurrency: a real compare-and-set
+
+
+async def test_concurrent_out_of_order_webhooks_never_let_the_older_win(hooks: Hooks, db_url: str) -> None:  # noqa: F811
+    """The older event reads the tenant, the newer one is applied meanwhile, then the older one writes."""
+    from sqlalchemy import event as sa_event
+    from sqlalchemy import text
+    from sqlalchemy.util import await_only
+
+    await seed(hooks, "acme", plan="starter", stripe_customer_id="cus_1", stripe_subscription_id="sub_1",
+               subscription_status="active", stripe_event_at=datetime.fromtimestamp(NOW - 3600, UTC))
+    older = event(status="active", lookup_key="starter_monthly", created=int(NOW) - 60, event_id="evt_older")
+    newer = event(status="canceled", lookup_key="enterprise_yearly", created=int(NOW) - 10, event_id="evt_newer")
+    engine = hooks.sessions.kw["bind"]
+    older_read, newer_done = asyncio.Event(), asyncio.Event()
+
+    async def newer_applied_or_blocked() -> None:
+        if not db_url.startswith("postgresql"):
+            await newer_done.wait()
+            return
+        # On PostgreSQL the older delivery's row lock makes the newer one wait: that is as far as it gets.
+        while not newer_done.is_set():
+            async with engine.connect() as probe:
+                if await probe.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                           "AND datname = current_database()")):
+                    return
+            await asyncio.sleep(0.01)
+
+    def hold_the_older(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        # Once the older delivery has read the tenant row, the newer one runs first.
+        if not older_read.is_set() and statement.lstrip().upper().startswith("SELECT") \
+                and "FROM TENANTS" in statement.upper():
+            older_read.set()
+            await_only(newer_applied_or_blocked())
+
+    sa_event.listen(engine.sync_engine, "after_cursor_execute", hold_the_older)
+    try:
+        first = asyncio.ensure_future(hooks.send(older))
+        await older_read.wait()
+        second = await hooks.send(newer)
+        newer_done.set()
+        results = [await first, second]
+    finally:
+        sa_event.remove(engine.sync_engine, "after_cursor_execute", hold_the_older)
+    assert [status for status, _ in results] == [200, 200]
+    if not db_url.startswith("postgresql"):  # PostgreSQL: the older one holds the row lock, goes first, is overwritten
+        assert results[0][1] == {"received": True, "stale": True}
+    row = await hooks.tenant("acme")
+    assert row is not None
+    assert (row.plan, row.subscription_status, row.stripe_event_at) == (
+        "enterprise", "canceled", datetime.fromtimestamp(NOW - 10, UTC))
+    assert await hooks.count_events() == 2
+
+
+async def test_many_concurrent_webhooks_in_any_order_end_at_the_newest(hooks: Hooks) -> None:
+    import random
+
+    await seed(hooks, "acme", plan="starter", stripe_customer_id="cus_1", stripe_subscription_id="sub_1")
+    statuses = ["active", "past_due", "active", "trialing", "past_due", "unpaid", "active", "past_due"] * 2
+    events = [event(status=status, created=int(NOW) - 1000 + i, lookup_key="professional_monthly")
+              for i, status in enumerate(statuses)]
+    random.Random(7).shuffle(events)
+    results = await asyncio.gather(*(hooks.send(e) for e in events))
+    assert [status for status, _ in results] == [200] * len(events)
+    row = await hooks.tenant("acme")
+    assert row is not None
+    assert (row.subscription_status, row.stripe_event_at) == ("past_due", datetime.fromtimestamp(NOW - 1000 + 15, UTC))
+    assert await hooks.count_events() == len(events)
+
+
+async def test_a_locked_sqlite_file_is_waited_for_not_answered_503(db_url: str, aiohttp_client: Any) -> None:  # noqa: F811
+    import sqlite3
+
+    from sqlalchemy import event as sa_event
+
+    if not db_url.startswith("sqlite"):
+        pytest.skip("SQLite's file lock")
+    engine = create_engine(db_url)
+    await upgrade_async(engine)
+
+    def short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+        # Instead of waiting busy_timeout's 5 s for the lock below, meet "database is locked" at once.
+        dbapi_connection.cursor().execute("PRAGMA busy_timeout=10")
+
+    sa_event.listen(engine.sync_engine, "connect", short_busy_timeout)
+    sessions = session_factory(engine)
+    directory = TenantDirectory(sessions, None)
+    locker = sqlite3.connect(db_url.split(":///", 1)[1], isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds the file
+    slept: list[float] = []
+
+    async def sleep(delay: float) -> None:  # the injected wait: the other writer finishes meanwhile
+        slept.append(delay)
+        if locker.in_transaction:
+            locker.execute("COMMIT")
+
+    webhooks = StripeWebhooks(secret=SECRET, sessions=sessions, directory=directory, plans_by_lookup_key=LOOKUP_KEYS,
+                              known_plans=PLANS, clock=Clock(NOW), sleep=sleep)
+    client = await _serve(webhooks.handle, aiohttp_client)
+    hooks = Hooks(client, directory, sessions, Clock(NOW))
+    try:
+        status, answer = await hooks.send(event("created"))
+        assert (status, answer["tenant"]) == (200, "acme")
+        assert slept  # it met the lock, and tried again
+        assert (await hooks.tenant("acme")) is not None
+    finally:
+        locker.close()
+        await directory.close()
+        await engine.dispose()
+
+
+# --------------------------------------------------------------------------- v2 stream: asynchronous rejections
+
+
+async def ledger_rows(hooks: Hooks, *rows: tuple[str, str, int, str]) -> None:
+    """Ledger rows (tenant, meter, bucket offset, identifier) as the worker leaves them after a v2 send: sent."""
+    from decimal import Decimal
+
+    from metering.models import LedgerEntry
+
+    async with hooks.sessions() as session, session.begin():
+        for tenant, meter, offset, identifier in rows:
+            session.add(LedgerEntry(tenant_id=tenant, meter=meter, bucket_start=datetime.fromtimestamp(
+                NOW - 3600 + offset, UTC), value=Decimal(3), kind="counter", state="sent", identifier=identifier,
+                stripe_customer_id="cus_1", attempts=1, sent_at=datetime.fromtimestamp(NOW - 120, UTC)))
+
+
+async def ledger_states(hooks: Hooks) -> dict[str, tuple[str, str | None]]:
+    from metering.models import LedgerEntry
+
+    async with hooks.sessions() as session:
+        return {r.identifier: (r.state, r.last_error) for r in (await session.scalars(select(LedgerEntry))).all()}
+
+
+def error_report(event_id: str = "evt_test_65R", *, data: bool = True, error_count: int | None = None,
+                 identifiers: tuple[str, ...] = ("gw1-acme-api_calls-1",)) -> dict[str, Any]:
+    """`v1.billing.meter.error_report_triggered` in the shape of Stripe's API reference (v2 Event object)."""
+    body: dict[str, Any] = {
+        "id": event_id, "object": "v2.core.event", "context": None, "created": "2027-01-15T08:00:02.134Z",
+        "livemode": False, "reason": None, "type": "v1.billing.meter.error_report_triggered",
+        "related_object": {"id": "mtr_test_61R", "type": "billing.meter", "url": "/v1/billing/meters/mtr_test_61R"}}
+    if data:
+        body["data"] = {
+            "developer_message_summary": f"There are {len(identifiers)} invalid events",
+            "reason": {"error_count": error_count or len(identifiers), "error_types": [{
+                "code": "meter_event_customer_not_found", "error_count": error_count or len(identifiers),
+                "sample_errors": [{"error_message": f"No customer found for {i}.", "request": {"identifier": i}}
+                                  for i in identifiers]}]},
+            "validation_start": "2027-01-15T07:58:00.000Z", "validation_end": "2027-01-15T07:59:00.000Z"}
+    return body
+
+
+async def test_meter_error_report_parks_the_buckets_stripe_rejected(hooks: Hooks) -> None:
+    from prometheus_client import REGISTRY
+
+    await ledger_rows(hooks, ("acme", "api_calls", 0, "gw1-acme-api_calls-1"),
+                      ("acme", "api_calls", 300, "gw1-acme-api_calls-2"),
+                      ("beta", "api_calls", 0, "gw1-beta-api_calls-1"))
+    before = REGISTRY.get_sample_value("billing_sync_meter_error_parked_total") or 0.0
+    report = error_report(identifiers=("gw1-acme-api_calls-1", "gw1-beta-api_calls-1", "gw1-unknown"))
+    status, answer = await hooks.send(report)
+    assert (status, answer) == (200, {"received": True, "parked": 2})
+    states = await ledger_states(hooks)
+    assert states["gw1-acme-api_calls-2"] == ("sent", None)
+    for identifier in ("gw1-acme-api_calls-1", "gw1-beta-api_calls-1"):
+        state, reason = states[identifier]
+        assert state == "parked"
+        assert reason == (f"rejected: stripe rejected the meter event (meter_event_customer_not_found): "
+                          f"No customer found for {identifier}.")
+    assert (REGISTRY.get_sample_value("billing_sync_meter_error_parked_total") or 0.0) == before + 2
+    # Each event id once: a redelivery changes nothing.
+    assert (await hooks.send(report))[1] == {"received": True, "duplicate": True}
+
+
+async def test_thin_meter_error_report_without_the_api_key_is_503_so_stripe_retries(hooks: Hooks) -> None:
+    await ledger_rows(hooks, ("acme", "api_calls", 0, "gw1-acme-api_calls-1"))
+    code, body, content_type = await hooks.post(json.dumps(error_report(data=False)))
+    assert (code, content_type) == (503, PROBLEM)
+    assert body["type"].endswith("/webhooks-not-configured")
+    assert await hooks.count_events() == 0  # not recorded: the retry is processed
+    assert (await ledger_states(hooks))["gw1-acme-api_calls-1"] == ("sent", None)
+
+
+@pytest.mark.parametrize("data", [{"reason": "x"}, {"reason": {"error_types": "x"}}, {"reason": {"error_types": [1]}}])
+async def test_unreadable_meter_error_report_is_400(hooks: Hooks, data: Any) -> None:
+    report = error_report()
+    report["data"] = data
+    await _assert_problem(hooks, await hooks.post(json.dumps(report)), 400, "invalid-request")
+
+
+@pytest.mark.parametrize("created", ["yesterday", 1_800_000_000, "2027-01-15T08:00:02"])
+async def test_v2_event_with_a_bad_created_is_400(hooks: Hooks, created: Any) -> None:
+    report = error_report()
+    report["created"] = created
+    await _assert_problem(hooks, await hooks.post(json.dumps(report)), 400, "invalid-request")
+
+
+async def test_thin_meter_error_report_is_read_from_stripe_and_parks_named_and_unnamed(
+        hooks: Hooks, aiohttp_server: Any, aiohttp_client: Any) -> None:
+    """A thin event, as Stripe delivers v2 events: the report is fetched (GET /v2/core/events/{id}), the meter too;
+    of 3 rejected events Stripe names 1, the other 2 are the meter's buckets sent in the validation window."""
+    from billing_sync.meter_errors import StripeEventFetcher
+
+    full = error_report("evt_thin_1", error_count=3, identifiers=("gw1-acme-api_calls-1",))
+    seen: list[str] = []
+
+    async def stripe_event(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        assert request.headers["Authorization"] == "Bearer sk_test_hooks"
+        return web.json_response(full)
+
+    async def stripe_meter(request: web.Request) -> web.Response:
+        seen.append(request.path)
+        return web.json_response({"id": request.match_info["id"], "object": "billing.meter",
+                                  "event_name": "api_calls", "status": "active"})
+
+    app = web.Application()
+    app.router.add_get("/v2/core/events/{id}", stripe_event)
+    app.router.add_get("/v1/billing/meters/{id}", stripe_meter)
+    server = await aiohttp_server(app)
+    await ledger_rows(hooks, ("acme", "api_calls", 0, "gw1-acme-api_calls-1"),
+                      ("acme", "api_calls", 300, "gw1-acme-api_calls-2"),
+                      ("beta", "api_calls", 0, "gw1-beta-api_calls-1"),
+                      ("acme", "chain_deployments", 0, "gw1-acme-chain_deployments-1"))
+    from sqlalchemy import update
+
+    from metering.models import LedgerEntry
+
+    async with hooks.sessions() as session, session.begin():  # sent long before the window: not among them
+        await session.execute(update(LedgerEntry).where(LedgerEntry.identifier == "gw1-beta-api_calls-1")
+                              .values(sent_at=datetime.fromtimestamp(NOW - 7200, UTC)))
+    fetcher = StripeEventFetcher("sk_test_hooks", api_base=str(server.make_url("")).rstrip("/"))
+    webhooks = StripeWebhooks(secret=SECRET, sessions=hooks.sessions, directory=hooks.directory,
+                              plans_by_lookup_key=LOOKUP_KEYS, known_plans=PLANS, clock=hooks.clock,
+                              event_fetcher=fetcher, meters_by_event_name={"api_calls": ["api_calls"]})
+    thin = await _serve(webhooks.handle, aiohttp_client)
+    text = json.dumps(error_report("evt_thin_1", data=False))
+    signature = stripe.WebhookSignature.generate_signature_header(text, SECRET, timestamp=int(NOW))
+    try:
+        response = await thin.post(PATH, data=text, headers={"Stripe-Signature": signature})
+    finally:
+        await fetcher.aclose()
+    assert response.status == 200
+    assert await response.json() == {"received": True, "parked": 2}
+    assert seen == ["/v2/core/events/evt_thin_1", "/v1/billing/meters/mtr_test_61R"]
+    states = await ledger_states(hooks)
+    assert states["gw1-acme-api_calls-1"][0] == "parked"
+    assert states["gw1-acme-api_calls-2"][0] == "parked"
+    assert "2 unnamed meter event(s)" in (states["gw1-acme-api_calls-2"][1] or "")
+    assert states["gw1-beta-api_calls-1"] == ("sent", None)
+    assert states["gw1-acme-chain_deployments-1"] == ("sent", None)

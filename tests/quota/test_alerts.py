@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,6 +33,7 @@ from quota.alerts import (
     parse_alert_settings,
     verify_signature,
 )
+from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 from tests.support import Upstream
 
 NOW = datetime(2025, 1, 17, 9, 30, 12, 345678, tzinfo=UTC)
@@ -91,10 +91,9 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 @pytest.fixture
-async def db_url(tmp_path: Path) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path / 'alerts.db'}"
-    await upgrade_async(url)
-    return url
+async def migrated_url(db_url: str) -> str:  # noqa: F811  (db_url: SQLite and PostgreSQL)
+    await upgrade_async(db_url)
+    return db_url
 
 
 @asynccontextmanager
@@ -107,8 +106,8 @@ async def open_sessions(url: str) -> AsyncIterator[Sessions]:
 
 
 @pytest.fixture
-async def sessions(db_url: str) -> AsyncIterator[Sessions]:
-    async with open_sessions(db_url) as sessions:
+async def sessions(migrated_url: str) -> AsyncIterator[Sessions]:
+    async with open_sessions(migrated_url) as sessions:
         yield sessions
 
 
@@ -245,11 +244,11 @@ def test_alert_id_is_deterministic() -> None:
 
 
 async def test_one_alert_per_threshold_across_two_instances(
-    db_url: str, sessions: Sessions, receiver: Receiver, running: list[Alerts]
+    migrated_url: str, sessions: Sessions, receiver: Receiver, running: list[Alerts]
 ) -> None:
     settings = AlertSettings(webhook_url=receiver.url, webhook_secret=SECRET)
     # Two engines on one file: what two gateway processes see.
-    async with open_sessions(db_url) as other_sessions, aiohttp.ClientSession() as http:
+    async with open_sessions(migrated_url) as other_sessions, aiohttp.ClientSession() as http:
         first = await make_alerts(sessions, running, settings)
         second = await make_alerts(other_sessions, running, settings, http=http)
         for used in (50, 81, 85, 90, 99, 100, 100, 120):
