@@ -50,6 +50,7 @@ class Difference:
     ledger: Decimal  # what the ledger sent
     stripe: Decimal  # what Stripe's event summaries hold
     note: str = ""  # e.g. "no Stripe meter with event_name 'x'"
+    parked_refund: Decimal = ZERO  # refunds the period could not net (parked, negative): Stripe holds them
 
     @property
     def delta(self) -> Decimal:
@@ -100,6 +101,7 @@ async def _ledger_values(
     counters = [m.name for m in meters if m.kind == "counter"]
     gauges = [m.name for m in meters if m.kind == "gauge"]
     in_period = and_(LedgerEntry.state == SENT, LedgerEntry.bucket_start >= start, LedgerEntry.bucket_start < end)
+    # Only what Stripe accepted: pending rows (a dry run's previewed ones too) and parked ones are not counted.
     values: dict[tuple[str, str], Decimal] = {}
     async with sessions() as session:
         tenants = [
@@ -151,6 +153,20 @@ async def _ledger_values(
 # ---------------------------------------------------------------------------------------------- Stripe
 
 
+async def _parked_refunds(sessions: async_sessionmaker[AsyncSession], meters: Sequence[Meter],
+                          period: tuple[datetime, datetime]) -> dict[tuple[str, str], Decimal]:
+    """{(tenant, meter): units} of the refunds that could not be netted within the period (negative, parked)."""
+    start, end = period
+    total = func.sum(LedgerEntry.value, type_=Numeric(20, 6))
+    async with sessions() as session:
+        rows = await session.execute(
+            select(LedgerEntry.tenant_id, LedgerEntry.meter, total)
+            .where(LedgerEntry.state == "parked", LedgerEntry.value < 0, LedgerEntry.bucket_start >= start,
+                   LedgerEntry.bucket_start < end, LedgerEntry.meter.in_([m.name for m in meters]))
+            .group_by(LedgerEntry.tenant_id, LedgerEntry.meter))
+        return {(tenant, meter): Decimal(value or 0) for tenant, meter, value in rows.all()}
+
+
 async def _stripe_meters(client: stripe.StripeClient, page_size: int) -> dict[str, Any]:
     """event_name → Stripe meter, every page of `GET /v1/billing/meters`; an active meter wins over others."""
     found: dict[str, Any] = {}
@@ -197,6 +213,39 @@ def _decimal(value: Any) -> Decimal:
     return Decimal(str(value)) if value is not None else ZERO
 
 
+class WindowCheck:
+    """What Stripe holds for one bucket, read from its event summaries (PRODUCT.md §8).
+
+    Stripe forgets an identifier after 24 h; a bucket sent longer ago whose answer was lost is compared
+    with the summary of its window before it is sent again. The window is the bucket widened to whole
+    minutes, so the ledger's sent rows of that window are taken off what Stripe holds there.
+    """
+
+    def __init__(self, client: stripe.StripeClient, sessions: async_sessionmaker[AsyncSession],
+                 bucket_seconds: int) -> None:
+        self._client = client
+        self._sessions = sessions
+        self._bucket_seconds = bucket_seconds
+        self._meters: dict[str, Any] | None = None
+
+    async def unaccounted(self, row: LedgerEntry, event_name: str, customer: str) -> Decimal | None:
+        """Stripe's sum in the bucket's window minus the ledger's sent rows there; None: no such Stripe meter."""
+        if self._meters is None or event_name not in self._meters:
+            self._meters = await _stripe_meters(self._client, PAGE_SIZE)
+        remote = self._meters.get(event_name)
+        if remote is None:
+            return None
+        start = int(row.bucket_start.timestamp())
+        window = (start // 60 * 60, math.ceil((start + self._bucket_seconds) / 60) * 60)
+        held = await _stripe_value(self._client, remote.id, customer, window, "counter", PAGE_SIZE)
+        bounds = (datetime.fromtimestamp(window[0], UTC), datetime.fromtimestamp(window[1], UTC))
+        async with self._sessions() as session:
+            sent = await session.scalar(select(func.sum(LedgerEntry.value, type_=Numeric(20, 6))).where(
+                LedgerEntry.tenant_id == row.tenant_id, LedgerEntry.meter == row.meter, LedgerEntry.state == SENT,
+                LedgerEntry.bucket_start >= bounds[0], LedgerEntry.bucket_start < bounds[1]))
+        return held - Decimal(sent or 0)
+
+
 # ---------------------------------------------------------------------------------------------- reconcile
 
 
@@ -223,6 +272,7 @@ async def reconcile(
     tenants, ledger = await _ledger_values(sessions, billed, period)
     if not tenants:
         return []
+    refunds = await _parked_refunds(sessions, billed, period)
     stripe_meters = await _stripe_meters(client, page_size)
 
     differences: list[Difference] = []
@@ -238,6 +288,12 @@ async def reconcile(
                 differences.append(Difference(tenant_id, customer, meter.name, event_name, sent, ZERO, note=note))
                 continue
             held = await _stripe_value(client, remote.id, customer, window, meter.kind, page_size)
+            refund = refunds.get((tenant_id, meter.name), ZERO)
+            if refund:
+                # Stripe holds these units and the customer was refunded them: billed once too often.
+                note = f"{_number(-refund)} refunded units could not be netted in the period (parked)"
+                differences.append(Difference(tenant_id, customer, meter.name, event_name, sent, held, note, refund))
+                continue
             if held == sent:
                 continue
             note = ""

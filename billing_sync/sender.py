@@ -87,6 +87,7 @@ DUPLICATE = SendResult(Outcome.DUPLICATE)
 
 class MeterEventSender(Protocol):
     max_batch: int  # events per `send` call
+    client: stripe.StripeClient | None  # the secret-key client, for reads (event summaries); None: dry run
 
     async def send(self, events: Sequence[MeterEvent]) -> list[SendResult]:
         """One result per event, in order; never raises for a Stripe or network error."""
@@ -149,7 +150,7 @@ class StripeV1Sender:
     max_batch = 1
 
     def __init__(self, client: stripe.StripeClient, http_client: stripe.AIOHTTPClient | None = None) -> None:
-        self._client = client
+        self._client = self.client = client
         self._http = http_client  # closed by aclose() when given
 
     async def send(self, events: Sequence[MeterEvent]) -> list[SendResult]:
@@ -190,7 +191,7 @@ class StripeV2StreamSender:
         clock: Callable[[], float] = time.time,
         http_client: stripe.AIOHTTPClient | None = None,
     ) -> None:
-        self._client = client
+        self._client = self.client = client
         self._factory = stream_client_factory
         self._clock = clock
         self._http = http_client
@@ -270,9 +271,13 @@ def _epoch(value: Any) -> float:
 
 
 class DryRunSender:
-    """Sends nothing: records each event it would have sent (`self.events`) and logs it."""
+    """Sends nothing: records each event it would have sent (`self.events`) and logs it.
+
+    Its SENT means "would be sent": the worker marks such rows previewed, never sent.
+    """
 
     max_batch = MAX_STREAM_EVENTS
+    client = None
 
     def __init__(self) -> None:
         self.events: list[MeterEvent] = []

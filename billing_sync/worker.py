@@ -29,12 +29,21 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import func, select, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.ledger import move_closed_buckets
+from billing_sync.ledger import REFUND_NOT_NETTED, MoveResult, move_closed_buckets
 from billing_sync.metrics import SyncMetrics
-from billing_sync.sender import DryRunSender, MeterEvent, MeterEventSender, Outcome, SendResult, build_sender
+from billing_sync.reconcile import WindowCheck
+from billing_sync.sender import (
+    DryRunSender,
+    MeterEvent,
+    MeterEventSender,
+    Outcome,
+    SendResult,
+    build_sender,
+    classify,
+)
 from billing_sync.settings import StripeSettings
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
@@ -45,6 +54,7 @@ log = logging.getLogger("cosmos_gateway.billing_sync")
 LEADER_KEY = "gw:sync:leader"
 LAST_RUN_KEY = "gw:sync:last_run"
 MAX_EVENT_AGE = 35 * 86_400  # Stripe refuses meter events older than 35 days
+CONFIRM_AFTER = 23 * 3600  # first sent longer ago: Stripe may have forgotten the identifier (24 h window)
 ROWS_PER_QUERY = 1000
 _REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 # Compare-and-delete / compare-and-extend: only the holder's token touches the lock.
@@ -56,13 +66,27 @@ _RENEW = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXP
 @dataclass(frozen=True, slots=True)
 class PassResult:
     moved: int = 0  # buckets moved from Redis into the ledger
-    sent: int = 0  # rows Stripe answered 2xx (or the dry run recorded)
-    duplicates: int = 0  # rows Stripe already held: marked sent
+    sent: int = 0  # rows Stripe answered 2xx
+    duplicates: int = 0  # rows Stripe already held (duplicate answer, or its event summary): marked sent
     retried: int = 0  # transient failures, back off
     parked: int = 0  # newly parked
     requeued: int = 0  # parked "no_customer" rows made pending again
-    pending: int = 0  # pending rows after the pass
+    pending: int = 0  # pending rows after the pass (previewed ones included: they are not sent)
     leader: bool = True  # False: another worker held the lock, nothing was done
+    held: int = 0  # closed buckets left in Redis: another mover held them
+    store_error: str | None = None  # Redis could not be read: closed buckets may be left there
+    dry_run: bool = False
+    previewed: int = 0  # dry run: pending rows shown as what would be sent (all of them, not only this pass's)
+
+    @property
+    def complete(self) -> bool:
+        """Every closed bucket is sent or parked, or in a dry run shown: what `sync --once` exits 0 on.
+
+        A dry run can do no more than show a bucket; failing every dry-run pass would only teach
+        operators to ignore the exit status.
+        """
+        waiting = self.pending - self.previewed if self.dry_run else self.pending
+        return self.leader and self.store_error is None and self.held == 0 and waiting == 0
 
 
 def reason_of(last_error: str | None) -> str | None:
@@ -123,13 +147,16 @@ class SyncWorker:
         self._limiter = RateLimiter(settings.max_events_per_second)
         self._metrics = metrics or SyncMetrics(self._meters)
         self._dry_run = isinstance(sender, DryRunSender)
+        client = getattr(sender, "client", None)
+        self._window_check = WindowCheck(client, sessions, bucket_seconds) if client is not None else None
 
     # -- one pass ------------------------------------------------------------------------------------
 
     async def run_once(self) -> PassResult:
         token = await self._acquire_lock() if self._leader_lock else None
         if token is False:
-            return PassResult(leader=False, pending=(await _counts(self._sessions))[0])
+            counts = await _counts(self._sessions)
+            return PassResult(leader=False, pending=counts.pending, dry_run=self._dry_run, previewed=counts.previewed)
         renew = asyncio.create_task(self._renew_lock(token)) if isinstance(token, str) else None
         try:
             return await self._pass()
@@ -140,27 +167,32 @@ class SyncWorker:
 
     async def _pass(self) -> PassResult:
         now = self._clock()
-        moved = 0
+        moves, store_error = MoveResult(), None
         try:
-            moved = await move_closed_buckets(
+            moves = await move_closed_buckets(
                 self._redis, self._sessions, self._meters, now=now,
                 bucket_seconds=self._bucket_seconds, grace_seconds=self._grace_seconds)
-        except _REDIS_ERRORS as exc:  # the ledger can still be sent
+        except _REDIS_ERRORS as exc:  # the ledger can still be sent, but the pass is not complete
             log.warning("billing sync: cannot read buckets from Redis: %r", exc)
             self._metrics.failed("store")
+            store_error = f"redis: {exc!r}"
+        if moves.held:
+            log.info("billing sync: %d closed buckets held by another mover; left for a later pass", moves.held)
         requeued = await _requeue_with_customer(self._sessions)
         tally = _Tally()
         await self._send_due(now, tally)
 
-        pending, parked, oldest = await _counts(self._sessions)
+        counts = await _counts(self._sessions)
         end = self._clock()
-        lag = max(0.0, end - oldest.timestamp()) if oldest is not None else 0.0
-        self._metrics.state(pending=pending, parked=parked, lag_seconds=lag)
-        if tally.retried == 0:
+        lag = max(0.0, end - counts.oldest.timestamp()) if counts.oldest is not None else 0.0
+        self._metrics.state(pending=counts.pending, parked=counts.parked, lag_seconds=lag)
+        if tally.retried == 0 and store_error is None:
             self._metrics.success(end)
         with contextlib.suppress(*_REDIS_ERRORS):
             await self._redis.set(LAST_RUN_KEY, repr(end))
-        return PassResult(moved, tally.sent, tally.duplicates, tally.retried, tally.parked, requeued, pending)
+        return PassResult(moves.moved, tally.sent, tally.duplicates, tally.retried, tally.parked, requeued,
+                          counts.pending, held=moves.held, store_error=store_error, dry_run=self._dry_run,
+                          previewed=counts.previewed)
 
     async def _send_due(self, now: float, tally: _Tally) -> None:
         """Every pending row due at `now`, oldest first, each looked at once (keyset pages)."""
@@ -173,6 +205,8 @@ class SyncWorker:
                 select(LedgerEntry)
                 .where(LedgerEntry.state == "pending")
                 .where((LedgerEntry.next_attempt_at.is_(None)) | (LedgerEntry.next_attempt_at <= due_at))
+                # A dry run shows each row once; it stays pending for the live mode to send.
+                .where(LedgerEntry.previewed_at.is_(None) if self._dry_run else true())
                 .order_by(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter)
                 .limit(ROWS_PER_QUERY)
             )
@@ -198,10 +232,15 @@ class SyncWorker:
                     local.append((row, SendResult(Outcome.PARK, "no_customer", "tenant has no Stripe customer")))
                 elif start < now - MAX_EVENT_AGE:
                     local.append((row, SendResult(Outcome.PARK, "too_old", "older than Stripe accepts (35 days)")))
+                elif row.value < 0:  # a refund the period could not net, requeued by hand: Stripe takes none
+                    local.append((row, SendResult(Outcome.PARK, REFUND_NOT_NETTED, "negative usage is not sent")))
                 else:
                     ready.append((row, MeterEvent(row.identifier, meter.stripe_event, customer, row.value, start)))
             if local:
                 await self._record(local, {}, tally)
+            ready = await self._confirm_beyond_window(ready, now, tally)
+            if not self._dry_run:
+                await self._mark_attempted([row for row, _ in ready], now)
 
             size = max(1, self.sender.max_batch)
             groups = [ready[i : i + size] for i in range(0, len(ready), size)]
@@ -214,6 +253,50 @@ class SyncWorker:
             customers = {row.identifier: event.customer for row, event in ready}
             if outcomes:
                 await self._record(outcomes, customers, tally)
+
+    async def _mark_attempted(self, rows: Sequence[LedgerEntry], now: float) -> None:
+        """Stamp the first send of each row before it leaves: a crash right after the send still leaves the
+        time from which Stripe's 24 h identifier window runs out."""
+        first = [row.identifier for row in rows if row.first_attempt_at is None]
+        at = datetime.fromtimestamp(now, UTC)
+        async with self._sessions() as session, session.begin():
+            for i in range(0, len(first), 500):
+                await session.execute(update(LedgerEntry).where(
+                    LedgerEntry.identifier.in_(first[i : i + 500]), LedgerEntry.first_attempt_at.is_(None))
+                    .values(first_attempt_at=at))
+
+    async def _confirm_beyond_window(self, ready: list[tuple[LedgerEntry, MeterEvent]], now: float,
+                                     tally: _Tally) -> list[tuple[LedgerEntry, MeterEvent]]:
+        """Rows first sent more than 23 h ago may be held by Stripe with an identifier it no longer remembers:
+        ask its event summaries before sending them again (PRODUCT.md §8).
+
+        Gauges are sent again unasked: their meter keeps the last value, so a repeat changes nothing.
+        """
+        check = self._window_check
+        if check is None:
+            return ready
+        to_send, decided = [], []
+        for row, event in ready:
+            first = row.first_attempt_at
+            if row.kind != "counter" or first is None or first.timestamp() > now - CONFIRM_AFTER:
+                to_send.append((row, event))
+                continue
+            try:
+                extra = await check.unaccounted(row, event.event_name, event.customer)
+            except Exception as exc:
+                decided.append((row, classify(exc)))
+                continue
+            if extra is None or extra == 0:
+                to_send.append((row, event))
+            elif extra == row.value:
+                decided.append((row, SendResult(Outcome.DUPLICATE, None, "Stripe's event summary holds it")))
+            else:
+                decided.append((row, SendResult(Outcome.PARK, "summary_mismatch",
+                                                f"Stripe holds {extra} in the bucket's window beyond the sent rows, "
+                                                f"the bucket is {row.value}: check before requeueing")))
+        if decided:
+            await self._record(decided, {row.identifier: event.customer for row, event in ready}, tally)
+        return to_send
 
     async def _send_group(self, group: list[tuple[LedgerEntry, MeterEvent]],
                           semaphore: asyncio.Semaphore) -> list[tuple[LedgerEntry, SendResult]]:
@@ -230,9 +313,13 @@ class SyncWorker:
         async with self._sessions() as session, session.begin():
             for row, result in outcomes:
                 match = LedgerEntry.identifier == row.identifier
+                if result.delivered and self._dry_run:  # shown, not sent: the live mode sends it
+                    await session.execute(update(LedgerEntry).where(match, LedgerEntry.state == "pending").values(
+                        previewed_at=at_dt, stripe_customer_id=customers.get(row.identifier)))
+                    continue
                 if result.delivered:
-                    note = "dry_run: not sent to Stripe" if self._dry_run else (
-                        "duplicate: Stripe already held it" if result.outcome is Outcome.DUPLICATE else None)
+                    note = (f"duplicate: {result.detail or 'Stripe already held it'}"
+                            if result.outcome is Outcome.DUPLICATE else None)
                     values: dict[str, Any] = {
                         "state": "sent", "sent_at": at_dt, "attempts": LedgerEntry.attempts + 1,
                         "last_error": note, "next_attempt_at": None,
@@ -249,7 +336,9 @@ class SyncWorker:
                     values = {"state": "parked", "attempts": LedgerEntry.attempts + 1, "last_error": text}
                 await session.execute(update(LedgerEntry).where(match, LedgerEntry.state == "pending").values(values))
         for row, result in outcomes:
-            if result.delivered:
+            if result.delivered and self._dry_run:
+                tally.previewed += 1
+            elif result.delivered:
                 self._metrics.sent(row.meter)
                 if result.outcome is Outcome.DUPLICATE:
                     tally.duplicates += 1
@@ -323,6 +412,7 @@ class _Tally:
     duplicates: int = 0
     retried: int = 0
     parked: int = 0
+    previewed: int = 0
 
 
 async def _requeue_with_customer(sessions: async_sessionmaker[AsyncSession]) -> int:
@@ -351,18 +441,27 @@ async def requeue_parked(sessions: async_sessionmaker[AsyncSession], *, tenant: 
     return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
-async def _counts(sessions: async_sessionmaker[AsyncSession]) -> tuple[int, int, datetime | None]:
-    """(pending, parked, oldest pending bucket_start)."""
+@dataclass(frozen=True, slots=True)
+class _Counts:
+    pending: int
+    parked: int
+    previewed: int  # pending rows a dry run has shown
+    oldest: datetime | None  # oldest pending bucket_start
+
+
+async def _counts(sessions: async_sessionmaker[AsyncSession]) -> _Counts:
     async with sessions() as session:
         by_state = dict((await session.execute(
             select(LedgerEntry.state, func.count()).where(LedgerEntry.state.in_(("pending", "parked")))
             .group_by(LedgerEntry.state))).tuples().all())
+        previewed = await session.scalar(select(func.count()).where(
+            LedgerEntry.state == "pending", LedgerEntry.previewed_at.is_not(None)))
         oldest = await session.scalar(select(func.min(LedgerEntry.bucket_start)).where(LedgerEntry.state == "pending"))
     if isinstance(oldest, str):  # SQLite hands an aggregate back untyped
         oldest = datetime.fromisoformat(oldest)
     if oldest is not None and oldest.tzinfo is None:
         oldest = oldest.replace(tzinfo=UTC)
-    return by_state.get("pending", 0), by_state.get("parked", 0), oldest
+    return _Counts(by_state.get("pending", 0), by_state.get("parked", 0), int(previewed or 0), oldest)
 
 
 async def sync_state(redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession], *, now: float,
@@ -375,7 +474,8 @@ async def sync_state(redis: Redis | RedisCluster, sessions: async_sessionmaker[A
     with contextlib.suppress(*_REDIS_ERRORS, ValueError):
         raw = await redis.get(LAST_RUN_KEY)
         last_run = float(raw) if raw is not None else None
-    pending, _, oldest = await _counts(sessions)
+    counts = await _counts(sessions)
+    oldest = counts.oldest
     async with sessions() as session:
         sent_total = await session.scalar(select(func.count()).where(LedgerEntry.state == "sent"))
         parked = (await session.scalars(
@@ -384,7 +484,8 @@ async def sync_state(redis: Redis | RedisCluster, sessions: async_sessionmaker[A
     return {
         "last_run_at": last_run,
         "lag_seconds": max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0,
-        "pending": pending,
+        "pending": counts.pending,
+        "previewed": counts.previewed,  # dry run: pending rows shown as what would be sent
         "sent_total": int(sent_total or 0),
         "parked": [
             {"tenant": row.tenant_id, "meter": row.meter, "bucket_start": int(row.bucket_start.timestamp()),

@@ -19,10 +19,11 @@ from datetime import UTC, datetime
 
 import stripe
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.reconcile import format_differences, parse_period, reconcile
-from billing_sync.worker import build_worker
+from billing_sync.worker import PassResult, SyncWorker, build_worker
 from gateway.admin import metrics_response
 from gateway.app import redis_client
 from gateway.config import HostPort, Settings
@@ -31,7 +32,7 @@ from metering import db
 from metering.migrate import prepare_schema
 
 log = logging.getLogger("cosmos_gateway.sync")
-EXIT_PENDING = 1  # --once: buckets are still waiting for a retry
+EXIT_PENDING = 1  # --once: closed buckets neither sent nor parked (retry, Redis or SQL down, held elsewhere)
 EXIT_DIFFERENCES = 1
 EXIT_SETUP = 2
 LOCK_WAIT_SECONDS = 15.0  # longer than the leader lock's time to live (10 s)
@@ -63,18 +64,7 @@ async def _sync(settings: Settings, *, once: bool, metrics_listen: HostPort | No
                               bucket_seconds=billing.bucket_seconds, grace_seconds=billing.grace_seconds)
         try:
             if once:
-                result = await worker.run_once()
-                # A worker that died holding the leader lock blocks others until the lock expires; a
-                # one-off pass waits that long rather than doing nothing.
-                deadline = time.monotonic() + LOCK_WAIT_SECONDS
-                while not result.leader and time.monotonic() < deadline:
-                    await asyncio.sleep(1.0)
-                    result = await worker.run_once()
-                print(json.dumps({"mode": policy.stripe.mode, **asdict(result)}))
-                if not result.leader:
-                    print("another sync worker holds the leader lock; nothing was done", file=sys.stderr)
-                    return EXIT_PENDING
-                return 0 if result.pending == 0 else EXIT_PENDING
+                return await _once(worker, policy.stripe.mode)
             runner = await _serve_metrics(metrics_listen) if metrics_listen else None
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -89,6 +79,40 @@ async def _sync(settings: Settings, *, once: bool, metrics_listen: HostPort | No
             return 0
         finally:
             await worker.aclose()
+
+
+async def _once(worker: SyncWorker, mode: str) -> int:
+    """One full pass; 0 only when every closed bucket is sent or parked (a dry run: shown), PRODUCT.md §1."""
+    try:
+        result = await worker.run_once()
+        # A worker that died holding the leader lock blocks others until the lock expires; a
+        # one-off pass waits that long rather than doing nothing.
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while not result.leader and time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            result = await worker.run_once()
+    except (SQLAlchemyError, OSError) as exc:  # the ledger is unreachable: nothing is known to be done
+        print(f"cosmos-gateway sync: the database is unreachable: {exc!r}", file=sys.stderr)
+        return EXIT_PENDING
+    print(json.dumps({"mode": mode, **asdict(result), "complete": result.complete}))
+    for problem in _incomplete(result):
+        print(f"cosmos-gateway sync: {problem}", file=sys.stderr)
+    return 0 if result.complete else EXIT_PENDING
+
+
+def _incomplete(result: PassResult) -> list[str]:
+    """Why a pass left closed buckets neither sent nor parked, in words an operator can act on."""
+    problems = []
+    if not result.leader:
+        problems.append("another sync worker holds the leader lock; nothing was done")
+    if result.store_error:
+        problems.append(f"Redis is unreachable, closed buckets may still be there: {result.store_error}")
+    if result.held:
+        problems.append(f"{result.held} closed buckets are held by another sync worker")
+    waiting = result.pending - result.previewed if result.dry_run else result.pending
+    if result.leader and waiting:
+        problems.append(f"{waiting} buckets wait for a retry")
+    return problems
 
 
 async def _serve_metrics(address: HostPort) -> web.AppRunner:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -22,7 +23,10 @@ import yaml
 
 from gateway.app import Worker
 from gateway.devservices import RedisProcess
+from metering.db import create_engine
+from metering.migrate import upgrade_async
 from tests.billing_sync.stripe_emulator import StripeEmulator
+from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 from tests.support import ROOT, SECRET, Upstream, bearer, config_dict, settings_for
 
 ADMIN = {"Authorization": "Bearer ops-token-0123456789"}
@@ -45,9 +49,12 @@ class Env:
         self.worker = worker
         self.config_path = config_path
 
-    async def run(self, *args: str, kill_after_events: int | None = None) -> tuple[int, str]:
+    async def run(self, *args: str, kill_after_events: int | None = None,
+                  extra_env: dict[str, str] | None = None, live: bool = True) -> tuple[int, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GATEWAY", "STRIPE", "REDIS", "DATABASE"))}
-        env.update({"STRIPE_API_KEY": "sk_test_commands", "GATEWAY_JWT_HS256_SECRET": SECRET})
+        env.update({"GATEWAY_JWT_HS256_SECRET": SECRET, **(extra_env or {})})
+        if live:
+            env["STRIPE_API_KEY"] = "sk_test_commands"
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway.cli", *args, "--config", str(self.config_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env, cwd=ROOT)
@@ -61,11 +68,15 @@ class Env:
 
 
 @pytest.fixture
-async def env(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[Env]:
+async def env(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path,
+              db_url: str) -> AsyncIterator[Env]:  # noqa: F811
     emulator = await StripeEmulator().start()
     for event in EVENTS:
         emulator.add_meter(event, formula="last" if event == "storage_gb" else "sum")
-    database = f"sqlite+aiosqlite:///{tmp_path}/gw.db"
+    database = db_url
+    engine = create_engine(database)  # PostgreSQL is never created on the fly: `db upgrade` first, as in production
+    await upgrade_async(engine)
+    await engine.dispose()
     overrides = billing_overrides(emulator.url, tmp_path)
     worker = Worker(settings_for(upstream.url, redis_server.url, database, **overrides))
     await worker.start()
@@ -160,6 +171,43 @@ async def test_missing_customer_parks_until_mapped(env: Env) -> None:
     assert result["state"]["parked"] == [], result
     usage = await counted(env, "nocus")
     assert env.emulator.totals("cus_late", "api_calls") == usage["api_calls"] == 2
+
+
+async def test_dry_run_once_previews_then_live_once_sends(env: Env) -> None:
+    await traffic(env, {"acme": "cus_acme"}, requests=4)
+    raw = yaml.safe_load(env.config_path.read_text())
+    del raw["billing"]["stripe"]["mode"]  # the default: dry run without STRIPE_API_KEY
+    env.config_path.write_text(yaml.safe_dump(raw))
+    code, out = await env.run("sync", "--once", live=False)
+    assert code == 0, out  # everything previewed: all a dry run can do
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["mode"] == "dry_run" and summary["sent"] == 0 and summary["previewed"] == summary["pending"] > 0
+    assert env.emulator.events == []
+    code, out = await env.run("reconcile")
+    assert code == 0 and "No differences" in out, out  # previews are not sent: the ledger holds none for Stripe
+    code, out = await env.run("sync", "--once")  # STRIPE_API_KEY set: live
+    assert code == 0, out
+    assert json.loads(out.strip().splitlines()[-1])["sent"] == summary["previewed"]
+    usage = await counted(env, "acme")
+    for meter in ("api_calls", "chain_deployments", "bandwidth_bytes"):
+        assert env.emulator.totals("cus_acme", meter) == usage[meter], meter
+    assert (await env.run("reconcile"))[0] == 0
+
+
+async def test_sync_once_fails_while_redis_is_unreachable(env: Env) -> None:
+    await traffic(env, {"acme": "cus_acme"}, requests=2)
+    code, out = await env.run("sync", "--once", extra_env={"REDIS_URL": f"redis://127.0.0.1:{unused_port()}/0"})
+    assert code == 1, out
+    assert "Redis is unreachable" in out
+    assert env.emulator.events == []
+    code, out = await env.run("sync", "--once")  # Redis back: the buckets were waiting there
+    assert code == 0, out
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 async def test_reconcile_reports_differences(env: Env) -> None:

@@ -1,22 +1,26 @@
-"""Moving closed buckets into the ledger: late writes, late refunds, an interrupted move."""
+"""Moving closed buckets into the ledger: late writes, late refunds, interrupted and stalled moves."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.ledger import STAGING_SUFFIX, move_closed_buckets
+from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
+from billing_sync.worker import sync_state
 from gateway.devservices import RedisProcess
 from metering import db, keys
 from metering.meters import DEFAULT_METERS
 from metering.migrate import upgrade_async
-from metering.models import LedgerEntry
+from metering.models import LedgerEntry, Tenant
+from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 METERS = {m.name: m for m in DEFAULT_METERS}
 BUCKET = 1_796_000_100 // 300 * 300
@@ -25,8 +29,8 @@ NOW = BUCKET + 300 + 20  # the bucket is closed (300 s + 10 s grace)
 
 @pytest.fixture
 async def stores(redis_server: RedisProcess,
-                 tmp_path: Path) -> AsyncIterator[tuple[Redis, async_sessionmaker[AsyncSession]]]:
-    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path}/ledger.db")
+                 db_url: str) -> AsyncIterator[tuple[Redis, async_sessionmaker[AsyncSession]]]:  # noqa: F811
+    engine = db.create_engine(db_url)
     await upgrade_async(engine)
     client = Redis.from_url(redis_server.url)
     yield client, db.session_factory(engine)
@@ -35,7 +39,7 @@ async def stores(redis_server: RedisProcess,
 
 
 async def move(client: Redis, sessions: async_sessionmaker[AsyncSession], now: float = NOW) -> int:
-    return await move_closed_buckets(client, sessions, METERS, now=now, bucket_seconds=300, grace_seconds=10)
+    return (await move_closed_buckets(client, sessions, METERS, now=now, bucket_seconds=300, grace_seconds=10)).moved
 
 
 async def ledger(sessions: async_sessionmaker[AsyncSession]) -> dict[tuple[str, str, int], Decimal]:
@@ -84,3 +88,173 @@ async def test_an_interrupted_move_is_finished_and_never_doubled(stores) -> None
     await move(client, sessions)
     assert (await ledger(sessions))[("acme", "api_calls", BUCKET)] == 7
     assert await client.exists(key, key + STAGING_SUFFIX) == 0
+    # The late unit is billed with the next bucket, not dropped and not added to the billed one.
+    assert await client.hgetall(keys.bucket_key("acme", BUCKET + 300)) == {b"api_calls": b"1"}
+
+
+async def test_late_units_survive_a_crash_after_the_commit(stores) -> None:
+    client, sessions = stores
+    key = keys.bucket_key("acme", BUCKET)
+    await client.hset(key, mapping={"api_calls": 7})
+    await move(client, sessions)
+    await client.hset(key, mapping={"api_calls": 2})  # late units: their bucket is billed already
+    crashing = CrashBeforeCarry.from_url(_url(client))
+    with pytest.raises(ConnectionError):  # the pass committed, then died before carrying and deleting
+        await move(crashing, sessions)
+    await crashing.aclose()
+    assert await client.exists(key + STAGING_SUFFIX) == 1
+    await move(client, sessions)  # the next pass finishes the staged bucket
+    assert (await ledger(sessions))[("acme", "api_calls", BUCKET)] == 7
+    assert await client.hgetall(keys.bucket_key("acme", BUCKET + 300)) == {b"api_calls": b"2"}
+    assert await client.exists(key, key + STAGING_SUFFIX) == 0
+
+
+async def test_a_staged_late_write_found_after_a_crash_is_carried(stores) -> None:
+    client, sessions = stores
+    key = keys.bucket_key("acme", BUCKET)
+    await client.hset(key, mapping={"api_calls": 7})
+    await move(client, sessions)
+    await client.hset(key, mapping={"api_calls": 3})
+    await client.rename(key, key + STAGING_SUFFIX)  # a pass staged the late write, then died
+    await move(client, sessions)
+    assert (await ledger(sessions))[("acme", "api_calls", BUCKET)] == 7
+    assert await client.hgetall(keys.bucket_key("acme", BUCKET + 300)) == {b"api_calls": b"3"}
+
+
+# -- refunds stay in their billing period ------------------------------------------------------------------
+
+MONTH_END = int(datetime(2027, 2, 1, tzinfo=UTC).timestamp())  # 2027-02-01 00:00 UTC
+LAST = MONTH_END - 300  # the last bucket of January
+
+
+async def parked(sessions: async_sessionmaker[AsyncSession]) -> list[tuple[str, str, int, Decimal, str]]:
+    async with sessions() as session:
+        rows = (await session.scalars(select(LedgerEntry).where(LedgerEntry.state == "parked"))).all()
+    return [(r.tenant_id, r.meter, int(r.bucket_start.timestamp()), r.value, r.last_error.split(":")[0])
+            for r in rows]
+
+
+async def test_a_refund_is_not_carried_into_the_next_month(stores) -> None:
+    client, sessions = stores
+    await client.hset(keys.bucket_key("acme", LAST - 300), mapping={"api_calls": 3})
+    await client.hset(keys.bucket_key("acme", LAST), mapping={"api_calls": -2, "chain_deployments": -1})
+    await move(client, sessions, now=MONTH_END + 20)
+    assert await client.exists(keys.bucket_key("acme", MONTH_END)) == 0  # February owes nothing
+    assert sorted(await parked(sessions)) == [
+        ("acme", "api_calls", LAST, Decimal(-2), "refund_not_netted"),
+        ("acme", "chain_deployments", LAST, Decimal(-1), "refund_not_netted")]
+    state = await sync_state(client, sessions, now=MONTH_END + 30)  # what GET /admin/sync shows
+    assert sorted((p["meter"], p["bucket_start"], p["reason"], p["value"]) for p in state["parked"]) == [
+        ("api_calls", LAST, "refund_not_netted", "-2.000000"),
+        ("chain_deployments", LAST, "refund_not_netted", "-1.000000")]
+    await client.hset(keys.bucket_key("acme", MONTH_END), mapping={"api_calls": 5})
+    await move(client, sessions, now=MONTH_END + 320)
+    assert (await ledger(sessions))[("acme", "api_calls", MONTH_END)] == 5
+
+
+async def test_a_refund_is_netted_within_the_month_even_across_idle_time(stores) -> None:
+    client, sessions = stores
+    await client.hset(keys.bucket_key("acme", LAST - 7200), mapping={"api_calls": -2})
+    await move(client, sessions, now=LAST - 3600)  # no traffic since: carried into the open bucket
+    assert await client.hgetall(keys.bucket_key("acme", LAST - 3600)) == {b"api_calls": b"-2"}
+    await client.hincrby(keys.bucket_key("acme", LAST - 3600), "api_calls", 5)
+    await move(client, sessions, now=LAST)
+    assert (await ledger(sessions))[("acme", "api_calls", LAST - 3600)] == 3
+    assert await parked(sessions) == []
+
+
+async def test_a_refund_stays_in_the_tenants_anchor_period(stores) -> None:
+    client, sessions = stores
+    async with sessions() as session, session.begin():
+        session.add(Tenant(id="anchored", plan="starter", billing_anchor_day=15))
+    period_end = int(datetime(2027, 1, 15, tzinfo=UTC).timestamp())
+    await client.hset(keys.bucket_key("anchored", period_end - 300), mapping={"api_calls": -4})
+    await client.hset(keys.bucket_key("acme", period_end - 300), mapping={"api_calls": -4})
+    await move(client, sessions, now=period_end + 20)
+    assert await parked(sessions) == [("anchored", "api_calls", period_end - 300, Decimal(-4), "refund_not_netted")]
+    assert await client.hgetall(keys.bucket_key("acme", period_end)) == {b"api_calls": b"-4"}  # calendar month
+
+
+async def test_a_parked_refund_is_not_doubled_by_a_crash(stores) -> None:
+    client, sessions = stores
+    await client.hset(keys.bucket_key("acme", LAST), mapping={"api_calls": -2})
+    crashing = CrashBeforeCarry.from_url(_url(client))
+    with pytest.raises(ConnectionError):
+        await move(crashing, sessions, now=MONTH_END + 20)
+    await crashing.aclose()
+    await move(client, sessions, now=MONTH_END + 20)
+    assert await parked(sessions) == [("acme", "api_calls", LAST, Decimal(-2), "refund_not_netted")]
+    assert await client.exists(keys.bucket_key("acme", LAST) + STAGING_SUFFIX) == 0
+
+
+# -- bucket locks ---------------------------------------------------------------------------------------------
+
+
+async def test_a_mover_that_stalls_past_its_lock_does_not_carry_twice(stores) -> None:
+    client, sessions = stores
+    key = keys.bucket_key("acme", BUCKET)
+    await client.hset(key, mapping={"api_calls": 4})
+    await move(client, sessions)
+    await client.hset(key, mapping={"api_calls": 2, "chain_deployments": -1})  # late units and a late refund
+    stalling = StallBeforeCarry.from_url(_url(client))
+    first = asyncio.create_task(move(stalling, sessions))
+    await asyncio.wait_for(stalling.stalled.wait(), 10)
+    await client.delete(key + LOCK_SUFFIX)  # its lock expired (or was lost in a failover) meanwhile
+    assert await move(client, sessions) == 1  # a second mover finishes the bucket
+    stalling.resume.set()
+    assert await first == 0  # the first mover finds it is no longer the owner: it carries nothing
+    await stalling.aclose()
+    carried = await client.hgetall(keys.bucket_key("acme", BUCKET + 300))
+    assert {k.decode(): int(v) for k, v in carried.items()} == {"api_calls": 2, "chain_deployments": -1}
+    assert (await ledger(sessions))[("acme", "api_calls", BUCKET)] == 4
+
+
+async def test_a_slow_mover_keeps_its_lock(stores) -> None:
+    client, sessions = stores
+    key = keys.bucket_key("acme", BUCKET)
+    await client.hset(key, mapping={"api_calls": 4})
+    stalling = StallBeforeCarry.from_url(_url(client))
+    first = asyncio.create_task(move_closed_buckets(stalling, sessions, METERS, now=NOW, bucket_seconds=300,
+                                                    grace_seconds=10, lock_ms=150))
+    await asyncio.wait_for(stalling.stalled.wait(), 10)
+    await asyncio.sleep(0.5)  # Redis's clock: more than three lock lifetimes
+    assert await client.get(key + LOCK_SUFFIX) is not None  # renewed
+    other = await move_closed_buckets(client, sessions, METERS, now=NOW, bucket_seconds=300, grace_seconds=10)
+    assert (other.moved, other.held) == (0, 1)
+    stalling.resume.set()
+    assert (await first).moved == 1
+    await stalling.aclose()
+    assert (await ledger(sessions))[("acme", "api_calls", BUCKET)] == 4
+
+
+def _url(client: Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def _is_carry(script: str) -> bool:
+    return "HINCRBY" in script
+
+
+class CrashBeforeCarry(Redis):
+    """A real Redis client whose process "dies" when it would carry and delete a staged bucket."""
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:  # type: ignore[override]
+        if _is_carry(script):
+            raise ConnectionError("crashed before carrying")
+        return await super().eval(script, numkeys, *args)
+
+
+class StallBeforeCarry(Redis):
+    """A real Redis client that stalls (a long GC pause, a slow database) before its first carry."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stalled = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:  # type: ignore[override]
+        if _is_carry(script) and not self.stalled.is_set():
+            self.stalled.set()
+            await self.resume.wait()
+        return await super().eval(script, numkeys, *args)

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from billing_sync.ledger import STAGING_SUFFIX, bucket_identifier, move_closed_buckets, parse_bucket_key
+from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, bucket_identifier, move_closed_buckets, parse_bucket_key
 from billing_sync.sender import DryRunSender, Outcome, StripeV2StreamSender, classify
 from billing_sync.settings import StripeSettings
 from billing_sync.worker import LEADER_KEY, SyncWorker, build_worker, requeue_parked, sync_state
@@ -302,9 +302,9 @@ async def test_cancelled_mid_pass_then_rerun(env: Env) -> None:
 async def test_crash_between_commit_and_redis_delete(env: Env) -> None:
     await env.usage()
     saved = {key: await env.redis.hgetall(key) for key in await env.bucket_keys()}
-    moved = await move_closed_buckets(env.redis, env.sessions, METERS, now=NOW, bucket_seconds=BUCKET,
+    moves = await move_closed_buckets(env.redis, env.sessions, METERS, now=NOW, bucket_seconds=BUCKET,
                                       grace_seconds=GRACE)
-    assert moved == len(TENANTS) * 6
+    assert moves.moved == len(TENANTS) * 6
     for key, fields in saved.items():  # as if the DEL of the staged bucket had never happened
         await env.redis.hset(key + STAGING_SUFFIX, mapping=fields)
     await env.drain(env.worker())
@@ -350,6 +350,50 @@ async def test_redis_restart_between_passes(env: Env) -> None:
     after = await worker.run_once()
     assert (after.moved, after.sent) == (0, 0)
     env.assert_exact()
+
+
+async def test_pass_with_redis_down_is_not_complete(env: Env) -> None:
+    await env.usage(buckets=2)
+    env.redis_process.stop()
+    down = await env.worker().run_once()
+    assert down.pending == 0 and down.store_error is not None and not down.complete
+    env.redis_process.start()
+    env.clock.advance(301)
+    assert (await env.worker().run_once()).complete
+
+
+async def test_bucket_held_by_another_mover_is_not_complete(env: Env) -> None:
+    await env.usage(buckets=1)
+    key = keys.bucket_key("acme", NOW - 2 * BUCKET)
+    await env.redis.set(key + LOCK_SUFFIX, "another-mover", px=60_000)
+    held = await env.worker().run_once()
+    assert held.held == 1 and held.pending == 0 and not held.complete
+    assert await env.redis.exists(key) == 1
+    await env.redis.delete(key + LOCK_SUFFIX)  # the other mover let go (or its lock expired)
+    done = await env.worker().run_once()
+    assert done.held == 0 and done.moved == 1 and done.complete
+    env.assert_exact()
+
+
+async def test_resend_beyond_the_identifier_window_asks_stripe_first(env: Env) -> None:
+    await env.usage(buckets=2)
+    env.emulator.drop_next(2, after_accept=True)  # Stripe holds these two; the worker never hears it
+    env.emulator.drop_next(1)  # and this one Stripe never got
+    worker = env.worker(concurrency=1)
+    first = await worker.run_once()
+    assert first.retried == 3
+    rows = {r.identifier: r for r in await env.rows()}
+    assert all(r.first_attempt_at is not None for r in rows.values())
+    accepted = len(env.emulator.events)
+    env.clock.advance(25 * 3600)  # the worker was down for a day: Stripe forgot the identifiers
+    env.emulator.forget_identifiers()
+    second = await env.worker(concurrency=1).run_once()
+    assert (second.duplicates, second.sent, second.pending) == (2, 1, 0)
+    assert len(env.emulator.events) == accepted + 1  # only the one Stripe did not hold
+    env.assert_exact()
+    confirmed = [r for r in await env.rows() if r.last_error and "event summary" in r.last_error]
+    assert len(confirmed) == 2 and all(r.state == "sent" for r in confirmed)
+    assert env.emulator.requests["event_summaries"] == 3
 
 
 # -- parking ----------------------------------------------------------------------------------------------
@@ -413,19 +457,48 @@ def test_classify_duplicate_by_message_only() -> None:
 # -- modes and transports -----------------------------------------------------------------------------------
 
 
-async def test_dry_run_sends_nothing_but_reports(env: Env) -> None:
+async def test_dry_run_previews_and_live_sends_later(env: Env) -> None:
     await env.usage(buckets=2)
+    sent_before = _sample("billing_sync_events_sent_total", meter="api_calls")
     worker = env.worker(mode="dry_run", api_key=None)
     assert isinstance(worker.sender, DryRunSender)
     result = await worker.run_once()
-    assert result.sent == len(worker.sender.events) > 0 and result.pending == 0
+    assert result.sent == 0 and result.previewed == result.pending == len(worker.sender.events) > 0
+    assert result.complete  # a dry run's --once: everything shown is all it can do
     assert env.emulator.events == [] and sum(env.emulator.requests.values()) == 0
     would = defaultdict(Decimal)
     for event in worker.sender.events:
         tenant = next(t for t, c in TENANTS.items() if c == event.customer)
         would[(tenant, next(m for m in METERS.values() if m.stripe_event == event.event_name).name)] += event.value
     assert {k: v for k, v in would.items()} == {k: v for k, v in env.counted.items() if v}
-    assert all(r.last_error == "dry_run: not sent to Stripe" for r in await env.rows())
+    rows = await env.rows()
+    assert all(r.state == "pending" and r.previewed_at is not None and r.sent_at is None for r in rows)
+    state = await sync_state(env.redis, env.sessions, now=env.clock())
+    assert state["sent_total"] == 0 and state["previewed"] == len(rows)
+    assert _sample("billing_sync_events_sent_total", meter="api_calls") == sent_before
+
+    shown = len(worker.sender.events)
+    assert (await worker.run_once()).previewed == len(rows) and len(worker.sender.events) == shown  # once
+
+    env.clock.advance(301)
+    live = await env.worker().run_once()  # the key arrived: what the dry run showed is billed now
+    assert live.sent == len(rows) and live.pending == 0 and live.complete
+    env.assert_exact()
+    assert (await sync_state(env.redis, env.sessions, now=env.clock()))["sent_total"] == len(rows)
+    assert _sample("billing_sync_events_sent_total", meter="api_calls") - sent_before == 2 * len(TENANTS)
+
+
+async def test_dry_run_then_live_parks_buckets_stripe_no_longer_takes(env: Env) -> None:
+    await env.bill("acme", NOW - 34 * DAY, "api_calls", 5)  # within 35 days while in dry run...
+    await env.bill("acme", NOW - 2 * BUCKET, "api_calls", 3)
+    env.counted[("acme", "api_calls")] -= 5
+    assert (await env.worker(mode="dry_run", api_key=None).run_once()).previewed == 2
+    env.clock.advance(2 * DAY)  # ...but no longer when the live mode starts
+    live = await env.worker().run_once()
+    assert (live.sent, live.parked, live.pending) == (1, 1, 0)
+    env.assert_exact()
+    state = await sync_state(env.redis, env.sessions, now=env.clock())
+    assert [(p["bucket_start"], p["reason"]) for p in state["parked"]] == [(NOW - 34 * DAY, "too_old")]
 
 
 async def test_rate_cap_is_respected(env: Env) -> None:
