@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
@@ -41,6 +42,9 @@ RECORD_MARKER_TTL = 7 * 86400  # a spooled record replayed again within a week i
 # longer than this after a lost reply leaves a window for counting that record twice. Short, because the
 # hot path writes one marker per tenant and pipeline.
 LIVE_RECORD_MARKER_TTL = 900
+# How long a check call's marker stays (check_and_count.lua): the same window, for the same reason.
+CALL_MARKER_TTL = LIVE_RECORD_MARKER_TTL
+_CALL_TTL_ARG = b"$%d\r\n%d\r\n" % (len(str(CALL_MARKER_TTL)), CALL_MARKER_TTL)
 SEEN_EVERY = 60.0  # seconds between two writes of one tenant to the tenant index, per process
 # A tenant that sent no traffic for this long leaves the index (its usage keys are gone by then: two
 # periods and PERIOD_KEY_GRACE), and the index never holds more than SEEN_MAX tenants (the least
@@ -77,9 +81,22 @@ class StoreUnavailable(Exception):
     must wait for it, or a call Redis ran would be counted twice.
     """
 
-    def __init__(self, message: str, *, applied: asyncio.Future[bool] | None = None) -> None:
+    def __init__(self, message: str, *, applied: asyncio.Future[bool] | None = None,
+                 call: CallRef | None = None) -> None:
         super().__init__(message)
         self.applied = applied
+        # A check sent in a script call whose reply never came: (the call's marker, the request's place in
+        # it). Whatever settles the request later (spool replay, give-back) is decided by that marker in
+        # Redis, atomically (record.lua), so the request counts once whether or not the call ran.
+        self.call = call
+
+    def for_call(self, call: CallRef) -> StoreUnavailable:
+        return StoreUnavailable(str(self), applied=self.applied, call=call)
+
+
+# A request of a check call: the call's marker key (`<bucket key>:c:<call id>`) and the request's place
+# in the call (1-based).
+CallRef = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +158,11 @@ class Record:
     count: Units = ()  # period counter only
     bill: Units = ()  # bucket only
     record_id: str | None = None  # applied at most once (spool replay); None: no marker
+    # Applied only as a check call whose reply was lost decided (see StoreUnavailable.call): unless the
+    # call admitted the request (the spooled counts of a request served), or, with `only_if_admitted`,
+    # only if it did (the give-back of a request refused or abandoned meanwhile).
+    check_call: CallRef | None = None
+    only_if_admitted: bool = False
 
     @classmethod
     def from_admitted(cls, check: Check, record_id: str | None = None) -> Record:
@@ -210,17 +232,19 @@ class PreparedCheck:
             decisions.append(Decision(allowed, reason, meter, retry_after, used, None if remaining < 0 else remaining))
         return decisions
 
-    def pack(self, nows: Sequence[bytes]) -> bytes:
-        """The whole command for requests at `nows` (microseconds, as digits)."""
-        return b"".join((b"*%d\r\n" % (self.argc + len(nows)), self.head, _bulk(len(nows)),
-                         *[b"$%d\r\n%s\r\n" % (len(now), now) for now in nows], self.tail))
+    def pack(self, nows: Sequence[bytes], call_id: str) -> bytes:
+        """The whole command for requests at `nows` (microseconds, as digits) in the call `call_id`."""
+        return b"".join((b"*%d\r\n" % (self.argc + len(nows) + 2), self.head, _bulk(len(nows)),
+                         *[b"$%d\r\n%s\r\n" % (len(now), now) for now in nows], _bulk(call_id), _CALL_TTL_ARG,
+                         self.tail))
 
 
 class _Call:
     """One script call waiting for a pipeline: a record, a check, or a group of checks sent as one call
     (`members`). `future` is None for calls nobody awaits: records of `record_later` and groups."""
 
-    __slots__ = ("args", "future", "keys", "members", "on_failure", "packed", "parse", "prepared", "script")
+    __slots__ = ("args", "future", "keys", "marker", "members", "on_failure", "packed", "parse", "prepared",
+                 "script")
     on_abandoned = None  # only the checks of a group (`_Check`) are told what they counted late
 
     def __init__(self, script: _Script, keys: list[str], args: list[Any], parse: Callable[[Any], Any],
@@ -234,6 +258,7 @@ class _Call:
         self.packed: bytes | None = None  # a group of checks: the command in RESP already, for the RESP connection
         self.prepared: PreparedCheck | None = None  # a group of checks: the rules they share
         self.members: list[_Check] | None = None  # a group of checks: those checks, in order
+        self.marker: str | None = None  # a group of checks, once sent: its call marker (check_and_count.lua)
 
 
 class _Check:
@@ -318,6 +343,19 @@ def _calls(batch: list[_Call]) -> list[_Call | _Check]:
     return [member for call in batch for member in (call.members if call.members is not None else (call,))]
 
 
+def _call_refs(batch: list[_Call]) -> list[CallRef | None]:
+    """For each of `_calls(batch)`: its call marker and place for a check of a sent group, else None."""
+    refs: list[CallRef | None] = []
+    for call in batch:
+        if call.members is None:
+            refs.append(None)
+        elif call.marker is None:
+            refs += [None] * len(call.members)
+        else:
+            refs += [(call.marker, index) for index in range(1, len(call.members) + 1)]
+    return refs
+
+
 def _expand(batch: list[_Call], replies: list[Any]) -> list[Any]:
     """The reply of each of `_calls(batch)`, from the replies to `batch` (None where a reply is missing)."""
     out: list[Any] = []
@@ -351,8 +389,9 @@ def _late_replies(done: asyncio.Future[list[Any]], batch: list[_Call]) -> list[A
 
 def _fail(call: _Call | _Check, error: StoreUnavailable) -> None:
     if call.members is not None:
-        for member in call.members:
-            _fail(member, error)
+        marker = call.marker  # type: ignore[union-attr]
+        for index, member in enumerate(call.members, 1):
+            _fail(member, error if marker is None else error.for_call((marker, index)))
         return
     future = call.future
     if future is None:
@@ -450,6 +489,7 @@ class RedisUsageStore:
         # Ids of the request path's merged records: unique per process (a random prefix) and cheap (a count).
         self._id_prefix = f"l{uuid.uuid4().hex[:12]}-"
         self._record_ids = 0
+        self._call_ids = 0
         self.round_trips = 0  # pipelines sent (a cluster pipeline is one per node, concurrently)
         # The loop the store is first used in, and stays in (as a redis-py client does). Kept because
         # asyncio.get_running_loop() makes a getpid() system call each time on Linux (Python 3.11).
@@ -537,8 +577,11 @@ class RedisUsageStore:
         """
         if record.is_empty():
             return
-        if record.record_id is not None:  # idempotent replays stay one call each
-            call = self._record_call(record, awaited=False)
+        if record.record_id is not None or record.check_call is not None:  # replays and conditions: a call each
+            if record.record_id is None:  # an id, so that a spooled copy after a lost reply applies once
+                self._record_ids += 1
+                record = dataclasses.replace(record, record_id=f"{self._id_prefix}{self._record_ids:x}")
+            call = self._record_call(record, awaited=False, marker_ttl=LIVE_RECORD_MARKER_TTL)
             call.on_failure = lambda error: on_failure(record, error)
             self._enqueue(call, record.tenant)
             return
@@ -585,6 +628,12 @@ class RedisUsageStore:
             if not math.isfinite(value):
                 raise ValueError(f"gauge {meter} must be finite, got {value!r}")
             args += [meter, repr(float(value))]
+        if record.check_call is not None:
+            marker, index = record.check_call
+            if not marker.startswith(keys.tenant_prefix(tenant)) or type(index) is not int or index < 1:
+                raise ValueError(f"not a check call of tenant {tenant!r}: {record.check_call!r}")
+            key_list.append(marker)
+            args += [index, 2 if record.only_if_admitted else 1, CALL_MARKER_TTL]
         future = self._running_loop().create_future() if awaited else None
         return _Call(RECORD_SCRIPT, key_list, args, _applied, future)
 
@@ -734,10 +783,13 @@ class RedisUsageStore:
                 prepared = call.prepared
                 assert prepared is not None
                 nows = [m.now for m in members]
+                self._call_ids += 1
+                call_id = f"{self._id_prefix}{self._call_ids:x}"
+                call.marker = f"{prepared.keys[1]}:c:{call_id}"  # beside the bucket key: the tenant's slot
                 if self._resp is not None:  # the RESP connection sends the command as it is
-                    call.packed = prepared.pack(nows)
+                    call.packed = prepared.pack(nows, call_id)
                 else:  # redis-py packs the arguments (a cluster, TLS)
-                    call.args = [len(nows), *nows, *prepared.args]
+                    call.args = [len(nows), *nows, call_id, CALL_MARKER_TTL, *prepared.args]
             batch.append(call)
         self._pending = []
         self._pending_checks = {}
@@ -874,8 +926,8 @@ class RedisUsageStore:
         self._late.add(late)
         late.add_done_callback(self._late.discard)
         late.add_done_callback(lambda done: _resolve_late(calls, _late_replies(done, batch), outcomes))
-        for call, applied in zip(calls, outcomes, strict=True):
-            _fail(call, StoreUnavailable(str(exc), applied=applied))
+        for call, applied, ref in zip(calls, outcomes, _call_refs(batch), strict=True):
+            _fail(call, StoreUnavailable(str(exc), applied=applied, call=ref))
 
     @staticmethod
     def _deliver(batch: list[_Call], replies: list[Any]) -> None:

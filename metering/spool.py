@@ -68,6 +68,8 @@ def to_entry(record: Record) -> dict[str, Any]:
     }
     for name in _PAIRS:
         entry[name] = [list(pair) for pair in getattr(record, name)]
+    if record.check_call is not None:
+        entry["call"] = [record.check_call[0], record.check_call[1], 2 if record.only_if_admitted else 1]
     return entry
 
 
@@ -94,11 +96,16 @@ def from_entry(entry: Any) -> Record:
         raise ValueError("bad tenant or epoch")
     if not isinstance(entry["id"], str):
         raise ValueError("bad id")
+    call = entry.get("call")
+    if call is not None and not (isinstance(call, list) and len(call) == 3 and isinstance(call[0], str)
+                                 and type(call[1]) is int and call[2] in (1, 2)):
+        raise ValueError("bad call")
     return Record(
         entry["tenant"], *ints,
         refund=_pairs(entry["refund"], int), add=_pairs(entry["add"], int),
         gauges=_pairs(entry["gauges"], float), count=_pairs(entry["count"], int),
         bill=_pairs(entry["bill"], int), record_id=entry["id"],
+        check_call=None if call is None else (call[0], call[1]), only_if_admitted=call is not None and call[2] == 2,
     )
 
 

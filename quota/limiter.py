@@ -191,8 +191,12 @@ class Limiter:
         return record, plan
 
     def _past_due_too_long(self, record: TenantRecord) -> bool:
-        """Past due is served for a grace (Stripe retries the payment meanwhile), then refused."""
-        since = record.subscription_changed_at
+        """Past due is served for a grace (Stripe retries the payment meanwhile), then refused.
+
+        The grace counts from when the subscription became past due, not from its latest event: Stripe
+        sends more events during a past-due spell (a failed retry, an invoice), and none may extend it.
+        A record from before `past_due_since` existed falls back to its latest event."""
+        since = record.past_due_since or record.subscription_changed_at
         return (record.subscription_status == "past_due" and since is not None
                 and self._clock() - since.timestamp() > self._settings.past_due_grace_seconds)
 
@@ -233,8 +237,7 @@ class Limiter:
             self._metrics.store_error()
             # A full fail-open spool (at its cap, or the disk refusing writes) refuses as fail_closed does.
             if not self._settings.fail_open or self._spool.full:
-                if error.applied is not None:  # refused here, but Redis may count it late: give it back then
-                    error.applied.add_done_callback(lambda done: self._give_back_late(admission, done))
+                self._give_back_unknown(admission, error)  # refused here, but Redis may have counted it
                 detail = ("the usage store is unavailable" if not self._settings.fail_open
                           else "the usage store is unavailable and the fail-open spool is full")
                 raise Refusal("unavailable", detail, tenant=tenant, plan=compiled.plan, retry_after=1) from None
@@ -302,9 +305,10 @@ class Limiter:
             name: (quota.limit * self._settings.alert_from, quota.limit)
             for name, quota in quotas.items() if quota.limit is not None}
         until = min(period_end, bucket + bucket_seconds)
-        if record is not None and record.subscription_status == "past_due" and record.subscription_changed_at:
+        past_due_since = None if record is None else record.past_due_since or record.subscription_changed_at
+        if record is not None and record.subscription_status == "past_due" and past_due_since is not None:
             # Refused once its grace has run out (`resolve`): the next request must look again.
-            until = min(until, record.subscription_changed_at.timestamp() + self._settings.past_due_grace_seconds)
+            until = min(until, past_due_since.timestamp() + self._settings.past_due_grace_seconds)
         where = (tenant, period_start, period_end, bucket, BUCKET_TTL)
         writable_until = bucket + bucket_seconds + self._settings.grace_seconds - 1
         return Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
@@ -314,8 +318,7 @@ class Limiter:
     def _give_back(self, admission: Admission, outcome: Decision | StoreUnavailable) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
         if isinstance(outcome, StoreUnavailable):
-            if outcome.applied is not None:
-                outcome.applied.add_done_callback(lambda applied: self._give_back_late(admission, applied))
+            self._give_back_unknown(admission, outcome)
             return
         if outcome.allowed:
             self._refund_all(admission)
@@ -397,12 +400,28 @@ class Limiter:
         self._spool_unless_applied(record, error)  # fail-open or not: a counted response is never lost
 
     def _spool_unless_applied(self, item: Record | Check, error: StoreUnavailable) -> None:
-        """Spool what Redis did not count. A call that timed out after it was sent may still have run:
-        then wait for its late answer, since spooling it as well would count it twice."""
+        """Spool what Redis did not count. A call that was sent may still have run (a timeout, a lost
+        connection): a check's counts are spooled at once with its call marker, which decides at replay,
+        in Redis, whether they still apply; a record waits for its late answer (its own id guards the rest)."""
+        if isinstance(item, Check) and error.call is not None:
+            self._spool.append(dataclasses.replace(Record.from_admitted(item), check_call=error.call))
+            return
         if error.applied is None:
             self._spool.append(item)
             return
         error.applied.add_done_callback(lambda done: None if done.result() else self._spool.append(item))
+
+    def _give_back_unknown(self, admission: Admission, error: StoreUnavailable) -> None:
+        """Give back what a check whose outcome is unknown may have counted: decided in Redis by the call's
+        marker (only if the call admitted it), or by its late answer."""
+        if error.call is not None:
+            refund = tuple((m.name, 1) for m in admission.compiled.counted)
+            if refund:
+                record = dataclasses.replace(self._record(admission.compiled, refund=refund),
+                                             check_call=error.call, only_if_admitted=True)
+                self._store.record_later(record, self._on_record_failure)
+        elif error.applied is not None:
+            error.applied.add_done_callback(lambda applied: self._give_back_late(admission, applied))
 
     def _give_back_late(self, admission: Admission, applied: asyncio.Future[bool]) -> None:
         if applied.result():
@@ -410,20 +429,26 @@ class Limiter:
 
     def rebucket(self, record: Record) -> Record:
         """A spooled record whose billing bucket has closed meanwhile, moved into the open bucket."""
-        writable = self._writable_bucket(record.bucket_start)
+        writable = self._writable_bucket(record.bucket_start, record.period_end)
         return record if writable == record.bucket_start else dataclasses.replace(record, bucket_start=writable)
 
-    def _writable_bucket(self, start: int) -> int:
-        """`start`, unless the sync worker may have closed that billing bucket by now: then the current one.
+    def _writable_bucket(self, start: int, period_end: int) -> int:
+        """`start`, unless the sync worker may have closed that billing bucket by now: then the current one,
+        if it lies in the same period.
 
         A bucket is closed `grace_seconds` after its end and then moved to the ledger; a late write goes to
         the current bucket instead, so nothing lands in a bucket already billed (a refund there is carried
-        as a debit, so the tenant's billed total stays right).
+        as a debit, so the tenant's billed total stays right). Never into another period, though: a late
+        write of a period that has ended stays in its own bucket, and the sync worker nets it within that
+        period or parks it (PRODUCT.md §8: refunds are never carried into another period).
         """
         settings = self._settings
         now = self._clock()
         writable_until = start + settings.bucket_seconds + settings.grace_seconds - 1
-        return start if now < writable_until else bucket_start(now, settings.bucket_seconds)
+        if now < writable_until:
+            return start
+        current = bucket_start(now, settings.bucket_seconds)
+        return current if current < period_end else start
 
     def _where(self, compiled: Compiled) -> RecordKey:
         """Where what follows an admission is recorded: its own bucket while the sync worker cannot have
@@ -431,7 +456,7 @@ class Limiter:
         if self._clock() < compiled.writable_until:
             return compiled.where
         tenant, period_start, period_end, bucket, ttl = compiled.where
-        return tenant, period_start, period_end, self._writable_bucket(bucket), ttl
+        return tenant, period_start, period_end, self._writable_bucket(bucket, period_end), ttl
 
     def _record(self, compiled: Compiled, **parts: Any) -> Record:
         """A record of what happened after an admission, in the bucket it may still write to."""

@@ -10,7 +10,7 @@
 -- KEYS[2]            billing bucket hash (meter -> billable units)
 -- KEYS[3..2+nc]      period counter of each counter rule
 -- KEYS[3+nc..]       gauge key of each guard rule
--- ARGV: n, now_1 .. now_n (whole microseconds), then
+-- ARGV: n, now_1 .. now_n (whole microseconds), call_id, marker_ttl, then
 --       expire_at (period keys), period_end, bucket_ttl,
 --       has_rate, per_second, burst,
 --       nc, then nc x (meter, units, limit or "", enforce 0|1),
@@ -24,9 +24,26 @@
 --        caller works it out), so an admitted request costs one integer in the reply.
 -- Floats travel as strings: Redis truncates Lua numbers to integers in replies.
 -- The times come from the caller's clock (not TIME), so tests can fix the time.
+--
+-- The call marker: a call whose reply the gateway never got (a lost connection, a timeout) has an
+-- unknown outcome. The script records, atomically with its effects, which of its requests it admitted
+-- ('1'/'0' per request) under <bucket key>:c:<call_id> for marker_ttl seconds. Whoever settles such a
+-- call later (a spool replay of an admitted request, the give-back of a refused one) reads the marker,
+-- or writes 'f' there first when it is missing: a call marked 'f' has been settled as never run, and
+-- refuses to run if its bytes reach Redis afterwards (error FENCED). The marker key shares the tenant's
+-- hash tag with KEYS[2], so it lives in the same cluster slot.
 
 local n = tonumber(ARGV[1])
-local o = n + 1 -- ARGV[o + k] is the k-th argument after the times
+local call_id = ARGV[n + 2]
+local marker_ttl = tonumber(ARGV[n + 3])
+local marker
+if call_id ~= '' then
+  marker = KEYS[2] .. ':c:' .. call_id
+  if redis.call('EXISTS', marker) == 1 then
+    return redis.error_reply('FENCED this call was settled as never run')
+  end
+end
+local o = n + 3 -- ARGV[o + k] is the k-th argument after the times and the call id and marker ttl
 local expire_at = tonumber(ARGV[o + 1])
 local period_end = tonumber(ARGV[o + 2])
 local bucket_ttl = tonumber(ARGV[o + 3])
@@ -88,6 +105,7 @@ for i = 1, ng do
   before[nc + i] = fmt(guards[i].value)
 end
 local replies = {before}
+local flags = {}
 for j = 1, n do
   local now = tonumber(ARGV[1 + j]) / 1000000
   local reason, meter, retry_after = '', '', 0
@@ -138,8 +156,10 @@ for j = 1, n do
       tat, last_now = new_tat, now
     end
     replies[1 + j] = rate_remaining
+    flags[j] = '1'
   else
     replies[1 + j] = {reason, meter, fmt(retry_after), rate_remaining}
+    flags[j] = '0'
   end
 end
 
@@ -173,6 +193,10 @@ if admitted > 0 then
   if fresh then
     redis.call('EXPIRE', KEYS[2], bucket_ttl)
   end
+end
+
+if marker then
+  redis.call('SET', marker, table.concat(flags), 'EX', marker_ttl)
 end
 
 return replies

@@ -11,7 +11,12 @@
 --   count   add units to the period counter only (spooled admitted checks)
 --   bill    add units to the bucket only (spooled admitted checks; no key)
 --   gauge   set the gauge, and the bucket field to that last value
--- Reply: 1 applied, 0 already applied (marker present).
+-- Optionally, the outcome of a check call whose reply was lost decides (see check_and_count.lua): the
+-- last KEY is then that call's marker and the last two ARGV are (index of the request in the call,
+-- mode): mode 1 applies only if the call did not admit that request (the spooled counts of a request
+-- served while Redis did not answer), mode 2 only if it did (the give-back of a request refused or
+-- abandoned meanwhile). A missing marker is written as 'f' first: the call is settled as never run.
+-- Reply: 1 applied, 0 already applied (marker present), 2 not applied: the check call decided so.
 
 local expire_at = tonumber(ARGV[1])
 local bucket_ttl = tonumber(ARGV[2])
@@ -21,6 +26,26 @@ local marker_ttl = tonumber(ARGV[3])
 -- so a replay that failed halfway is not taken for done the next time.
 if marker_ttl > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
+end
+
+local n_entries = 0
+for i = 4, 8 do
+  n_entries = n_entries + tonumber(ARGV[i])
+end
+if #ARGV > 8 + 2 * n_entries then
+  local index = tonumber(ARGV[#ARGV - 2])
+  local mode = tonumber(ARGV[#ARGV - 1])
+  local call_ttl = tonumber(ARGV[#ARGV])
+  local call = KEYS[#KEYS]
+  local seen = redis.call('GET', call)
+  if not seen then
+    redis.call('SET', call, 'f', 'EX', call_ttl)
+    seen = 'f'
+  end
+  local admitted = seen ~= 'f' and string.sub(seen, index, index) == '1'
+  if (mode == 1 and admitted) or (mode == 2 and not admitted) then
+    return 2
+  end
 end
 
 local bucket = KEYS[1]

@@ -603,3 +603,73 @@ async def test_sigterm_spools_checks_whose_replies_never_came(upstream: Upstream
                 await asyncio.sleep(0.2)
     finally:
         survivor.terminate()
+
+
+async def _gateway_behind_a_fault_proxy(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path,
+                                        **redis: Any) -> tuple[GatewayProcess, FaultProxy]:
+    proxy = await FaultProxy(redis_server.port).start()
+    plans = {"starter": {"rate": {"per_second": 100000, "burst": 100000},
+                         "quotas": {"chain_deployments": {"limit": 1000}}}}
+    config = config_dict(upstream.url, proxy.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
+                         **overrides(plans=plans, redis=redis))
+    return GatewayProcess(config, tmp_path).start(), proxy
+
+
+async def _deployments_used(session: aiohttp.ClientSession, gateway: GatewayProcess, tenant: str,
+                            expected: int) -> int:
+    """The tenant's deployments once they settle at `expected` (spool replays run every second)."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            used = (await usage(session, gateway, tenant))["meters"]["chain_deployments"]["used"]
+        except AssertionError:  # 503 while the store is unreachable
+            used = None
+        if used == expected or time.monotonic() > deadline:
+            return used
+        await asyncio.sleep(0.2)
+
+
+async def test_checks_whose_replies_were_lost_count_once(upstream: Upstream, redis_server: RedisProcess,
+                                                         tmp_path: Path) -> None:
+    """Redis runs the checks but their replies are lost (then the connection is cut): the requests are
+    served (fail_open) and spooled, and each counts exactly once — the call marker tells the replay that
+    Redis counted them already (PRODUCT.md §5: no unit counted twice)."""
+    gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert [await post_deploy(session, gateway.url, "lossy") for _ in range(5)] == [200] * 5
+            proxy.drop_replies = True
+            statuses = await asyncio.gather(*(post_deploy(session, gateway.url, "lossy") for _ in range(20)))
+            assert statuses == [200] * 20
+            await asyncio.sleep(0.3)
+            proxy.cut()  # the connection that carried them is gone
+            proxy.drop_replies = False
+            assert [await post_deploy(session, gateway.url, "lossy") for _ in range(5)] == [200] * 5
+            assert await _deployments_used(session, gateway, "lossy", 30) == 30
+            await asyncio.sleep(1.5)  # a replay that came later would show now
+            assert await _deployments_used(session, gateway, "lossy", 30) == 30
+    finally:
+        gateway.terminate()
+        await proxy.close()
+
+
+async def test_refused_checks_whose_replies_were_lost_are_given_back_once(
+        upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> None:
+    """Under fail_closed a check without an answer is refused with 503; Redis did run it, so what it counted
+    is given back — exactly once, though the give-back's own reply is lost too."""
+    gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path, on_error="fail_closed")
+    try:
+        async with aiohttp.ClientSession() as session:
+            assert [await post_deploy(session, gateway.url, "closed-lossy") for _ in range(3)] == [200] * 3
+            proxy.drop_replies = True
+            statuses = await asyncio.gather(*(post_deploy(session, gateway.url, "closed-lossy") for _ in range(10)))
+            assert statuses == [503] * 10
+            await asyncio.sleep(0.3)
+            proxy.cut()
+            proxy.drop_replies = False
+            assert await _deployments_used(session, gateway, "closed-lossy", 3) == 3
+            await asyncio.sleep(1.5)
+            assert await _deployments_used(session, gateway, "closed-lossy", 3) == 3
+    finally:
+        gateway.terminate()
+        await proxy.close()

@@ -237,3 +237,19 @@ async def test_which_subscription_statuses_are_served(setup, status: str | None,
     with pytest.raises(Refusal) as refused:
         await limiter.admit("subscriber", None, "GET", "/api/chains")
     assert refused.value.kind == "subscription_inactive"
+
+
+async def test_a_late_refund_never_lands_in_the_next_period(setup) -> None:
+    """A 5xx that completes after its period ended gives its units back in its own period's bucket (the
+    sync worker nets it there or parks it), never in the next period's (PRODUCT.md §8)."""
+    limiter, store, _, clock, _ = setup
+    period_start, period_end = limiter.period(None, clock.now)
+    clock.now = period_end - 100  # the last bucket of the period
+    admission = await limiter.admit("late-refund", None, "POST", DEPLOY)
+    last = admission.compiled.bucket
+    assert last < period_end <= last + 300
+    clock.now = period_end + 600  # next month, the old bucket long closed
+    limiter.complete(admission, 504, 0, 0, None)
+    await limiter.drain()
+    assert (await store.bucket("late-refund", last)).get("chain_deployments") == 0  # +1 admitted, -1 refunded
+    assert await store.bucket("late-refund", period_end + 600 - 600 % 300) == {}
