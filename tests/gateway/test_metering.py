@@ -629,6 +629,26 @@ async def _deployments_used(session: aiohttp.ClientSession, gateway: GatewayProc
         await asyncio.sleep(0.2)
 
 
+async def _deploy_losing_replies(session: aiohttp.ClientSession, gateway: GatewayProcess, proxy: FaultProxy,
+                                 tenant: str, *, before: int, lost: int) -> list[int]:
+    """`before` deployments answered normally, then `lost` whose replies from Redis are dropped (Redis runs
+    them) before their connection is cut; the statuses of those."""
+    assert [await post_deploy(session, gateway.url, tenant) for _ in range(before)] == [200] * before
+    proxy.drop_replies = True
+    statuses = await asyncio.gather(*(post_deploy(session, gateway.url, tenant) for _ in range(lost)))
+    await asyncio.sleep(0.3)
+    proxy.cut()  # the connection that carried them is gone
+    proxy.drop_replies = False
+    return list(statuses)
+
+
+async def _assert_settles_at(session: aiohttp.ClientSession, gateway: GatewayProcess, tenant: str,
+                             expected: int) -> None:
+    assert await _deployments_used(session, gateway, tenant, expected) == expected
+    await asyncio.sleep(1.5)  # a replay or give-back that came later would show now
+    assert await _deployments_used(session, gateway, tenant, expected) == expected
+
+
 async def test_checks_whose_replies_were_lost_count_once(upstream: Upstream, redis_server: RedisProcess,
                                                          tmp_path: Path) -> None:
     """Redis runs the checks but their replies are lost (then the connection is cut): the requests are
@@ -637,17 +657,9 @@ async def test_checks_whose_replies_were_lost_count_once(upstream: Upstream, red
     gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path)
     try:
         async with aiohttp.ClientSession() as session:
+            assert await _deploy_losing_replies(session, gateway, proxy, "lossy", before=5, lost=20) == [200] * 20
             assert [await post_deploy(session, gateway.url, "lossy") for _ in range(5)] == [200] * 5
-            proxy.drop_replies = True
-            statuses = await asyncio.gather(*(post_deploy(session, gateway.url, "lossy") for _ in range(20)))
-            assert statuses == [200] * 20
-            await asyncio.sleep(0.3)
-            proxy.cut()  # the connection that carried them is gone
-            proxy.drop_replies = False
-            assert [await post_deploy(session, gateway.url, "lossy") for _ in range(5)] == [200] * 5
-            assert await _deployments_used(session, gateway, "lossy", 30) == 30
-            await asyncio.sleep(1.5)  # a replay that came later would show now
-            assert await _deployments_used(session, gateway, "lossy", 30) == 30
+            await _assert_settles_at(session, gateway, "lossy", 30)
     finally:
         gateway.terminate()
         await proxy.close()
@@ -660,16 +672,9 @@ async def test_refused_checks_whose_replies_were_lost_are_given_back_once(
     gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path, on_error="fail_closed")
     try:
         async with aiohttp.ClientSession() as session:
-            assert [await post_deploy(session, gateway.url, "closed-lossy") for _ in range(3)] == [200] * 3
-            proxy.drop_replies = True
-            statuses = await asyncio.gather(*(post_deploy(session, gateway.url, "closed-lossy") for _ in range(10)))
+            statuses = await _deploy_losing_replies(session, gateway, proxy, "closed-lossy", before=3, lost=10)
             assert statuses == [503] * 10
-            await asyncio.sleep(0.3)
-            proxy.cut()
-            proxy.drop_replies = False
-            assert await _deployments_used(session, gateway, "closed-lossy", 3) == 3
-            await asyncio.sleep(1.5)
-            assert await _deployments_used(session, gateway, "closed-lossy", 3) == 3
+            await _assert_settles_at(session, gateway, "closed-lossy", 3)
     finally:
         gateway.terminate()
         await proxy.close()
