@@ -228,11 +228,17 @@ class Limiter:
             if fresh:
                 self._keep_compiled(key, compiled)
             return admission  # nothing to check or count: no Redis round trip
+        # If the client goes away meanwhile, a check already sent still completes, and what it counted
+        # for a request that will never be forwarded is given back (the store calls _give_back).
+        decided = self._store.submit_check(compiled.prepared, now, lambda outcome: self._give_back(admission, outcome))
         try:
-            # If the client goes away meanwhile, a check already sent still completes, and what it
-            # counted for a request that will never be forwarded is given back.
-            decision = await self._store.submit_check(compiled.prepared, now,
-                                                      lambda outcome: self._give_back(admission, outcome))
+            decision = await decided
+        except asyncio.CancelledError:
+            if decided.done() and not decided.cancelled():
+                # Cancelled after the store had answered but before this task ran again: the store saw its
+                # answer taken, so the give-back is ours.
+                self._give_back(admission, decided.exception() or decided.result())
+            raise
         except StoreUnavailable as error:
             self._metrics.store_error()
             # A full fail-open spool (at its cap, or the disk refusing writes) refuses as fail_closed does.

@@ -243,7 +243,7 @@ async def test_a_late_refund_never_lands_in_the_next_period(setup) -> None:
     """A 5xx that completes after its period ended gives its units back in its own period's bucket (the
     sync worker nets it there or parks it), never in the next period's (PRODUCT.md §8)."""
     limiter, store, _, clock, _ = setup
-    period_start, period_end = limiter.period(None, clock.now)
+    _, period_end = limiter.period(None, clock.now)
     clock.now = period_end - 100  # the last bucket of the period
     admission = await limiter.admit("late-refund", None, "POST", DEPLOY)
     last = admission.compiled.bucket
@@ -253,3 +253,36 @@ async def test_a_late_refund_never_lands_in_the_next_period(setup) -> None:
     await limiter.drain()
     assert (await store.bucket("late-refund", last)).get("chain_deployments") == 0  # +1 admitted, -1 refunded
     assert await store.bucket("late-refund", period_end + 600 - 600 % 300) == {}
+
+
+@pytest.mark.parametrize("stalled", [False, True])
+async def test_a_request_cancelled_just_as_its_check_was_answered_gives_its_units_back(
+        setup, redis_server: RedisProcess, stalled: bool) -> None:
+    """The client goes away (the handler is cancelled) after the store answered but before the request's task
+    ran again: the store's future is not cancelled, so the limiter itself gives back what the check counted —
+    also when the answer was a timeout of a check that Redis ran anyway (found by the chaos harness)."""
+    limiter, store, client, _, _ = setup
+    await limiter.admit("racy", None, "GET", "/api/chains")  # connected, scripts loaded
+    real = store.submit_check
+    admitting: asyncio.Future[object] | None = None
+
+    def racing(prepared: object, now: float, on_abandoned: object = None) -> asyncio.Future[object]:
+        future = real(prepared, now, on_abandoned)  # type: ignore[arg-type]
+        # Runs before the admitting task's wake-up, which is registered later (when it awaits the future).
+        future.add_done_callback(lambda _: admitting.cancel())  # type: ignore[union-attr]
+        return future
+
+    store.submit_check = racing  # type: ignore[method-assign]
+    stall = asyncio.ensure_future(client.eval(BUSY_SCRIPT, 0, 300_000)) if stalled else None
+    await asyncio.sleep(0.01)
+    admitting = asyncio.ensure_future(limiter.admit("racy", None, "POST", DEPLOY))
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    store.submit_check = real  # type: ignore[method-assign]
+    if stall is not None:
+        await stall
+    for _ in range(50):
+        if (await counted(limiter, "racy"))["chain_deployments"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await counted(limiter, "racy"))["chain_deployments"] == 0
