@@ -11,7 +11,7 @@ CONFIG ?= config/example.yaml
 DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs256-secret-change-me-0123456789abcdef} \
                GATEWAY_ADMIN_TOKENS=$${GATEWAY_ADMIN_TOKENS:-dev:dev-admin-token-change-me}
 
-.PHONY: run test fuzz bench bench-sync lint token redis-server clean demo
+.PHONY: run test fuzz bench bench-sync lint token redis-server clean demo chaos
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,14 @@ FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP) redis-server
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 \
 		--hypothesis-show-statistics tests/fuzz tests/gateway/test_admin_schemathesis.py $(PYTEST_ARGS)
+
+# The chaos harness at length (tests/chaos, issue 10 §4): SECONDS of traffic under a fault schedule drawn
+# from SEED (empty: a random seed, printed), then Σ Stripe = Σ ledger = Σ billable. `make test` runs ~22 s of it.
+SECONDS ?= 600
+SEED ?=
+chaos: $(STAMP) redis-server
+	CHAOS_SECONDS=$(SECONDS) CHAOS_SEED=$(SEED) $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/chaos -k long \
+		$(PYTEST_ARGS)
 
 demo: $(STAMP) redis-server
 	$(BIN)/cosmos-gateway demo --config $(CONFIG)
