@@ -3,7 +3,9 @@
 Bytes pass both ways until a fault is switched on:
 - `blackhole`: what clients send is swallowed (never reaches the server) and the connection stays open,
   as a server that stalls before it reads;
-- `drop_replies`: what the server sends back is swallowed, as replies lost on the way;
+- `drop_replies`: what the server sends back is swallowed, as replies lost on the way; a connection that
+  lost a reply never forwards one again (TCP loses nothing in the middle of a stream: the rest would be
+  read as the answers to other commands), until it is cut;
 - `cut()`: every open connection is closed at once.
 Each fault applies to the connections open now and to new ones until it is switched off.
 """
@@ -42,8 +44,9 @@ class FaultProxy:
             client_writer.close()
             return
         self._writers |= {client_writer, server_writer}
-        upstream = asyncio.ensure_future(self._pipe(client_reader, server_writer, towards_server=True))
-        downstream = asyncio.ensure_future(self._pipe(server_reader, client_writer, towards_server=False))
+        lost = [False]  # this connection dropped a reply: it stays mute
+        upstream = asyncio.ensure_future(self._pipe(client_reader, server_writer, towards_server=True, lost=lost))
+        downstream = asyncio.ensure_future(self._pipe(server_reader, client_writer, towards_server=False, lost=lost))
         self._tasks |= {upstream, downstream}
         await asyncio.wait({upstream, downstream}, return_when=asyncio.FIRST_COMPLETED)
         for task in (upstream, downstream):
@@ -53,12 +56,14 @@ class FaultProxy:
             self._writers.discard(writer)
         self._tasks -= {upstream, downstream}
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, towards_server: bool) -> None:
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, towards_server: bool,
+                    lost: list[bool]) -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while data := await reader.read(65536):
                 if towards_server and self.blackhole:
                     continue
-                if not towards_server and self.drop_replies:
+                if not towards_server and (self.drop_replies or lost[0]):
+                    lost[0] = True
                     continue
                 if towards_server:
                     self.forwarded += len(data)
