@@ -171,6 +171,11 @@ class Spool:
         self._buffer: list[bytes] = []
         self._buffered = 0  # bytes in _buffer, and in a write under way
         self._batch_ready = asyncio.Event()
+        # Group commit: lines appended and lines on disk, counted; `sync()` waits for the second to reach the
+        # first, and every successful write wakes those waiting.
+        self._appended = 0
+        self._synced = 0
+        self._written: asyncio.Event | None = None
         self._lock = asyncio.Lock()  # writes to the live file
         self._replaying = asyncio.Lock()  # one replay or takeover at a time
         self._flusher: asyncio.Task[None] | None = None
@@ -216,6 +221,7 @@ class Spool:
             return None
         self._buffer.append(line)
         self._buffered += size
+        self._appended += 1
         if len(self._buffer) >= self.flush_batch or self._buffered >= FLUSH_BYTES:
             self._batch_ready.set()
         if self._flusher is None:
@@ -250,6 +256,21 @@ class Spool:
         """Write and fsync everything buffered; OSError when the disk refuses (the lines stay buffered)."""
         async with self._lock:
             await self._write_buffer()
+
+    async def sync(self) -> None:
+        """Wait until every line appended so far is written and fsync'd (bound the wait with
+        `asyncio.timeout`). Concurrent callers share one write (a group commit): an admission under
+        fail_open waits for this before its request goes on, so a SIGKILL cannot lose what was counted at
+        admission."""
+        target = self._appended
+        while self._synced < target:
+            if self._written is None:
+                self._written = asyncio.Event()
+            written = self._written
+            self._batch_ready.set()  # the flusher writes now instead of at the end of its interval
+            if self._flusher is None:
+                self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+            await written.wait()
 
     async def aclose(self) -> None:
         """Write what is buffered and let go of the files; an empty file of ours is removed."""
@@ -313,6 +334,10 @@ class Spool:
             raise error
         self._buffered -= size
         self._on_disk += len(lines)
+        self._synced += len(lines)
+        if self._written is not None:
+            self._written.set()
+            self._written = None
         if self._failing:
             log.warning("fail-open spool %s: writing works again", self.folder)
             self._failing = False

@@ -52,6 +52,8 @@ log = logging.getLogger("cosmos_gateway.limiter")
 COMPILED_CACHE_SIZE = 20_000
 COMPILED_CACHE_BYTES = 32 << 20
 _COMPILED_ENTRY_OVERHEAD = 2048  # the Compiled, its Check, rules and tuples beyond the strings counted
+# An admission under fail_open waits this long at most for its spooled counts to reach the disk.
+SPOOL_SYNC_SECONDS = 1.0
 # A shutdown waits this long at most for the store: a late reply is awaited LATE_REPLY_SECONDS (5 s).
 DRAIN_SECONDS = 8.0
 BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
@@ -249,6 +251,13 @@ class Limiter:
                 raise Refusal("unavailable", detail, tenant=tenant, plan=compiled.plan, retry_after=1) from None
             self._spool_unless_applied(compiled.check, error)  # replayed into Redis, once, when it is back
             admission.spooled = True
+            # Counted at admission means on disk before the request goes on: a SIGKILL loses none of it
+            # (PRODUCT.md §5). Concurrent admissions share the write; a disk that does not answer in time
+            # does not hold the request (it is served, its count waits in memory, and later admissions are
+            # refused while the spool cannot write).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SPOOL_SYNC_SECONDS):
+                    await self._spool.sync()
             if fresh:
                 self._keep_compiled(key, compiled)
             return admission
