@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -606,14 +607,21 @@ async def test_sigterm_spools_checks_whose_replies_never_came(upstream: Upstream
         survivor.terminate()
 
 
-async def _gateway_behind_a_fault_proxy(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path,
-                                        **redis: Any) -> tuple[GatewayProcess, FaultProxy]:
+@contextlib.asynccontextmanager
+async def _behind_a_fault_proxy(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path,
+                                **redis: Any) -> AsyncIterator[tuple[GatewayProcess, FaultProxy]]:
+    """A gateway whose Redis is reached through a fault proxy; both stopped at the end."""
     proxy = await FaultProxy(redis_server.port).start()
     plans = {"starter": {"rate": {"per_second": 100000, "burst": 100000},
                          "quotas": {"chain_deployments": {"limit": 1000}}}}
     config = config_dict(upstream.url, proxy.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
                          **overrides(plans=plans, redis=redis))
-    return GatewayProcess(config, tmp_path).start(), proxy
+    gateway = GatewayProcess(config, tmp_path).start()
+    try:
+        yield gateway, proxy
+    finally:
+        gateway.terminate()
+        await proxy.close()
 
 
 async def _deployments_used(session: aiohttp.ClientSession, gateway: GatewayProcess, tenant: str,
@@ -655,30 +663,22 @@ async def test_checks_whose_replies_were_lost_count_once(upstream: Upstream, red
     """Redis runs the checks but their replies are lost (then the connection is cut): the requests are
     served (fail_open) and spooled, and each counts exactly once — the call marker tells the replay that
     Redis counted them already (PRODUCT.md §5: no unit counted twice)."""
-    gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path)
-    try:
-        async with aiohttp.ClientSession() as session:
-            assert await _deploy_losing_replies(session, gateway, proxy, "lossy", before=5, lost=20) == [200] * 20
-            assert [await post_deploy(session, gateway.url, "lossy") for _ in range(5)] == [200] * 5
-            await _assert_settles_at(session, gateway, "lossy", 30)
-    finally:
-        gateway.terminate()
-        await proxy.close()
+    async with _behind_a_fault_proxy(upstream, redis_server, tmp_path) as (gateway, proxy), \
+            aiohttp.ClientSession() as session:
+        assert await _deploy_losing_replies(session, gateway, proxy, "lossy", before=5, lost=20) == [200] * 20
+        assert [await post_deploy(session, gateway.url, "lossy") for _ in range(5)] == [200] * 5
+        await _assert_settles_at(session, gateway, "lossy", 30)
 
 
 async def test_refused_checks_whose_replies_were_lost_are_given_back_once(
         upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> None:
     """Under fail_closed a check without an answer is refused with 503; Redis did run it, so what it counted
     is given back — exactly once, though the give-back's own reply is lost too."""
-    gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path, on_error="fail_closed")
-    try:
-        async with aiohttp.ClientSession() as session:
-            statuses = await _deploy_losing_replies(session, gateway, proxy, "closed-lossy", before=3, lost=10)
-            assert statuses == [503] * 10
-            await _assert_settles_at(session, gateway, "closed-lossy", 3)
-    finally:
-        gateway.terminate()
-        await proxy.close()
+    async with _behind_a_fault_proxy(upstream, redis_server, tmp_path, on_error="fail_closed") as (gateway, proxy), \
+            aiohttp.ClientSession() as session:
+        statuses = await _deploy_losing_replies(session, gateway, proxy, "closed-lossy", before=3, lost=10)
+        assert statuses == [503] * 10
+        await _assert_settles_at(session, gateway, "closed-lossy", 3)
 
 
 async def test_sigkill_under_load_loses_at_most_100_ms_of_byte_counts(
@@ -731,19 +731,15 @@ async def test_sigkill_right_after_fail_open_answers_loses_no_deployment(
     """PRODUCT.md §5: SIGKILL loses nothing counted at admission. Under fail_open an admission is counted in
     the spool, and it is on disk before the request goes on: a gateway killed the moment its answers went
     out has lost none of them (the chaos harness found one lost within the spool's 50 ms flush interval)."""
-    gateway, proxy = await _gateway_behind_a_fault_proxy(upstream, redis_server, tmp_path)
-    config = yaml.safe_load(gateway.config_path.read_text())
-    try:
-        async with aiohttp.ClientSession() as session:
-            assert [await post_deploy(session, gateway.url, "killed-open") for _ in range(3)] == [200] * 3
-            proxy.blackhole = True  # checks time out: served fail-open, counted in the spool
-            statuses = await asyncio.gather(*(post_deploy(session, gateway.url, "killed-open") for _ in range(20)))
-            assert statuses == [200] * 20
-            assert gateway.process is not None
-            os.kill(gateway.process.pid, signal.SIGKILL)
-    finally:
-        gateway.stop()
-        await proxy.close()
+    async with _behind_a_fault_proxy(upstream, redis_server, tmp_path) as (gateway, proxy), \
+            aiohttp.ClientSession() as session:
+        config = yaml.safe_load(gateway.config_path.read_text())
+        assert [await post_deploy(session, gateway.url, "killed-open") for _ in range(3)] == [200] * 3
+        proxy.blackhole = True  # checks time out: served fail-open, counted in the spool
+        statuses = await asyncio.gather(*(post_deploy(session, gateway.url, "killed-open") for _ in range(20)))
+        assert statuses == [200] * 20
+        assert gateway.process is not None
+        os.kill(gateway.process.pid, signal.SIGKILL)
     config["redis"]["url"] = redis_server.url
     survivor = GatewayProcess(config, tmp_path).start()  # same spool folder: replays the dead one's file
     try:
