@@ -255,9 +255,14 @@ class Limiter:
             # (PRODUCT.md §5). Concurrent admissions share the write; a disk that does not answer in time
             # does not hold the request (it is served, its count waits in memory, and later admissions are
             # refused while the spool cannot write).
-            with contextlib.suppress(TimeoutError):
+            try:
                 async with asyncio.timeout(SPOOL_SYNC_SECONDS):
                     await self._spool.sync()
+            except TimeoutError:
+                pass
+            except asyncio.CancelledError:  # the client went away meanwhile: its request goes no further
+                self.abandon(admission)
+                raise
             if fresh:
                 self._keep_compiled(key, compiled)
             return admission
@@ -346,8 +351,13 @@ class Limiter:
 
     def _refund_all(self, admission: Admission) -> None:
         refund = tuple((m.name, 1) for m in admission.compiled.counted)
-        if refund:
-            self._store.record_later(self._record(admission.compiled, refund=refund), self._on_record_failure)
+        if not refund:
+            return
+        record = self._record(admission.compiled, refund=refund)
+        if admission.spooled:  # after the spooled admission, in the same file: replayed in that order
+            self._spool.append(record)
+            return
+        self._store.record_later(record, self._on_record_failure)
 
     def _refusal(self, decision: Decision, compiled: Compiled, now: float) -> Refusal:
         plan, tenant, rate = compiled.plan, compiled.check.tenant, compiled.rate

@@ -286,3 +286,30 @@ async def test_a_request_cancelled_just_as_its_check_was_answered_gives_its_unit
             break
         await asyncio.sleep(0.05)
     assert (await counted(limiter, "racy"))["chain_deployments"] == 0
+
+
+async def test_a_fail_open_admission_abandoned_while_its_count_reaches_the_disk_counts_nothing(
+        setup, redis_server: RedisProcess) -> None:
+    """Under fail_open an admission waits for its spooled count to be fsync'd; a client that goes away
+    during that wait (the handler cancelled there) gets its units back, in the spool after the count
+    (found by the chaos harness, seed 13: abandoned uploads billed)."""
+    limiter, store, _, _, spool = setup
+    stuck = asyncio.Event()
+
+    async def slow_disk() -> None:  # the fsync has not come back yet when the client leaves
+        stuck.set()
+        await asyncio.Event().wait()
+
+    redis_server.stop()
+    try:
+        spool.sync = slow_disk  # type: ignore[method-assign]
+        admitting = asyncio.ensure_future(limiter.admit("gone", None, "POST", DEPLOY))
+        await asyncio.wait_for(stuck.wait(), 5)
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        await spool.flush()
+    finally:
+        redis_server.start()
+    await spool.replay(store, rebucket=limiter.rebucket)
+    assert (await counted(limiter, "gone"))["chain_deployments"] == 0
