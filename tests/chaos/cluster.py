@@ -98,7 +98,7 @@ class Cluster:
     notes: list[str] = field(default_factory=list)
     hold_abandons: bool = False  # no abandoned uploads while a Redis fault leaves checks unresolved
     redis_fault_until: float = 0.0  # monotonic
-    _starting: set[asyncio.Future[Any]] = field(default_factory=set)  # replacement gateways starting
+    _starting: dict[asyncio.Future[Any], GatewayProcess] = field(default_factory=dict)  # replacements starting
 
     def abandons_held(self) -> bool:
         return self.hold_abandons and time.monotonic() < self.redis_fault_until
@@ -147,8 +147,10 @@ class Cluster:
 
     async def close(self) -> None:
         """Stop everything this run started, each by its own process id."""
-        if self._starting:  # gateways starting in their threads: stop them too, once they run
-            await asyncio.gather(*self._starting, return_exceptions=True)
+        starting = dict(self._starting)  # gateways starting in their threads: stop them too, once they run
+        await asyncio.gather(*starting, return_exceptions=True)
+        for gateway in starting.values():
+            await asyncio.to_thread(gateway.stop)
         for worker in (self.worker, self.extra_worker):
             if worker is not None and worker.process.poll() is None:
                 await asyncio.to_thread(worker.stop, signal.SIGKILL)
@@ -223,15 +225,16 @@ class Cluster:
             if code != 0:
                 self.notes.append(f"gateway {index} exited {code} on SIGTERM")
         await asyncio.sleep(down)
-        # Owned before it starts: a run that ends (this task cancelled) while the replacement starts in its
-        # thread must still stop it in close(), which waits for the start first.
+        # Owned before it starts (`_starting`): a run that ends (this task cancelled) while the replacement
+        # starts in its thread must still stop it in close(), which waits for the start first. It joins
+        # `gateways` (where traffic and other faults find it) only once it listens.
         replacement = GatewayProcess(self.config, self.workdir)
-        self.gateways[index] = replacement
         starting = asyncio.ensure_future(asyncio.to_thread(replacement.start))
-        self._starting.add(starting)
-        starting.add_done_callback(self._starting.discard)
-        await asyncio.shield(starting)
+        self._starting[starting] = replacement
+        await asyncio.shield(starting)  # cancelled or failed: it stays in `_starting` for close()
+        del self._starting[starting]
         self.generations[index] += 1
+        self.gateways[index] = replacement
 
     # -- draining --------------------------------------------------------------------------------------
 
