@@ -99,6 +99,7 @@ class Cluster:
     hold_abandons: bool = False  # no abandoned uploads while a Redis fault leaves checks unresolved
     redis_fault_until: float = 0.0  # monotonic
     _starting: dict[asyncio.Future[Any], GatewayProcess] = field(default_factory=dict)  # replacements starting
+    _retired: list[GatewayProcess] = field(default_factory=list)  # replaced gateways (stopped, or not yet)
 
     def abandons_held(self) -> bool:
         return self.hold_abandons and time.monotonic() < self.redis_fault_until
@@ -154,7 +155,9 @@ class Cluster:
         for worker in (self.worker, self.extra_worker):
             if worker is not None and worker.process.poll() is None:
                 await asyncio.to_thread(worker.stop, signal.SIGKILL)
-        for gateway in self.gateways:
+        # A retired gateway already stopped was reaped: its process id may name another process by now.
+        retired = [g for g in self._retired if g.process is not None and g.process.poll() is None]
+        for gateway in [*self.gateways, *retired]:
             await asyncio.to_thread(gateway.stop)
         await self.upstream_server.close()
         await self.emulator.close()
@@ -234,6 +237,9 @@ class Cluster:
         await asyncio.shield(starting)  # cancelled or failed: it stays in `_starting` for close()
         del self._starting[starting]
         self.generations[index] += 1
+        # Two faults of one gateway may overlap: the one replaced here may be another fault's replacement,
+        # still running. close() stops every gateway ever started, so none outlives the run.
+        self._retired.append(self.gateways[index])
         self.gateways[index] = replacement
 
     # -- draining --------------------------------------------------------------------------------------
