@@ -37,7 +37,7 @@ test: $(STAMP) redis-server
 FUZZ_EXAMPLES ?= 20000
 fuzz: $(STAMP) redis-server
 	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q -p no:cacheprovider --timeout=0 \
-		--hypothesis-show-statistics tests/fuzz tests/gateway/test_admin_schemathesis.py $(PYTEST_ARGS)
+		--hypothesis-show-statistics tests/fuzz tests/gateway/admin/test_schemathesis.py $(PYTEST_ARGS)
 
 # The chaos harness at length (tests/chaos, issue 10 §4): SECONDS of traffic under a fault schedule drawn
 # from SEED (empty: a random seed, printed), then Σ Stripe = Σ ledger = Σ billable. `make test` runs ~22 s of it.

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.devservices import RedisProcess, free_port, wait_for_port
+from gateway.cli.devservices import RedisProcess, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-only-hs256-secret-0123456789abcdef012345"
@@ -154,7 +154,7 @@ def start_gateway(workdir: Path, name: str, upstream_port: int, redis_url: str, 
 
 
 def bench_token() -> str:
-    from gateway.auth import mint_token
+    from gateway.auth.tokens import mint_token
 
     return mint_token(SECRET, tenant="bench-tenant", plan=None, ttl=86_400, scope=None,
                       issuer="https://bench/", audience="cosmosbuilder-api", subject="bench")

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from billing_sync.settings import StripeSettings
 from billing_sync.worker import build_worker
-from gateway.devservices import RedisProcess, free_port, wait_for_port
+from gateway.cli.devservices import RedisProcess, free_port, wait_for_port
 from metering import db, keys
 from metering.meters import DEFAULT_METERS
 from metering.migrate import upgrade_async

@@ -46,9 +46,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from metering import keys
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
+from metering.periods import bucket_start as period_bucket_start
+from metering.periods import period_bounds
 from metering.tasks import cancel_and_wait
-from quota.periods import bucket_start as period_bucket_start
-from quota.periods import period_bounds
 
 log = logging.getLogger("cosmos_gateway.billing_sync")
 

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
-from quota.periods import period_bounds
+from metering.periods import period_bounds
 
 SENT = "sent"
 # Stripe's maximum page size for list endpoints.

@@ -22,19 +22,19 @@ from redis.backoff import NoBackoff
 from billing_sync.meter_errors import StripeEventFetcher
 from billing_sync.webhooks import StripeWebhooks
 from billing_sync.worker import SyncWorker, build_worker
-from gateway.accesslog import AccessLog
-from gateway.admin import admin_app
-from gateway.admin_api import add_admin_api
-from gateway.admin_sync import SyncAdmin
-from gateway.auth import Authenticator
-from gateway.config import Settings
-from gateway.listener import LimitedSockSite, ProblemServer, bind
+from gateway.admin.api import add_admin_api
+from gateway.admin.health import admin_app
+from gateway.admin.sync import SyncAdmin
+from gateway.auth.tokens import Authenticator
+from gateway.config.policy import build_policy
+from gateway.config.settings import Settings
 from gateway.metrics import RequestMetrics
-from gateway.own import OwnEndpoints
-from gateway.policy import build_policy
-from gateway.proxy import ProxyHandler
-from gateway.upstream import UpstreamPool
-from gateway.websocket import WebSocketRelay
+from gateway.proxy.accesslog import AccessLog
+from gateway.proxy.handler import ProxyHandler
+from gateway.proxy.listener import LimitedSockSite, ProblemServer, bind
+from gateway.proxy.own_endpoints import OwnEndpoints
+from gateway.proxy.upstream import UpstreamPool
+from gateway.proxy.websocket import WebSocketRelay
 from metering import db
 from metering.migrate import prepare_schema
 from metering.redis_store import RedisUsageStore, StoreUnavailable

@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import replace
 
-from gateway.config import Settings
+from gateway.config.settings import Settings
 
 log = logging.getLogger("cosmos_gateway.server")
 RESTART_BACKOFF = 1.0
@@ -27,7 +27,7 @@ RESTART_BACKOFF = 1.0
 
 def serve(settings: Settings, workers: int) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
-    from gateway import devservices
+    from gateway.cli import devservices
 
     with devservices.resolved(settings) as resolved:
         if workers <= 1:

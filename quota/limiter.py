@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metering.meters import Meter, MeterMatcher, parse_usage_report
+from metering.periods import bucket_start, period_bounds
 from metering.redis_store import (
     Check,
     CounterRule,
@@ -39,7 +40,6 @@ from metering.redis_store import (
 from metering.spool import Spool
 from quota.guards import GuardMatcher
 from quota.metrics import QuotaMetrics
-from quota.periods import bucket_start, period_bounds
 from quota.plans import Guard, Plan, Quota, Rate, effective
 from quota.tenants import TenantDirectory, TenantRecord
 

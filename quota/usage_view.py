@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metering.meters import Meter
-from quota.periods import period_bounds
+from metering.periods import period_bounds
 from quota.plans import RATE_METER, Plan, Quota, Rate, effective
 from quota.tenants import TenantRecord
 

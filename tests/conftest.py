@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from gateway.app import Worker
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from tests.support import Upstream, settings_for, upstream_app
 
 

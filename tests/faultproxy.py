@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from gateway.devservices import free_port
+from gateway.cli.devservices import free_port
 
 
 class FaultProxy:

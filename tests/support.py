@@ -18,8 +18,8 @@ import jwt
 import yaml
 from aiohttp import web
 
-from gateway.config import SECRET_ENV, Settings, parse_settings
-from gateway.devservices import free_port, wait_for_port
+from gateway.cli.devservices import free_port, wait_for_port
+from gateway.config.settings import SECRET_ENV, Settings, parse_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-only-hs256-secret-0123456789abcdef0123"

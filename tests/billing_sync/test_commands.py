@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway.app import Worker
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from metering.db import create_engine
 from metering.migrate import upgrade_async
 from tests.billing_sync.stripe_emulator import StripeEmulator

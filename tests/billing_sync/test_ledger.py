@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
 from billing_sync.worker import sync_state
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from metering import db, keys
 from metering.meters import DEFAULT_METERS
 from metering.migrate import upgrade_async

@@ -486,8 +486,8 @@ async def test_past_due_grace_runs_out_from_when_it_became_past_due(hooks: Hooks
                                                                      tmp_path: Any) -> None:
     from redis.asyncio import Redis
 
-    from gateway.config import parse_settings
-    from gateway.policy import build_policy
+    from gateway.config.policy import build_policy
+    from gateway.config.settings import parse_settings
     from metering.redis_store import RedisUsageStore
     from metering.spool import Spool
     from quota.limiter import Limiter, LimiterSettings, Refusal

@@ -24,7 +24,7 @@ import aiohttp
 import redis.asyncio as aioredis
 import yaml
 
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from tests.billing_sync.stripe_emulator import StripeEmulator
 from tests.chaos.schedule import Fault
 from tests.chaos.upstream import ChaosUpstream

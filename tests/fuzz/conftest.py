@@ -23,7 +23,7 @@ from urllib.parse import unquote
 import pytest
 from hypothesis import event, note
 
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from tests.fuzz.strategies import Probe
 from tests.rawhttp import Exchange, Received, RecordingUpstream, exchange
 from tests.support import GatewayProcess, config_dict

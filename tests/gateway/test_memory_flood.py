@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from tests.support import GatewayProcess, Upstream, config_dict, token
 
 MiB = 1 << 20

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Worker
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from quota.alerts import verify_signature
 from tests.faultproxy import FaultProxy
 from tests.support import BUSY_SCRIPT, GatewayProcess, Upstream, bearer, config_dict, settings_for

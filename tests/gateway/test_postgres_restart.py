@@ -18,7 +18,7 @@ import stripe
 from sqlalchemy import select
 
 from gateway.app import Worker
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from metering.db import create_engine, session_factory
 from metering.migrate import upgrade_async
 from metering.models import Tenant

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from tests.support import GatewayProcess, Upstream, bearer, child_pids, config_dict
 
 MiB = 1024 * 1024

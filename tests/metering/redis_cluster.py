@@ -9,7 +9,7 @@ import subprocess
 import tempfile
 import time
 
-from gateway.devservices import DevServiceError, wait_for_port
+from gateway.cli.devservices import DevServiceError, wait_for_port
 
 BUS_OFFSET = 10000  # a cluster node also listens on its port + 10000 (the cluster bus)
 

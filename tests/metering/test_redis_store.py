@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from metering import keys
 from metering.redis_store import (
     MAX_CHECKS_PER_CALL,

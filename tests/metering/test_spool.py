@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from gateway.devservices import RedisProcess
+from gateway.cli.devservices import RedisProcess
 from metering.redis_store import CounterRule, Record, RedisUsageStore, StoreUnavailable
 from metering.spool import Spool, from_entry, to_entry
 from tests.metering.test_redis_store import BUCKET, PERIOD_START, make_check, make_record, tenant

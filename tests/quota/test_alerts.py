@@ -19,7 +19,7 @@ from aiohttp import web
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from gateway.devservices import free_port
+from gateway.cli.devservices import free_port
 from metering.db import create_engine, session_factory
 from metering.errors import ConfigurationError
 from metering.migrate import upgrade_async

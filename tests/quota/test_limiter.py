@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from gateway.config import parse_settings
-from gateway.devservices import RedisProcess
-from gateway.policy import build_policy
+from gateway.cli.devservices import RedisProcess
+from gateway.config.policy import build_policy
+from gateway.config.settings import parse_settings
 from metering import keys
 from metering.redis_store import RedisUsageStore
 from metering.spool import Spool

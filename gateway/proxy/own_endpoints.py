@@ -1,0 +1,81 @@
+"""Endpoints the gateway answers itself on the proxy listener, under `/_gateway/` (PRODUCT.md §6).
+
+`GET /_gateway/usage` shows the caller's own tenant: usage, limits, remaining and reset times, from
+the same view the admin API serves. Nothing under `/_gateway/` is ever forwarded upstream.
+A store that is down is a 503 (`limiter-unavailable` for Redis, `database-unavailable` for SQL), never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+from billing_sync.webhooks import store_unavailable
+from gateway.auth.tokens import Identity
+from gateway.errors import DatabaseUnavailable, LimiterUnavailable, NotFound
+from metering.meters import Meter
+from metering.redis_store import StoreUnavailable
+from quota.alerts import Alerts
+from quota.limiter import Limiter
+from quota.plans import Plan
+from quota.tenants import TenantDirectory
+from quota.usage_view import tenant_view
+
+log = logging.getLogger("cosmos_gateway.own")
+Authenticate = Callable[[web.BaseRequest], Awaitable[Identity]]
+RETRY_AFTER = "1"
+WebhookHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class OwnEndpoints:
+    def __init__(self, *, limiter: Limiter, directory: TenantDirectory, plans: Mapping[str, Plan],
+                 meters: Sequence[Meter], default_plan: str | None, alerts: Alerts | None = None,
+                 stripe_webhook: WebhookHandler | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._limiter = limiter
+        self._directory = directory
+        self._plans = plans
+        self._meters = meters
+        self._meter_names = [m.name for m in meters]
+        self._default_plan = default_plan
+        self._alerts = alerts
+        self._stripe_webhook = stripe_webhook
+        self._clock = clock
+
+    async def handle(self, request: web.BaseRequest, path: str, authenticate: Authenticate) -> web.StreamResponse:
+        if path == "/_gateway/usage" and request.method in ("GET", "HEAD"):
+            identity = await authenticate(request)
+            return await self._usage(identity)
+        if path == "/_gateway/webhooks/stripe" and request.method == "POST" and self._stripe_webhook is not None:
+            return await self._stripe_webhook(request)
+        raise NotFound("no such gateway endpoint")
+
+    async def _usage(self, identity: Identity) -> web.Response:
+        tenant = identity.tenant
+        record = self._directory.get(tenant)
+        now = self._clock()
+        try:
+            usage = await self._limiter.usage(tenant, record, self._meter_names)
+        except (StoreUnavailable, RedisError, OSError, TimeoutError) as exc:
+            log.warning("usage of %s: the usage store is unavailable (%r)", tenant, exc)
+            raise LimiterUnavailable("the usage store is unavailable; try again shortly",
+                                     headers={"Retry-After": RETRY_AFTER}) from None
+        view = tenant_view(tenant_id=tenant, record=record, plans=self._plans, default_plan=self._default_plan,
+                           meters=self._meters, usage=usage, now=datetime.fromtimestamp(now, UTC))
+        if self._alerts is not None:
+            start, _ = self._limiter.period(record.billing_anchor_day if record else None, now)
+            try:
+                view["alerts"] = await self._alerts.alerts_for(tenant, datetime.fromtimestamp(start, UTC))
+            except Exception as exc:
+                if not store_unavailable(exc):  # PostgreSQL restarting included; anything else is a bug
+                    raise
+                log.warning("usage of %s: the SQL store failed (%r)", tenant, exc)
+                raise DatabaseUnavailable("the SQL store is unavailable; try again shortly",
+                                          headers={"Retry-After": RETRY_AFTER}) from None
+        return web.Response(body=json.dumps(view).encode(), content_type="application/json")
