@@ -37,8 +37,9 @@ from gateway.proxy.upstream import UpstreamPool
 from gateway.proxy.websocket import WebSocketRelay
 from metering import db
 from metering.migrate import prepare_schema
-from metering.redis_store import RedisUsageStore, StoreUnavailable
+from metering.redis_store import RedisUsageStore
 from metering.spool import Spool
+from metering.store import StoreUnavailable
 from metering.tasks import cancel_and_wait
 from quota.alerts import Alerts
 from quota.limiter import Limiter, LimiterSettings

@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from redis.exceptions import RedisClusterException, RedisError
+
+# What a Redis call can raise when Redis is down, slow or failing: every package catches exactly these.
+REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+
 
 class ConfigurationError(ValueError):
     """A bad `meters:` or `plans:` entry; `key` is the dotted path of the offending key."""

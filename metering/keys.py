@@ -22,6 +22,8 @@ import functools
 import re
 
 PREFIX = "gw"
+# A valid tenant id (PRODUCT.md §3, §6): tokens, the admin API and Stripe webhooks all check this one.
+TENANT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 TENANTS_INDEX_KEY = "gw:tenants:index"
 TENANTS_LAST_SEEN_KEY = "gw:tenants:last_seen"
 TENANTS_SEEN_KEY = "gw:tenants:seen"  # legacy (a plain set); its members are moved, then it is deleted

@@ -23,15 +23,26 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from metering import keys
+from metering.errors import REDIS_ERRORS
 from metering.resp import RespConnection
+from metering.store import (
+    CallRef,
+    Check,
+    Decision,
+    OnAbandoned,
+    OnFailure,
+    Record,
+    RecordKey,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("cosmos_gateway.redis_store")
 PERIOD_KEY_GRACE = 7 * 86400  # period counters outlive their period by a week (late records, usage view)
@@ -61,122 +72,7 @@ SECOND_PIPELINE_AFTER = 0.01
 LATE_REPLY_SECONDS = 5.0  # how long a timed-out batch's replies are awaited before the connection is dropped
 _SEEN_MEMORY = 100_000  # tenants whose last write is remembered (the oldest entry is dropped first)
 
-_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-Reason = Literal["rate", "quota", "guard"]
-OnFailure = Callable[["Record", "StoreUnavailable"], None]
-# What a check counted after its caller stopped waiting: the Decision, or the error (whose `applied`
-# may still tell, late, whether Redis ran it).
-OnAbandoned = Callable[["Decision | StoreUnavailable"], None]
-Units = tuple[tuple[str, int], ...]
-# Where a record goes: (tenant, period_start, period_end, bucket_start, bucket_ttl), as in `Record`.
-RecordKey = tuple[str, int, int, int, int]
-
-
-class StoreUnavailable(Exception):
-    """Redis is down, timed out or failed; the caller fails open (spool) or closed (503).
-
-    `applied` is set when the call was sent and may still run (a timeout): it resolves to whether Redis
-    did count it once the reply arrives late, or to False if the connection is lost first. Spooling
-    must wait for it, or a call Redis ran would be counted twice.
-    """
-
-    def __init__(self, message: str, *, applied: asyncio.Future[bool] | None = None,
-                 call: CallRef | None = None) -> None:
-        super().__init__(message)
-        self.applied = applied
-        # A check sent in a script call whose reply never came: (the call's marker, the request's place in
-        # it). Whatever settles the request later (spool replay, give-back) is decided by that marker in
-        # Redis, atomically (record.lua), so the request counts once whether or not the call ran.
-        self.call = call
-
-    def for_call(self, call: CallRef) -> StoreUnavailable:
-        return StoreUnavailable(str(self), applied=self.applied, call=call)
-
-
-# A request of a check call: the call's marker key (`<bucket key>:c:<call id>`) and the request's place
-# in the call (1-based).
-CallRef = tuple[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class RateRule:
-    per_second: float
-    burst: int
-
-
-@dataclass(frozen=True, slots=True)
-class CounterRule:
-    meter: str
-    units: int
-    limit: int | None
-    enforce: bool  # False: overage, count past the limit
-
-
-@dataclass(frozen=True, slots=True)
-class GuardRule:
-    meter: str
-    limit: float  # reject while the gauge is >= limit
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    tenant: str
-    now: float
-    period_start: int
-    period_end: int
-    bucket_start: int
-    bucket_ttl: int
-    rate: RateRule | None
-    counters: tuple[CounterRule, ...]
-    guards: tuple[GuardRule, ...]
-    billable: Units  # (meter, units) added to the billing bucket when admitted
-
-
-@dataclass(slots=True)  # not frozen: one per request, and a frozen __init__ costs three times as much
-class Decision:
-    allowed: bool
-    reason: Reason | None
-    meter: str | None  # the violated meter (quota/guard)
-    retry_after: float  # seconds: rate until a token frees, quota until the period ends, guard 0
-    used: dict[str, float]  # per counter/guard meter, after counting (or current when rejected)
-    rate_remaining: int | None
-
-
-@dataclass(slots=True)  # not frozen, as Decision
-class Record:
-    """What is known after the response; also the spooled form of an admitted check (`from_admitted`)."""
-
-    tenant: str
-    period_start: int
-    period_end: int
-    bucket_start: int
-    bucket_ttl: int
-    refund: Units = ()  # give back: period counter (never below 0) and bucket (a late refund may go below 0)
-    add: Units = ()  # byte meters: period counter and bucket
-    gauges: tuple[tuple[str, float], ...] = ()  # SET the gauge; the bucket field holds the last value
-    count: Units = ()  # period counter only
-    bill: Units = ()  # bucket only
-    record_id: str | None = None  # applied at most once (spool replay); None: no marker
-    # Applied only as a check call whose reply was lost decided (see StoreUnavailable.call): unless the
-    # call admitted the request (the spooled counts of a request served), or, with `only_if_admitted`,
-    # only if it did (the give-back of a request refused or abandoned meanwhile).
-    check_call: CallRef | None = None
-    only_if_admitted: bool = False
-
-    @classmethod
-    def from_admitted(cls, check: Check, record_id: str | None = None) -> Record:
-        """The counts an admitted check would have made (rate state aside), to spool when Redis is down."""
-        return cls(
-            check.tenant, check.period_start, check.period_end, check.bucket_start, check.bucket_ttl,
-            count=tuple((c.meter, c.units) for c in check.counters if c.units),
-            bill=tuple((meter, units) for meter, units in check.billable if units),
-            record_id=record_id,
-        )
-
-    def is_empty(self) -> bool:
-        return not (self.refund or self.add or self.gauges or self.count or self.bill or self.record_id)
-
+_REDIS_ERRORS = REDIS_ERRORS
 
 class _Script:
     __slots__ = ("sha", "source")

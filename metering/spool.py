@@ -41,8 +41,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from metering.redis_store import Check, Record, RedisUsageStore, StoreUnavailable
 from metering.spool_files import SUFFIX, TEMPORARY, SpoolFile, make_private_folder, other_files
+from metering.store import Check, Record, StoreUnavailable, UsageStore
 
 log = logging.getLogger("cosmos_gateway.spool")
 
@@ -394,7 +394,7 @@ class Spool:
                 claimed.append((file, _count(file)))
         return claimed, held
 
-    async def replay(self, store: RedisUsageStore, *, rebucket: Callable[[Record], Record] | None = None) -> int:
+    async def replay(self, store: UsageStore, *, rebucket: Callable[[Record], Record] | None = None) -> int:
         """Apply every spooled entry exactly once (this spool's file and those it took over); returns how
         many left the spool.
 
@@ -437,7 +437,7 @@ class Spool:
         self._replayed_to = offset
         self._on_disk -= entries
 
-    async def _replay_range(self, file: SpoolFile, start: int, end: int, store: RedisUsageStore,
+    async def _replay_range(self, file: SpoolFile, start: int, end: int, store: UsageStore,
                             rebucket: Callable[[Record], Record] | None,
                             progress: Callable[[int, int], None]) -> int:
         """Replay the entries of `file` in [start, end), batch by batch; `progress(offset, entries)` after

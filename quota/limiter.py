@@ -25,19 +25,18 @@ from typing import Any
 
 from metering.meters import Meter, MeterMatcher, parse_usage_report
 from metering.periods import bucket_start, period_bounds
-from metering.redis_store import (
+from metering.spool import Spool
+from metering.store import (
     Check,
     CounterRule,
     Decision,
     GuardRule,
-    PreparedCheck,
     RateRule,
     Record,
     RecordKey,
-    RedisUsageStore,
     StoreUnavailable,
+    UsageStore,
 )
-from metering.spool import Spool
 from quota.guards import GuardMatcher
 from quota.metrics import QuotaMetrics
 from quota.plans import Guard, Plan, Quota, Rate, effective
@@ -104,7 +103,7 @@ class Compiled:
     quotas: Mapping[str, Quota]
     rate: Rate | None
     check: Check  # its `now` is the first request's; kept for the fail-open spool, which ignores it
-    prepared: PreparedCheck | None  # None: nothing to check or count
+    prepared: Any | None  # the store's prepared form (UsageStore.prepare); None: nothing to check or count
     policy: tuple[str, str] | None  # the RateLimit-Policy header
     route: str  # the meter_route label
     limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
@@ -151,7 +150,7 @@ class LimiterSettings:
 
 
 class Limiter:
-    def __init__(self, store: RedisUsageStore, matcher: MeterMatcher, plans: Mapping[str, Plan],
+    def __init__(self, store: UsageStore, matcher: MeterMatcher, plans: Mapping[str, Plan],
                  directory: TenantDirectory, spool: Spool, metrics: QuotaMetrics, settings: LimiterSettings,
                  *, clock: Callable[[], float] = time.time, on_counted: Callable[..., None] | None = None) -> None:
         self._store = store

@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from gateway.auth.jwks import JwksCache
 from gateway.config.settings import AuthSettings
+from metering.keys import TENANT_ID
 from metering.meters import compile_glob
 from metering.paths import UnsafePath, readings
 
-TENANT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _PLAN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SUBJECT_MAX = 255
 # What `sub` keeps as it is in X-Cosmos-Subject: visible ASCII but `%`; every other UTF-8 byte is %XX.

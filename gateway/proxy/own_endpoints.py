@@ -20,7 +20,7 @@ from billing_sync.webhooks import store_unavailable
 from gateway.auth.tokens import Identity
 from gateway.errors import DatabaseUnavailable, LimiterUnavailable, NotFound
 from metering.meters import Meter
-from metering.redis_store import StoreUnavailable
+from metering.store import StoreUnavailable
 from quota.alerts import Alerts
 from quota.limiter import Limiter
 from quota.plans import Plan

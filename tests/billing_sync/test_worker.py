@@ -30,7 +30,8 @@ from metering.db import create_engine, session_factory
 from metering.meters import DEFAULT_METERS
 from metering.migrate import upgrade_async
 from metering.models import LedgerEntry, Tenant
-from metering.redis_store import Record, RedisUsageStore
+from metering.redis_store import RedisUsageStore
+from metering.store import Record
 from tests.billing_sync.stripe_emulator import ManualClock, StripeEmulator
 from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 

@@ -20,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli.devservices import RedisProcess
 from metering.periods import bucket_start, period_bounds
-from metering.redis_store import Record
 from metering.spool import to_entry
+from metering.store import Record
 from tests.support import GatewayProcess, Upstream, bearer, config_dict, upstream_app
 
 CAP = 1 << 20  # the smallest cap the config takes

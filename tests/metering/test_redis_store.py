@@ -14,17 +14,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.cli.devservices import RedisProcess
 from metering import keys
-from metering.redis_store import (
-    MAX_CHECKS_PER_CALL,
-    PERIOD_KEY_GRACE,
-    Check,
-    CounterRule,
-    GuardRule,
-    RateRule,
-    Record,
-    RedisUsageStore,
-    StoreUnavailable,
-)
+from metering.redis_store import MAX_CHECKS_PER_CALL, PERIOD_KEY_GRACE, RedisUsageStore
+from metering.store import Check, CounterRule, GuardRule, RateRule, Record, StoreUnavailable
 from tests.faultproxy import FaultProxy
 from tests.metering.redis_cluster import RedisClusterProcess
 from tests.support import BUSY_SCRIPT

@@ -13,8 +13,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.cli.devservices import RedisProcess
-from metering.redis_store import CounterRule, Record, RedisUsageStore, StoreUnavailable
+from metering.redis_store import RedisUsageStore
 from metering.spool import Spool, from_entry, to_entry
+from metering.store import CounterRule, Record, StoreUnavailable
 from tests.metering.test_redis_store import BUCKET, PERIOD_START, make_check, make_record, tenant
 
 METERS = ["api_calls", "bandwidth_bytes"]
