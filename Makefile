@@ -56,8 +56,13 @@ token: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# BENCH_ARGS: options of bench/run.py (e.g. "--seconds 5 --rounds 3"). BASELINE=DIR (= BENCH_ARGS="--baseline-tree
+# DIR"): also run the gateway of the source tree DIR (git archive REV | tar -x -C DIR) as (c') and (d'), alternating
+# with this tree's, and report (c)/(c') and (d)/(d'): before/after in one run.
+BENCH_ARGS ?=
+BASELINE ?=
 bench: $(STAMP)
-	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.run $(BENCH_ARGS) $(if $(BASELINE),--baseline-tree $(BASELINE))
 	$(BIN)/python -m bench.sync $(BENCH_SYNC_ARGS)
 
 bench-sync: $(STAMP)

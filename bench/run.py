@@ -3,6 +3,11 @@
 All targets run on this machine in one run, alternately (round after round), so a busy moment
 hurts them alike. Reported: requests/s, p50 and p99 (median over rounds) and the ratios of the
 gateway to nginx's reverse proxy. Needs nginx and wrk (Debian: apt-get install nginx-light wrk).
+
+Before/after in one run: `--baseline-tree DIR` (`make bench BASELINE=DIR`) also runs the gateway of
+another source tree, e.g. the commit a change started from (`git archive REV | tar -x -C DIR`), as (c')
+and (d'), each right next to (c) and (d) in every round, and reports (c)/(c') and (d)/(d'). Its
+processes run with cwd and PYTHONPATH set to DIR; which copy they import is checked before the run.
 """
 
 from __future__ import annotations
@@ -92,7 +97,13 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+AUTH_TARGET = "(c) cosmos-gateway, JWT on"
 METERED_TARGET = "(d) cosmos-gateway, JWT + metering and quotas"
+BASELINE_AUTH = "(c') baseline, JWT on"
+BASELINE_METERED = "(d') baseline, JWT + metering"
+METERED_TARGETS = (METERED_TARGET, BASELINE_METERED)
+PAIRS = ((AUTH_TARGET, BASELINE_AUTH), (METERED_TARGET, BASELINE_METERED))  # (now, before)
+PACKAGES = ("gateway", "quota", "metering", "billing_sync")
 # (c): the proxy alone, nothing metered (no meters, plans without limits: no Redis call per request).
 AUTH_ONLY: dict[str, object] = {
     "meters": {}, "plans": {p: {"quotas": {}} for p in ("starter", "professional", "enterprise", "sovereign")},
@@ -131,8 +142,33 @@ def start_nginx(nginx: str, workdir: Path, name: str, body: str, workers: int) -
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def source_env(tree: Path | None) -> tuple[Path, dict[str, str]]:
+    """The cwd and environment of a gateway process running from `tree` (None: this checkout)."""
+    env = {**os.environ, "GATEWAY_JWT_HS256_SECRET": SECRET}
+    if tree is None:
+        return ROOT, env
+    # The editable install's finder is appended to sys.meta_path, so sys.path (cwd, PYTHONPATH) wins;
+    # check_source() confirms it rather than trusting that.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(tree), os.environ.get("PYTHONPATH"))))
+    return tree, env
+
+
+def check_source(tree: Path | None) -> Path:
+    """Where a gateway process started with source_env(tree) imports the packages from; exit if mixed."""
+    cwd, env = source_env(tree)
+    expected = (tree or ROOT).resolve()
+    code = f"import importlib; [print(importlib.import_module(p).__file__) for p in {PACKAGES!r}]"
+    out = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True)
+    files = [Path(line).resolve() for line in out.stdout.split()]
+    if out.returncode != 0 or len(files) != len(PACKAGES) or any(not f.is_relative_to(expected) for f in files):
+        found = ", ".join(map(str, files)) or out.stderr.strip()
+        sys.exit(f"bench: a gateway started from {expected} would import {found}")
+    return expected
+
+
 def start_gateway(workdir: Path, name: str, upstream_port: int, redis_url: str, workers: int,
-                  extra: dict[str, object] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+                  extra: dict[str, object] | None = None,
+                  tree: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
     port, admin = free_port(), free_port()
     config = {
         "listen": {"proxy": f"127.0.0.1:{port}", "admin": f"127.0.0.1:{admin}"},
@@ -145,16 +181,16 @@ def start_gateway(workdir: Path, name: str, upstream_port: int, redis_url: str, 
     }
     path = workdir / f"gateway-{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "GATEWAY_JWT_HS256_SECRET": SECRET}
+    cwd, env = source_env(tree)
     process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
-                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                               env=env, cwd=cwd, stdout=subprocess.DEVNULL,
                                stderr=open(workdir / f"gateway-{name}.log", "wb"))
     wait_for_port(port, timeout=30, process=process)
     return process, port
 
 
 def bench_token() -> str:
-    from gateway.auth.tokens import mint_token
+    from gateway.auth.mint import mint_token
 
     return mint_token(SECRET, tenant="bench-tenant", plan=None, ttl=86_400, scope=None,
                       issuer="https://bench/", audience="cosmosbuilder-api", subject="bench")
@@ -180,6 +216,17 @@ def _latency(out: str, pct: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
+def round_order(names: list[str], round_no: int) -> list[str]:
+    """The targets of a round: on odd rounds each baseline runs just before its counterpart, not after."""
+    order = list(names)
+    if round_no % 2:
+        for current, baseline in PAIRS:
+            if current in order and baseline in order:
+                i, j = order.index(current), order.index(baseline)
+                order[i], order[j] = order[j], order[i]
+    return order
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=8, help="wrk duration per target and round")
@@ -187,8 +234,14 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--workers", type=int, default=1, help="processes for nginx proxy and gateway alike")
+    parser.add_argument("--baseline-tree", type=Path, metavar="DIR",
+                        help="also run the gateway of this source tree as (c') and (d'): before/after in one run")
     args = parser.parse_args()
     nginx, wrk = require("nginx"), require("wrk")
+    check_source(None)
+    baseline: Path | None = None
+    if args.baseline_tree is not None:
+        baseline = args.baseline_tree = check_source(args.baseline_tree)
 
     workdir = Path(tempfile.mkdtemp(prefix="cosmos-bench-"))
     os.chmod(workdir, 0o755)
@@ -204,44 +257,54 @@ def main() -> None:
                                      PROXY_SERVER.format(port=proxy_port, upstream=upstream_port), args.workers))
         wait_for_port(upstream_port)
         wait_for_port(proxy_port)
-        gateway, gateway_port = start_gateway(workdir, "auth", upstream_port, redis.url, args.workers,
-                                              AUTH_ONLY)
-        processes.append(gateway)
-        metered, metered_port = start_gateway(workdir, "metered", upstream_port, redis.url, args.workers, METERED)
-        processes.append(metered)
-        auth = {"Authorization": f"Bearer {bench_token()}"}
-        targets = {
+        targets: dict[str, tuple[str, dict[str, str]]] = {
             "(a) nginx static upstream": (f"http://127.0.0.1:{upstream_port}/api/chains", {}),
             "(b) nginx reverse proxy": (f"http://127.0.0.1:{proxy_port}/api/chains", {}),
-            "(c) cosmos-gateway, JWT on": (f"http://127.0.0.1:{gateway_port}/api/chains", auth),
-            METERED_TARGET: (f"http://127.0.0.1:{metered_port}/api/chains", auth),
         }
-        servers = dict(zip(targets, (processes[0].pid, processes[1].pid, gateway.pid, metered.pid), strict=True))
+        servers = {name: process.pid for name, process in zip(targets, processes, strict=True)}
+        auth = {"Authorization": f"Bearer {bench_token()}"}
+        gateways = [(AUTH_TARGET, "auth", AUTH_ONLY, None), (BASELINE_AUTH, "baseline-auth", AUTH_ONLY, baseline),
+                    (METERED_TARGET, "metered", METERED, None),
+                    (BASELINE_METERED, "baseline-metered", METERED, baseline)]
+        for name, label, extra, tree in gateways:
+            if tree is None and name in (BASELINE_AUTH, BASELINE_METERED):
+                continue
+            gateway, port = start_gateway(workdir, label, upstream_port, redis.url, args.workers, extra, tree)
+            processes.append(gateway)
+            targets[name] = (f"http://127.0.0.1:{port}/api/chains", auth)
+            servers[name] = gateway.pid
         assert redis.process is not None
         results: dict[str, list[Result]] = {name: [] for name in targets}
         for url, headers in targets.values():  # warm-up
             run_wrk(wrk, url, seconds=1, connections=args.connections, threads=args.threads, headers=headers)
-        commands_per_request: list[float] = []
-        redis_cpu_per_request: list[float] = []
+        # per metered target and round: Redis commands and Redis CPU seconds per request
+        redis_per_request: dict[str, list[tuple[float, float]]] = {n: [] for n in METERED_TARGETS if n in targets}
         for round_no in range(args.rounds):
-            for name, (url, headers) in targets.items():
-                before = redis_commands(redis.url) if name == METERED_TARGET else 0
+            for name in round_order(list(targets), round_no):
+                url, headers = targets[name]
+                metered = name in METERED_TARGETS
+                before = redis_commands(redis.url) if metered else 0
                 cpu_before, redis_before = cpu_seconds(servers[name]), cpu_seconds(redis.process.pid)
                 result = run_wrk(wrk, url, seconds=args.seconds, connections=args.connections,
                                  threads=args.threads, headers=headers)
                 if result.requests:
                     result.cpu_us = (cpu_seconds(servers[name]) - cpu_before) / result.requests * 1e6
-                if name == METERED_TARGET and result.requests:
-                    commands_per_request.append((redis_commands(redis.url) - before) / result.requests)
-                    redis_cpu_per_request.append((cpu_seconds(redis.process.pid) - redis_before) / result.requests)
+                if metered and result.requests:
+                    redis_per_request[name].append(
+                        ((redis_commands(redis.url) - before) / result.requests,
+                         (cpu_seconds(redis.process.pid) - redis_before) / result.requests))
                 results[name].append(result)
                 print(f"round {round_no + 1} {name}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
                       f"p99 {result.p99_ms:.2f} ms, {result.cpu_us:.0f} µs CPU/request", file=sys.stderr)
         report(results, args)
-        if commands_per_request:
-            print(f"\nRedis per metered request (medians over rounds): "
-                  f"{statistics.median(commands_per_request):.2f} commands (INFO commandstats), "
-                  f"{statistics.median(redis_cpu_per_request) * 1e6:.1f} µs CPU")
+        measured = {name: samples for name, samples in redis_per_request.items() if samples}
+        if measured:
+            print()
+        for name, samples in measured.items():
+            of = "" if name == METERED_TARGET else f" of {tag(name)}"
+            print(f"Redis per metered request{of} (medians over rounds): "
+                  f"{statistics.median(c for c, _ in samples):.2f} commands (INFO commandstats), "
+                  f"{statistics.median(cpu for _, cpu in samples) * 1e6:.1f} µs CPU")
     finally:
         for process in processes:
             process.terminate()
@@ -254,17 +317,24 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def tag(name: str) -> str:
+    """A target's short name: "(d')" of "(d') baseline, JWT + metering"."""
+    return name.split(" ", 1)[0]
+
+
 def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
     median = {name: Result(statistics.median(r.rps for r in rs), statistics.median(r.p50_ms for r in rs),
                            statistics.median(r.p99_ms for r in rs), cpu_us=statistics.median(r.cpu_us for r in rs))
               for name, rs in results.items()}
     reference = median["(b) nginx reverse proxy"]
-    auth_only = median["(c) cosmos-gateway, JWT on"]
+    auth_only = median[AUTH_TARGET]
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"\n{dt.date.today().isoformat()} · {os.cpu_count()} cores ({cpu}) · {platform.system()} "
           f"{platform.release()} · Python {platform.python_version()} · wrk -t{args.threads} "
           f"-c{args.connections} -d{args.seconds}s × {args.rounds} rounds, medians · {args.workers} worker(s)\n")
+    if args.baseline_tree is not None:
+        print(f"(c), (d) run from {ROOT}; (c'), (d') from {args.baseline_tree}\n")
     print("| target | requests/s | p50 ms | p99 ms | req/s vs (b) | p99 vs (b) | server CPU µs/request |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in median.items():
@@ -275,6 +345,18 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace) -> None:
         print(f"\n(d)/(c) requests/s: {metered.rps / auth_only.rps:.2f}× (metering costs "
               f"{(1 - metered.rps / auth_only.rps) * 100:.0f} %); gateway CPU per request (c) → (d): "
               f"{auth_only.cpu_us:.0f} → {metered.cpu_us:.0f} µs ({auth_only.cpu_us / metered.cpu_us:.2f}×)")
+    if BASELINE_AUTH in median and BASELINE_METERED in median:
+        before_auth, before_metered = median[BASELINE_AUTH], median[BASELINE_METERED]
+        print(f"(d')/(c') requests/s: {before_metered.rps / before_auth.rps:.2f}× (the baseline's metering cost)")
+    for current, baseline in PAIRS:
+        if current in median and baseline in median:
+            now, before = median[current], median[baseline]
+            # the pair ran next to each other in every round: the spread of its per-round ratios is the noise
+            per_round = [a.rps / b.rps for a, b in zip(results[current], results[baseline], strict=True)]
+            print(f"{tag(current)}/{tag(baseline)} requests/s: **{now.rps / before.rps:.2f}×** (per round "
+                  f"{min(per_round):.2f}–{max(per_round):.2f}×), p99 {now.p99_ms / before.p99_ms:.2f}×; "
+                  f"gateway CPU per request {tag(baseline)} → {tag(current)}: {before.cpu_us:.0f} → "
+                  f"{now.cpu_us:.0f} µs")
 
 
 if __name__ == "__main__":

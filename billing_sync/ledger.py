@@ -14,110 +14,50 @@ so nothing doubles and nothing vanishes. Leftovers (refunds that arrived after t
 late units) are netted in a later bucket of the same billing period only; at the period's end they
 become rows of their own: late units are billed, refunds that could not be netted are parked.
 
-The identifier sent to Stripe (`bucket_identifier`) is a pure function of tenant, meter and bucket start,
-so every retry and every worker names a bucket the same way and Stripe deduplicates it.
+Bucket keys, identifiers and carry targets are pure functions: `billing_sync.buckets`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import re
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
-from urllib.parse import unquote
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import ResponseError
 from sqlalchemy import insert as generic_insert
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from billing_sync.buckets import (
+    BUCKET_PATTERN,
+    bucket_datetime,
+    bucket_identifier,
+    carry_target,
+    leftover_identifier,
+    parse_bucket_key,
+    parse_bucket_value,
+)
 from metering import keys
+from metering.clock import utc
+from metering.errors import REDIS_ERRORS
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
-from metering.periods import bucket_start as period_bucket_start
-from metering.periods import period_bounds
 from metering.tasks import cancel_and_wait
 
 log = logging.getLogger("cosmos_gateway.billing_sync")
 
-BUCKET_PATTERN = f"{keys.PREFIX}:{{t:*}}:b:*"  # SCAN MATCH; '{' and '}' are not glob characters
-_BUCKET_KEY = re.compile(r"gw:\{t:([^}]+)\}:b:(-?[0-9]+)")
 _SCAN_COUNT = 1000
-_VALUE_PLACES = Decimal("0.000001")  # usage_ledger.value is NUMERIC(20, 6)
-IDENTIFIER_VERSION = "cg1"
-_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
-
-
-def parse_bucket_key(key: str | bytes) -> tuple[str, int] | None:
-    """(tenant, bucket_start) of a key written by `keys.bucket_key`, or None for any other key.
-
-    The tag holds the tenant as it is, or percent-encoded when it has characters outside
-    [A-Za-z0-9._:-] (keys.tenant_slot_tag); '%' is itself encoded there, so unquoting is exact.
-    """
-    text = key.decode() if isinstance(key, bytes) else key
-    match = _BUCKET_KEY.fullmatch(text)
-    if match is None:
-        return None
-    tag, epoch = match.groups()
-    tenant = unquote(tag, errors="strict") if "%" in tag else tag
-    if keys.bucket_key(tenant, int(epoch)) != text:  # not our encoding: someone else's key
-        return None
-    return tenant, int(epoch)
-
-
-def bucket_identifier(tenant: str, meter: str, bucket_start: int) -> str:
-    """The Stripe meter event identifier of one bucket: stable forever, at most 100 characters.
-
-    `cg1_<meter[:24]>_<bucket_start>_<sha256(tenant NUL meter NUL bucket_start)[:40]>`: the readable part
-    helps a human in the Stripe dashboard, the digest (160 bits) makes it unique. Changing this function
-    re-bills every bucket still inside Stripe's 24 h uniqueness window: bump the version instead.
-    """
-    digest = hashlib.sha256(f"{tenant}\0{meter}\0{bucket_start}".encode()).hexdigest()[:40]
-    return f"{IDENTIFIER_VERSION}_{meter[:24]}_{bucket_start}_{digest}"
-
-
-def bucket_datetime(bucket_start: int) -> datetime:
-    return datetime.fromtimestamp(bucket_start, UTC)
-
-
-def _decimal(raw: Any) -> Decimal | None:
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        return None
-    if not value.is_finite():
-        return None
-    return value.quantize(_VALUE_PLACES)
-
-
-async def scan_bucket_keys(redis: Redis | RedisCluster) -> AsyncIterator[str]:
-    """Every bucket key; a RedisCluster's `scan_iter` walks every primary."""
-    async for key in redis.scan_iter(match=BUCKET_PATTERN, count=_SCAN_COUNT):
-        yield key.decode() if isinstance(key, bytes) else key
-
-
-def _insert_ignoring_conflicts(session: AsyncSession, rows: list[dict[str, Any]]) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return pg_insert(LedgerEntry).values(rows).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite_insert(LedgerEntry).values(rows).on_conflict_do_nothing()
-    return generic_insert(LedgerEntry).values(rows)  # other backends: a repeat raises instead
-
-
 STAGING_SUFFIX = ":moving"  # same hash tag as the bucket: one slot, so RENAME works in a cluster
 LOCK_SUFFIX = ":lock"
 PLAN_FIELD = "~plan"  # never a meter name ([a-z0-9_]): the mover's decisions, kept inside the staged hash
@@ -125,9 +65,11 @@ MOVE_GROUP = 200  # buckets per ledger transaction
 BUCKET_LOCK_MS = 60_000  # a mover that dies holding it is replaced after this; a live one renews it
 CARRY_TTL_SECONDS = 604_800
 REFUND_NOT_NETTED = "refund_not_netted"
-_RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_RENEW_LOCK = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
-               "return 0")
+# Compare-and-delete / compare-and-extend: only the holder's token touches the lock (the bucket locks here,
+# the worker's leader lock too).
+RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+RENEW_LOCK = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
+              "return 0")
 # Writes the plan into the staged hash, fenced: a mover whose lock expired (and maybe passed to another
 # mover) must not decide for a bucket it no longer owns.
 _SET_PLAN = """
@@ -147,6 +89,21 @@ if #ARGV > 2 then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
 redis.call('DEL', KEYS[1])
 return 1
 """
+
+
+async def scan_bucket_keys(redis: Redis | RedisCluster) -> AsyncIterator[str]:
+    """Every bucket key; a RedisCluster's `scan_iter` walks every primary."""
+    async for key in redis.scan_iter(match=BUCKET_PATTERN, count=_SCAN_COUNT):
+        yield key.decode() if isinstance(key, bytes) else key
+
+
+def _insert_ignoring_conflicts(session: AsyncSession, rows: list[dict[str, Any]]) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return pg_insert(LedgerEntry).values(rows).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        return sqlite_insert(LedgerEntry).values(rows).on_conflict_do_nothing()
+    return generic_insert(LedgerEntry).values(rows)  # other backends: a repeat raises instead
 
 
 @dataclass(frozen=True)
@@ -192,23 +149,6 @@ class _Staged:
     plan: _Plan | None = None
 
 
-def leftover_identifier(tenant: str, meter: str, bucket_start: int, slot: int) -> str:
-    """Identifier of a leftover row (late units or a refund that the period could not net); at most 100 chars."""
-    digest = hashlib.sha256(f"{tenant}\0{meter}\0{bucket_start}\0{slot}".encode()).hexdigest()[:32]
-    return f"{IDENTIFIER_VERSION}l_{meter[:24]}_{bucket_start}_{slot}_{digest}"
-
-
-def carry_target(bucket_start: int, bucket_seconds: int, now: float, anchor_day: int | None) -> int | None:
-    """Where a bucket's leftovers can still be netted: the next bucket, or the open one if that is later.
-
-    Never a bucket of another billing period (PRODUCT.md §8): None when the period ends first. Only a bucket
-    still open can absorb a debit; a closed one may be billed already.
-    """
-    target = max(bucket_start + bucket_seconds, period_bucket_start(now, bucket_seconds))
-    _, end = period_bounds(bucket_datetime(bucket_start), anchor_day)
-    return target if target < end.timestamp() else None
-
-
 def _fields(staged: _Staged, meters: Mapping[str, Meter]) -> list[tuple[str, Meter | None, Decimal]]:
     """(meter name, meter, value) of the staged bucket's fields that may be billed."""
     out = []
@@ -219,7 +159,7 @@ def _fields(staged: _Staged, meters: Mapping[str, Meter]) -> list[tuple[str, Met
         meter = meters.get(name)
         if meter is not None and meter.stripe_event is None:
             continue  # not billed: leaves with the bucket, refunds included
-        value = _decimal(raw_value)
+        value = parse_bucket_value(raw_value)
         if value is None:
             log.error("bucket %s: meter %s holds %r, not a number; not billed", staged.staging, name, raw_value)
             continue
@@ -417,7 +357,7 @@ class _Mover:
         self._now = now
         self._bucket_seconds = bucket_seconds
         self._lock_ms = lock_ms
-        self._created_at = datetime.fromtimestamp(now, UTC)
+        self._created_at = utc(now)
         self._locks: dict[str, str] = {}
 
     async def move_group(self, group: list[tuple[str, tuple[str, int]]]) -> tuple[int, int]:
@@ -427,8 +367,8 @@ class _Mover:
         finally:
             await cancel_and_wait([renewer])
             for lock, token in self._locks.items():
-                with contextlib.suppress(*_REDIS_ERRORS):
-                    await self._redis.eval(_RELEASE_LOCK, 1, lock, token)
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._redis.eval(RELEASE_LOCK, 1, lock, token)
             self._locks.clear()
 
     async def _move_group(self, group: list[tuple[str, tuple[str, int]]]) -> tuple[int, int]:
@@ -474,7 +414,7 @@ class _Mover:
             await asyncio.sleep(self._lock_ms / 3000)
             for lock, token in list(self._locks.items()):
                 try:
-                    if not await self._redis.eval(_RENEW_LOCK, 1, lock, token, self._lock_ms):
+                    if not await self._redis.eval(RENEW_LOCK, 1, lock, token, self._lock_ms):
                         log.warning("bucket lock %s lost during a move", lock)
-                except _REDIS_ERRORS as exc:
+                except REDIS_ERRORS as exc:
                     log.warning("cannot renew bucket lock %s: %r", lock, exc)

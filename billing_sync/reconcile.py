@@ -26,6 +26,7 @@ import stripe
 from sqlalchemy import Numeric, and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from metering.clock import utc
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
 from metering.periods import period_bounds
@@ -238,7 +239,7 @@ class WindowCheck:
         start = int(row.bucket_start.timestamp())
         window = (start // 60 * 60, math.ceil((start + self._bucket_seconds) / 60) * 60)
         held = await _stripe_value(self._client, remote.id, customer, window, "counter", PAGE_SIZE)
-        bounds = (datetime.fromtimestamp(window[0], UTC), datetime.fromtimestamp(window[1], UTC))
+        bounds = (utc(window[0]), utc(window[1]))
         async with self._sessions() as session:
             sent = await session.scalar(select(func.sum(LedgerEntry.value, type_=Numeric(20, 6))).where(
                 LedgerEntry.tenant_id == row.tenant_id, LedgerEntry.meter == row.meter, LedgerEntry.state == SENT,

@@ -19,7 +19,6 @@ import enum
 import hashlib
 import logging
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +28,7 @@ from typing import Any, Protocol
 import stripe
 
 from billing_sync.settings import StripeSettings
+from metering.clock import Clock, system_clock, utc
 
 log = logging.getLogger("cosmos_gateway.billing_sync")
 
@@ -188,7 +188,7 @@ class StripeV2StreamSender:
         client: stripe.StripeClient,
         stream_client_factory: Callable[[str], stripe.StripeClient],
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
         http_client: stripe.AIOHTTPClient | None = None,
     ) -> None:
         self._client = self.client = client
@@ -242,7 +242,7 @@ class StripeV2StreamSender:
 
 
 def _stream_event(event: MeterEvent) -> dict[str, Any]:
-    timestamp = datetime.fromtimestamp(event.timestamp, UTC).isoformat(timespec="milliseconds")
+    timestamp = utc(event.timestamp).isoformat(timespec="milliseconds")
     return {
         "event_name": event.event_name, "identifier": event.identifier,
         "timestamp": timestamp.replace("+00:00", "Z"), "payload": event.payload(),
@@ -293,7 +293,7 @@ class DryRunSender:
         return None
 
 
-def build_sender(settings: StripeSettings, *, clock: Callable[[], float] = time.time,
+def build_sender(settings: StripeSettings, *, clock: Clock = system_clock,
                  timeout: float = 30.0) -> MeterEventSender:
     """The sender `settings` ask for: dry run, or v1 / v2 stream against `api_base` (Stripe by default)."""
     if settings.mode == "dry_run":

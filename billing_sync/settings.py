@@ -8,7 +8,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from metering.errors import ConfigurationError, expect_mapping, kind_of
+from metering.errors import ConfigError, expect_mapping, kind_of
 
 DEFAULT_PLANS_BY_LOOKUP_KEY: Mapping[str, str] = MappingProxyType({
     "starter_monthly": "starter", "starter_yearly": "starter",
@@ -37,28 +37,28 @@ def parse_stripe_settings(raw: Mapping[str, Any] | None, api_key: str | None) ->
     raw = expect_mapping(raw or {}, "billing.stripe", _KEYS)
     mode = raw.get("mode", "live" if api_key else "dry_run")
     if mode not in ("live", "dry_run"):
-        raise ConfigurationError("billing.stripe.mode", f"expected live or dry_run, got {kind_of(mode)}")
+        raise ConfigError("billing.stripe.mode", f"expected live or dry_run, got {kind_of(mode)}")
     if mode == "live" and not api_key:
-        raise ConfigurationError("billing.stripe.mode", "live needs STRIPE_API_KEY")
+        raise ConfigError("billing.stripe.mode", "live needs STRIPE_API_KEY")
     api_base = raw.get("api_base")
     if api_base is not None:
         parts = urlsplit(api_base) if isinstance(api_base, str) else None
         if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ConfigurationError("billing.stripe.api_base", f"expected an http(s) URL, got {kind_of(api_base)}")
+            raise ConfigError("billing.stripe.api_base", f"expected an http(s) URL, got {kind_of(api_base)}")
     rate = _number(raw, "max_events_per_second", 500.0, minimum=0)
     transport = raw.get("transport", "v1")
     if transport not in ("v1", "v2_stream"):
-        raise ConfigurationError("billing.stripe.transport", f"expected v1 or v2_stream, got {kind_of(transport)}")
+        raise ConfigError("billing.stripe.transport", f"expected v1 or v2_stream, got {kind_of(transport)}")
     concurrency = raw.get("concurrency", 8)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 256:
-        raise ConfigurationError("billing.stripe.concurrency", "expected an integer from 1 to 256")
+        raise ConfigError("billing.stripe.concurrency", "expected an integer from 1 to 256")
     grace = _number(raw, "past_due_grace_days", 7.0, minimum=0)
     lookup = raw.get("plans_by_lookup_key", DEFAULT_PLANS_BY_LOOKUP_KEY)
     lookup = expect_mapping(lookup, "billing.stripe.plans_by_lookup_key", lookup.keys() if isinstance(
         lookup, Mapping) else ())
     for key, plan in lookup.items():
         if not isinstance(key, str) or not isinstance(plan, str):
-            raise ConfigurationError(f"billing.stripe.plans_by_lookup_key.{key}", "expected a plan name")
+            raise ConfigError(f"billing.stripe.plans_by_lookup_key.{key}", "expected a plan name")
     return StripeSettings(mode, api_base, rate, MappingProxyType(dict(lookup)), transport, concurrency, grace,
                           api_key)
 
@@ -66,5 +66,5 @@ def parse_stripe_settings(raw: Mapping[str, Any] | None, api_key: str | None) ->
 def _number(raw: Mapping[str, Any], key: str, default: float, *, minimum: float) -> float:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
-        raise ConfigurationError(f"billing.stripe.{key}", f"expected a number >= {minimum:g}, got {kind_of(value)}")
+        raise ConfigError(f"billing.stripe.{key}", f"expected a number >= {minimum:g}, got {kind_of(value)}")
     return float(value)

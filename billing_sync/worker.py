@@ -11,6 +11,9 @@ Exactly once does not rest on the leader lock: a bucket has one identifier forev
 only after Stripe's 2xx (or its duplicate answer), and so a pass cut short, a second worker or a lost
 answer only ever leads to a repeat that Stripe refuses as a duplicate. The lock just keeps two workers
 from doing the same work twice.
+
+The move is `billing_sync.ledger`, the sends `sender` (paced by `pacing.StripePacer`), and the counts and
+the admin view that a pass leaves behind `state`.
 """
 
 from __future__ import annotations
@@ -20,20 +23,19 @@ import contextlib
 import logging
 import random
 import secrets
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
-from sqlalchemy import func, select, true, tuple_, update
+from sqlalchemy import select, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.ledger import REFUND_NOT_NETTED, MoveResult, move_closed_buckets
+from billing_sync.ledger import REFUND_NOT_NETTED, RELEASE_LOCK, RENEW_LOCK, MoveResult, move_closed_buckets
 from billing_sync.metrics import SyncMetrics
+from billing_sync.pacing import StripePacer
 from billing_sync.reconcile import WindowCheck
 from billing_sync.sender import (
     DryRunSender,
@@ -45,6 +47,9 @@ from billing_sync.sender import (
     classify,
 )
 from billing_sync.settings import StripeSettings
+from billing_sync.state import LAST_RUN_KEY, ledger_counts, requeue_with_customer
+from metering.clock import Clock, system_clock, utc
+from metering.errors import REDIS_ERRORS
 from metering.meters import Meter
 from metering.models import LedgerEntry, Tenant
 from metering.tasks import cancel_and_wait
@@ -52,15 +57,9 @@ from metering.tasks import cancel_and_wait
 log = logging.getLogger("cosmos_gateway.billing_sync")
 
 LEADER_KEY = "gw:sync:leader"
-LAST_RUN_KEY = "gw:sync:last_run"
 MAX_EVENT_AGE = 35 * 86_400  # Stripe refuses meter events older than 35 days
 CONFIRM_AFTER = 23 * 3600  # first sent longer ago: Stripe may have forgotten the identifier (24 h window)
 ROWS_PER_QUERY = 1000
-_REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
-# Compare-and-delete / compare-and-extend: only the holder's token touches the lock.
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
-_RENEW = ("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end "
-          "return 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,30 +88,9 @@ class PassResult:
         return self.leader and self.store_error is None and self.held == 0 and waiting == 0
 
 
-def reason_of(last_error: str | None) -> str | None:
-    """The bounded reason at the head of `last_error` ("no_customer: tenant has no ...")."""
-    return last_error.partition(":")[0] if last_error else None
-
-
-class RateLimiter:
-    """At most `rate` events a second on average, no burst beyond one call; 0 = no cap."""
-
-    def __init__(self, rate: float, *, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._rate = rate
-        self._monotonic = monotonic
-        self._next = 0.0
-
-    async def acquire(self, events: int) -> None:
-        if self._rate <= 0:
-            return
-        now = self._monotonic()
-        start = max(now, self._next)
-        self._next = start + events / self._rate  # reserved before sleeping: concurrent callers queue up
-        if start > now:
-            await asyncio.sleep(start - now)
-
-
 class SyncWorker:
+    """Moves closed buckets into the ledger and sends what is due to Stripe, a pass at a time."""
+
     def __init__(
         self,
         *,
@@ -123,7 +101,7 @@ class SyncWorker:
         bucket_seconds: int,
         grace_seconds: int,
         sender: MeterEventSender,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
         backoff_base: float = 1.0,
         backoff_max: float = 300.0,
         leader_lock: bool = True,
@@ -144,7 +122,7 @@ class SyncWorker:
         self._leader_lock = leader_lock
         self._lock_ttl_ms = int(lock_ttl * 1000)
         self._jitter = jitter
-        self._limiter = RateLimiter(settings.max_events_per_second)
+        self._pacer = StripePacer(settings.max_events_per_second)
         self._metrics = metrics or SyncMetrics(self._meters)
         self._dry_run = isinstance(sender, DryRunSender)
         client = getattr(sender, "client", None)
@@ -155,7 +133,7 @@ class SyncWorker:
     async def run_once(self) -> PassResult:
         token = await self._acquire_lock() if self._leader_lock else None
         if token is False:
-            counts = await _counts(self._sessions)
+            counts = await ledger_counts(self._sessions)
             return PassResult(leader=False, pending=counts.pending, dry_run=self._dry_run, previewed=counts.previewed)
         renew = asyncio.create_task(self._renew_lock(token)) if isinstance(token, str) else None
         try:
@@ -172,23 +150,23 @@ class SyncWorker:
             moves = await move_closed_buckets(
                 self._redis, self._sessions, self._meters, now=now,
                 bucket_seconds=self._bucket_seconds, grace_seconds=self._grace_seconds)
-        except _REDIS_ERRORS as exc:  # the ledger can still be sent, but the pass is not complete
+        except REDIS_ERRORS as exc:  # the ledger can still be sent, but the pass is not complete
             log.warning("billing sync: cannot read buckets from Redis: %r", exc)
             self._metrics.failed("store")
             store_error = f"redis: {exc!r}"
         if moves.held:
             log.info("billing sync: %d closed buckets held by another mover; left for a later pass", moves.held)
-        requeued = await _requeue_with_customer(self._sessions)
+        requeued = await requeue_with_customer(self._sessions)
         tally = _Tally()
         await self._send_due(now, tally)
 
-        counts = await _counts(self._sessions)
+        counts = await ledger_counts(self._sessions)
         end = self._clock()
         lag = max(0.0, end - counts.oldest.timestamp()) if counts.oldest is not None else 0.0
         self._metrics.state(pending=counts.pending, parked=counts.parked, lag_seconds=lag)
         if tally.retried == 0 and store_error is None:
             self._metrics.success(end)
-        with contextlib.suppress(*_REDIS_ERRORS):
+        with contextlib.suppress(*REDIS_ERRORS):
             await self._redis.set(LAST_RUN_KEY, repr(end))
         return PassResult(moves.moved, tally.sent, tally.duplicates, tally.retried, tally.parked, requeued,
                           counts.pending, held=moves.held, store_error=store_error, dry_run=self._dry_run,
@@ -196,7 +174,7 @@ class SyncWorker:
 
     async def _send_due(self, now: float, tally: _Tally) -> None:
         """Every pending row due at `now`, oldest first, each looked at once (keyset pages)."""
-        due_at = datetime.fromtimestamp(now, UTC)
+        due_at = utc(now)
         customers: dict[str, str | None] = {}
         after: tuple[datetime, str, str] | None = None
         semaphore = asyncio.Semaphore(self._settings.concurrency)
@@ -258,7 +236,7 @@ class SyncWorker:
         """Stamp the first send of each row before it leaves: a crash right after the send still leaves the
         time from which Stripe's 24 h identifier window runs out."""
         first = [row.identifier for row in rows if row.first_attempt_at is None]
-        at = datetime.fromtimestamp(now, UTC)
+        at = utc(now)
         async with self._sessions() as session, session.begin():
             for i in range(0, len(first), 500):
                 await session.execute(update(LedgerEntry).where(
@@ -301,7 +279,7 @@ class SyncWorker:
     async def _send_group(self, group: list[tuple[LedgerEntry, MeterEvent]],
                           semaphore: asyncio.Semaphore) -> list[tuple[LedgerEntry, SendResult]]:
         async with semaphore:
-            await self._limiter.acquire(len(group))
+            await self._pacer.acquire(len(group))
             results = await self.sender.send([event for _, event in group])
         return list(zip([row for row, _ in group], results, strict=True))
 
@@ -309,7 +287,7 @@ class SyncWorker:
                       tally: _Tally) -> None:
         """Write the outcomes in one transaction; a row another worker already sent is left alone."""
         at = self._clock()
-        at_dt = datetime.fromtimestamp(at, UTC)
+        at_dt = utc(at)
         async with self._sessions() as session, session.begin():
             for row, result in outcomes:
                 match = LedgerEntry.identifier == row.identifier
@@ -330,7 +308,7 @@ class SyncWorker:
                 text = f"{result.reason}: {(result.detail or '')[:500]}"
                 if result.outcome is Outcome.RETRY:
                     cap = min(self._backoff_max, self._backoff_base * 2 ** min(row.attempts, 32))
-                    retry_at = datetime.fromtimestamp(at + self._jitter() * cap, UTC)
+                    retry_at = utc(at + self._jitter() * cap)
                     values = {"attempts": LedgerEntry.attempts + 1, "last_error": text, "next_attempt_at": retry_at}
                 else:
                     values = {"state": "parked", "attempts": LedgerEntry.attempts + 1, "last_error": text}
@@ -370,7 +348,7 @@ class SyncWorker:
         token = secrets.token_hex(16)
         try:
             got = await self._redis.set(LEADER_KEY, token, nx=True, px=self._lock_ttl_ms)
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("billing sync: leader lock unavailable, running without it: %r", exc)
             return None
         return token if got else False
@@ -379,15 +357,15 @@ class SyncWorker:
         while True:
             await asyncio.sleep(self._lock_ttl_ms / 3000)
             try:
-                if not await self._redis.eval(_RENEW, 1, LEADER_KEY, token, self._lock_ttl_ms):
+                if not await self._redis.eval(RENEW_LOCK, 1, LEADER_KEY, token, self._lock_ttl_ms):
                     log.warning("billing sync: leader lock lost during a pass")
                     return
-            except _REDIS_ERRORS as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("billing sync: cannot renew the leader lock: %r", exc)
 
     async def _release_lock(self, token: str) -> None:
-        with contextlib.suppress(*_REDIS_ERRORS):
-            await self._redis.eval(_RELEASE, 1, LEADER_KEY, token)
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self._redis.eval(RELEASE_LOCK, 1, LEADER_KEY, token)
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -415,90 +393,9 @@ class _Tally:
     previewed: int = 0
 
 
-async def _requeue_with_customer(sessions: async_sessionmaker[AsyncSession]) -> int:
-    """Parked "no_customer" rows of tenants that now have a Stripe customer become pending again."""
-    with_customer = select(Tenant.id).where(Tenant.stripe_customer_id.is_not(None), Tenant.stripe_customer_id != "")
-    async with sessions() as session, session.begin():
-        result = await session.execute(
-            update(LedgerEntry)
-            .where(LedgerEntry.state == "parked", LedgerEntry.last_error.like("no_customer:%"),
-                   LedgerEntry.tenant_id.in_(with_customer))
-            .values(state="pending", next_attempt_at=None)
-        )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-
-async def requeue_parked(sessions: async_sessionmaker[AsyncSession], *, tenant: str | None = None,
-                         reason: str | None = None) -> int:
-    """Make parked rows pending again (admin action, after fixing the cause); returns how many."""
-    query = update(LedgerEntry).where(LedgerEntry.state == "parked")
-    if tenant is not None:
-        query = query.where(LedgerEntry.tenant_id == tenant)
-    if reason is not None:
-        query = query.where(LedgerEntry.last_error.like(f"{reason}:%"))
-    async with sessions() as session, session.begin():
-        result = await session.execute(query.values(state="pending", next_attempt_at=None))
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True, slots=True)
-class _Counts:
-    pending: int
-    parked: int
-    previewed: int  # pending rows a dry run has shown
-    oldest: datetime | None  # oldest pending bucket_start
-
-
-async def _counts(sessions: async_sessionmaker[AsyncSession]) -> _Counts:
-    async with sessions() as session:
-        by_state = dict((await session.execute(
-            select(LedgerEntry.state, func.count()).where(LedgerEntry.state.in_(("pending", "parked")))
-            .group_by(LedgerEntry.state))).tuples().all())
-        previewed = await session.scalar(select(func.count()).where(
-            LedgerEntry.state == "pending", LedgerEntry.previewed_at.is_not(None)))
-        oldest = await session.scalar(select(func.min(LedgerEntry.bucket_start)).where(LedgerEntry.state == "pending"))
-    if isinstance(oldest, str):  # SQLite hands an aggregate back untyped
-        oldest = datetime.fromisoformat(oldest)
-    if oldest is not None and oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=UTC)
-    return _Counts(by_state.get("pending", 0), by_state.get("parked", 0), int(previewed or 0), oldest)
-
-
-async def sync_state(redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession], *, now: float,
-                     parked_limit: int = 100) -> dict[str, Any]:
-    """The admin view: last pass, lag, pending and sent counts, and the parked buckets (oldest first).
-
-    `last_run_at` is epoch seconds (None: never, or Redis unreachable); `bucket_start` epoch seconds.
-    """
-    last_run: float | None = None
-    with contextlib.suppress(*_REDIS_ERRORS, ValueError):
-        raw = await redis.get(LAST_RUN_KEY)
-        last_run = float(raw) if raw is not None else None
-    counts = await _counts(sessions)
-    oldest = counts.oldest
-    async with sessions() as session:
-        sent_total = await session.scalar(select(func.count()).where(LedgerEntry.state == "sent"))
-        parked = (await session.scalars(
-            select(LedgerEntry).where(LedgerEntry.state == "parked")
-            .order_by(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter).limit(parked_limit))).all()
-    return {
-        "last_run_at": last_run,
-        "lag_seconds": max(0.0, now - oldest.timestamp()) if oldest is not None else 0.0,
-        "pending": counts.pending,
-        "previewed": counts.previewed,  # dry run: pending rows shown as what would be sent
-        "sent_total": int(sent_total or 0),
-        "parked": [
-            {"tenant": row.tenant_id, "meter": row.meter, "bucket_start": int(row.bucket_start.timestamp()),
-             "reason": reason_of(row.last_error), "detail": row.last_error, "value": str(row.value),
-             "identifier": row.identifier, "attempts": row.attempts}
-            for row in parked
-        ],
-    }
-
-
 def build_worker(*, redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession],
                  meters: Iterable[Meter], stripe: StripeSettings, bucket_seconds: int, grace_seconds: int,
-                 clock: Callable[[], float] = time.time) -> SyncWorker:
+                 clock: Clock = system_clock) -> SyncWorker:
     """A worker as the configuration asks (dry run, v1 or v2 stream); `await worker.aclose()` when done."""
     return SyncWorker(
         redis=redis, sessions=sessions, meters={m.name: m for m in meters}, settings=stripe,

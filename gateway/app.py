@@ -15,29 +15,27 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 from aiohttp import web
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from billing_sync.meter_errors import StripeEventFetcher
-from billing_sync.webhooks import StripeWebhooks
+from billing_sync.subscriptions import StripeEventProcessor
 from billing_sync.worker import SyncWorker, build_worker
 from gateway.admin.api import add_admin_api
 from gateway.admin.health import admin_app
 from gateway.admin.sync import SyncAdmin
 from gateway.auth.tokens import Authenticator
-from gateway.config.policy import build_policy
 from gateway.config.settings import Settings
 from gateway.metrics import RequestMetrics
 from gateway.proxy.accesslog import AccessLog
 from gateway.proxy.handler import ProxyHandler
 from gateway.proxy.listener import LimitedSockSite, ProblemServer, bind
 from gateway.proxy.own_endpoints import OwnEndpoints
+from gateway.proxy.stripe_webhook import StripeWebhook
 from gateway.proxy.upstream import UpstreamPool
 from gateway.proxy.websocket import WebSocketRelay
 from metering import db
 from metering.migrate import prepare_schema
 from metering.redis_store import RedisUsageStore
+from metering.redis_store.client import is_cluster_url, redis_client
 from metering.spool import Spool
 from metering.store import StoreUnavailable
 from metering.tasks import cancel_and_wait
@@ -61,7 +59,7 @@ class Worker:
             raise ValueError("upstream.url must be resolved before starting a worker")
         self.settings = settings
         self.clock = clock  # injected by tests to cross period boundaries without waiting
-        self.policy = build_policy(settings)
+        self.policy = settings.policy
         self._reuse_port = reuse_port
         self.authenticator = Authenticator(settings.auth)
         self.pool = UpstreamPool(
@@ -83,7 +81,7 @@ class Worker:
         self.directory = TenantDirectory(self.sessions, self._pubsub, reload_interval=TENANT_RELOAD_SECONDS)
         self.spool = Spool(Path(settings.redis.spool_dir) / f"worker-{index}.jsonl",
                            max_bytes=settings.redis.spool_max_bytes)
-        self.alerts = Alerts(self.policy.alerts, self.sessions, clock=self._now)
+        self.alerts = Alerts(self.policy.alerts, self.sessions, clock=clock)
         self.quota_metrics = QuotaMetrics(self.policy.plans, [m.name for m in self.policy.meters],
                                           tenant_usage=self.policy.metrics.tenant_usage,
                                           max_tenants=self.policy.metrics.max_tenants)
@@ -109,9 +107,6 @@ class Worker:
         self.proxy_port = 0
         self.admin_port = 0
 
-    def _now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock(), UTC)
-
     def _observe_usage(self, tenant: str, meter: str, period_start: int, used: float, limit: float) -> None:
         start = self._period_starts.get(period_start)
         if start is None:
@@ -136,14 +131,15 @@ class Worker:
         for meter in self.policy.meters:
             if meter.stripe_event is not None:
                 meters_by_event.setdefault(meter.stripe_event, []).append(meter.name)
-        webhooks = StripeWebhooks(
-            secret=settings.billing.stripe_webhook_secret, sessions=self.sessions, directory=self.directory,
-            plans_by_lookup_key=stripe.plans_by_lookup_key, known_plans=self.policy.plans,
-            clock=self.clock, problem_type_base=settings.server.problem_type_base,
+        events = StripeEventProcessor(
+            secret=settings.billing.stripe_webhook_secret, sessions=self.sessions,
+            plans_by_lookup_key=stripe.plans_by_lookup_key, known_plans=self.policy.plans, clock=self.clock,
             event_fetcher=self._event_fetcher, meters_by_event_name=meters_by_event)
+        webhook = StripeWebhook(events, directory=self.directory,
+                                problem_type_base=settings.server.problem_type_base)
         own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
                            meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts,
-                           stripe_webhook=webhooks.handle, clock=self.clock)
+                           stripe_webhook=webhook.handle, clock=self.clock)
         handler = ProxyHandler(settings, self.authenticator, self.pool, self.websockets, self.metrics,
                                self.access_log, limiter=self.limiter, own=own)
         http_limits = {
@@ -180,7 +176,7 @@ class Worker:
     def _add_admin_api(self, app: web.Application) -> None:
         add_admin_api(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
                       authenticator=self.authenticator, usage_reader=self.store,
-                      plans=self.policy.plans, meters=self.policy.meters, clock=self._now, sync=self.sync_admin)
+                      plans=self.policy.plans, meters=self.policy.meters, clock=self.clock, sync=self.sync_admin)
 
     def _sync_worker(self) -> SyncWorker:
         billing = self.settings.billing
@@ -262,21 +258,6 @@ class Worker:
             await self._pubsub.aclose()
         await self.engine.dispose()
         self.access_log.flush()
-
-
-def is_cluster_url(url: str) -> bool:
-    return url.split("://", 1)[0].endswith("+cluster")
-
-
-def redis_client(url: str) -> aioredis.Redis | RedisCluster:
-    """A client for `redis://`, `rediss://`, `unix://` or (`redis+cluster://`) a Redis Cluster."""
-    if is_cluster_url(url):
-        # No whole-pipeline retries: redis-py would send a batch again after a timeout although some
-        # nodes may have run it, counting those requests twice. MOVED/ASK are still followed (they mean
-        # "not run here"); a failed batch is fail-open/fail-closed business, decided by the limiter.
-        return RedisCluster.from_url(url.replace("+cluster", "", 1), socket_timeout=0.5,
-                                     socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
-    return aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
 
 
 async def run_until_stopped(worker: Worker, stop: asyncio.Event,

@@ -9,13 +9,15 @@ GatewayError              500 internal                (itself: a fault of the ga
 ├── NotFound              404 not-found
 ├── MethodNotAllowed      405 method-not-allowed      (admin API)
 ├── RequestTimeout        408 request-timeout         (a request body paused longer than listen.body_timeout)
-├── PayloadTooLarge       413 payload-too-large       (admin API)
+├── PayloadTooLarge       413 payload-too-large       (admin API, Stripe webhooks)
 ├── RateLimited           429 rate-limited
 ├── QuotaExceeded         429 quota-exceeded
 ├── BadGateway            502 bad-gateway
 ├── LimiterUnavailable    503 limiter-unavailable
-├── DatabaseUnavailable   503 database-unavailable    (admin API, /_gateway/usage)
+├── DatabaseUnavailable   503 database-unavailable    (admin API, /_gateway/usage, Stripe webhooks)
 ├── UpstreamBusy          503 upstream-busy           (no upstream connection free within pool_timeout)
+├── WebhooksNotConfigured 503 webhooks-not-configured (Stripe webhooks: no secret, or no API key for a thin event)
+├── StripeUnavailable     503 stripe-unavailable      (Stripe webhooks: a thin event's data could not be read)
 └── GatewayTimeout        504 gateway-timeout
 """
 
@@ -115,6 +117,14 @@ class UpstreamBusy(GatewayError):
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail, headers={"Retry-After": "1"}, **extra)
+
+
+class WebhooksNotConfigured(GatewayError):
+    status, suffix, title = 503, "webhooks-not-configured", "Webhooks not configured"
+
+
+class StripeUnavailable(GatewayError):
+    status, suffix, title = 503, "stripe-unavailable", "Stripe unavailable"
 
 
 class GatewayTimeout(GatewayError):

@@ -26,13 +26,13 @@ RESTART_BACKOFF = 1.0
 
 
 def serve(settings: Settings, workers: int) -> int:
-    """Run the gateway until SIGTERM/SIGINT; returns the exit status."""
-    from gateway.cli import devservices
+    """Run the gateway until SIGTERM/SIGINT; returns the exit status.
 
-    with devservices.resolved(settings) as resolved:
-        if workers <= 1:
-            return _run_worker(resolved, reuse_port=False)
-        return _supervise(resolved, workers)
+    `settings` name the upstream and Redis: `cosmos-gateway serve` fills in development services first.
+    """
+    if workers <= 1:
+        return _run_worker(settings, reuse_port=False)
+    return _supervise(settings, workers)
 
 
 def _run_worker(settings: Settings, *, reuse_port: bool, index: int = 0,

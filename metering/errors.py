@@ -1,9 +1,9 @@
-"""Configuration errors of the metering and quota policy, each naming the dotted config key.
+"""The one configuration error, naming the dotted config key, and the checks every config parser repeats.
 
-ConfigurationError (ValueError)   "meters.api_calls.match.path: must start with '/'"
+ConfigError (ValueError)   "meters.api_calls.match.path: must start with '/'"
 
-The gateway wraps these into its own config error at start-up; this layer stays gateway-agnostic.
-The two helpers below are the checks every parser of `meters:` and `plans:` repeats.
+Raised by every layer that reads configuration (metering, quota, billing_sync and gateway.config), so
+`cosmos-gateway` reports any of them the same way; this module stays gateway-agnostic.
 """
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from redis.exceptions import RedisClusterException, RedisError
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
-class ConfigurationError(ValueError):
-    """A bad `meters:` or `plans:` entry; `key` is the dotted path of the offending key."""
+class ConfigError(ValueError):
+    """A bad configuration value; `key` is the dotted path of the offending key (None: the file as a whole)."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
+    def __init__(self, key: str | None, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
-
-
-# The design note calls it this; one class, two names, so both spellings keep working.
-MeterConfigError = ConfigurationError
 
 
 def kind_of(value: Any) -> str:
@@ -37,7 +33,8 @@ def kind_of(value: Any) -> str:
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int | float):
-        return f"the number {value!r}"
+        text = repr(value)
+        return f"the number {text}" if len(text) <= 40 else f"a number of {len(text)} digits"
     if isinstance(value, str):
         return f"the string {value!r}" if len(value) <= 80 else "a long string"
     if isinstance(value, Mapping):
@@ -50,9 +47,9 @@ def kind_of(value: Any) -> str:
 def expect_mapping(value: Any, key: str, allowed: Iterable[str]) -> Mapping[str, Any]:
     """`value` as a mapping whose keys are all in `allowed`; otherwise an error naming the key."""
     if not isinstance(value, Mapping):
-        raise ConfigurationError(key, f"expected a mapping, got {kind_of(value)}")
+        raise ConfigError(key, f"expected a mapping, got {kind_of(value)}")
     allowed = set(allowed)
     for name in value:
         if name not in allowed:
-            raise ConfigurationError(f"{key}.{name}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{key}.{name}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
     return value

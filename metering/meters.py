@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from metering.errors import ConfigurationError, expect_mapping, kind_of
+from metering.errors import ConfigError, expect_mapping, kind_of
+from metering.match_cache import BoundedMatchCache
 from metering.paths import canonical_glob, readings
 
 Source = Literal["request", "request_bytes", "response_bytes", "reported"]
@@ -25,12 +25,6 @@ METER_NAME = re.compile(r"[a-z0-9_]{1,64}")
 RESERVED_NAMES: frozenset[str] = frozenset({"rate"})
 # Stripe's meter event_name: kept to characters that need no escaping anywhere.
 STRIPE_EVENT = re.compile(r"[A-Za-z0-9_.:-]{1,100}")
-# Paths with ids make (method, path) unbounded: the cache holds this many answers and drops the oldest
-# first, one at a time (FIFO: no bookkeeping on a hit, and no cliff where every answer is lost at once).
-MATCH_CACHE_SIZE = 10_000
-# Longer paths are matched every time instead: real ones are far shorter, and so the cache's memory is
-# bounded in bytes too (the head size limit bounds it anyway, but far higher).
-MATCH_CACHE_MAX_PATH = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +81,13 @@ def compile_glob(pattern: str, *, ignore_case: bool = False) -> re.Pattern[str]:
 def check_path(value: Any, key: str) -> str:
     """A match/guard path glob, validated; shared with plan guards."""
     if not isinstance(value, str):
-        raise ConfigurationError(key, f"expected a path glob string, got {kind_of(value)}")
+        raise ConfigError(key, f"expected a path glob string, got {kind_of(value)}")
     if any(c.isspace() or ord(c) < 0x20 or c in "?#" for c in value):
-        raise ConfigurationError(key, "must not contain whitespace, control characters, '?' or '#'")
+        raise ConfigError(key, "must not contain whitespace, control characters, '?' or '#'")
     try:
         compile_glob(value)
     except ValueError as exc:
-        raise ConfigurationError(key, str(exc)) from None
+        raise ConfigError(key, str(exc)) from None
     return value
 
 
@@ -102,7 +96,7 @@ def check_method(value: Any, key: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
-        raise ConfigurationError(
+        raise ConfigError(
             key, f"must be one of {', '.join(sorted(HTTP_METHODS))}, got {kind_of(value)}"
         )
     return value.upper()
@@ -111,9 +105,9 @@ def check_method(value: Any, key: str) -> str | None:
 def _parse_meter(name: Any, raw: Any) -> Meter:
     key = f"meters.{name}"
     if not isinstance(name, str) or not METER_NAME.fullmatch(name):
-        raise ConfigurationError(key, "a meter name is 1-64 characters of a-z, 0-9 and _")
+        raise ConfigError(key, "a meter name is 1-64 characters of a-z, 0-9 and _")
     if name in RESERVED_NAMES:
-        raise ConfigurationError(key, f"{name!r} is reserved (rate overrides use it)")
+        raise ConfigError(key, f"{name!r} is reserved (rate overrides use it)")
     spec = expect_mapping(raw, key, {"match", "source", "kind", "stripe_event", "bill_server_errors"})
 
     method = path = None
@@ -127,25 +121,25 @@ def _parse_meter(name: Any, raw: Any) -> Meter:
     if source is None and "match" in spec:
         source = "request"
     if source is None:
-        raise ConfigurationError(key, "needs `match` (a request counter) or `source`")
+        raise ConfigError(key, "needs `match` (a request counter) or `source`")
     if source not in SOURCES:
-        raise ConfigurationError(
+        raise ConfigError(
             f"{key}.source", f"must be one of {', '.join(SOURCES)}, got {kind_of(source)}"
         )
     if "match" in spec and source != "request":
         # Byte and reported meters are recorded after the response for every metered request;
         # silently ignoring a match here would count more than the operator asked for.
-        raise ConfigurationError(f"{key}.match", f"only applies to source request, not {source}")
+        raise ConfigError(f"{key}.match", f"only applies to source request, not {source}")
 
     kind = spec.get("kind")
     if kind is None:
         kind = "gauge" if source == "reported" else "counter"
     if kind not in ("counter", "gauge"):
-        raise ConfigurationError(f"{key}.kind", f"must be counter or gauge, got {kind_of(kind)}")
+        raise ConfigError(f"{key}.kind", f"must be counter or gauge, got {kind_of(kind)}")
     if kind == "gauge" and source != "reported":
-        raise ConfigurationError(f"{key}.kind", f"gauge needs source reported, not {source}")
+        raise ConfigError(f"{key}.kind", f"gauge needs source reported, not {source}")
     if kind == "counter" and source == "reported":
-        raise ConfigurationError(
+        raise ConfigError(
             f"{key}.kind", "a reported meter is a gauge (the last value the upstream sent)"
         )
 
@@ -153,18 +147,18 @@ def _parse_meter(name: Any, raw: Any) -> Meter:
     if stripe_event is not None and (
         not isinstance(stripe_event, str) or not STRIPE_EVENT.fullmatch(stripe_event)
     ):
-        raise ConfigurationError(
+        raise ConfigError(
             f"{key}.stripe_event",
             f"expected 1-100 characters of A-Z, a-z, 0-9, _ . : -, got {kind_of(stripe_event)}",
         )
 
     bill_server_errors = spec.get("bill_server_errors", False)
     if not isinstance(bill_server_errors, bool):
-        raise ConfigurationError(
+        raise ConfigError(
             f"{key}.bill_server_errors", f"expected true or false, got {kind_of(bill_server_errors)}"
         )
     if bill_server_errors and kind == "gauge":
-        raise ConfigurationError(
+        raise ConfigError(
             f"{key}.bill_server_errors", "only applies to counters; a gauge is never given back"
         )
 
@@ -176,7 +170,7 @@ def parse_meters(raw: Mapping[str, Any] | None) -> tuple[Meter, ...]:
     if raw is None:
         return DEFAULT_METERS
     if not isinstance(raw, Mapping):
-        raise ConfigurationError(
+        raise ConfigError(
             "meters", f"expected a mapping of meter name to definition, got {kind_of(raw)}"
         )
     meters = tuple(_parse_meter(name, spec) for name, spec in raw.items())
@@ -186,7 +180,7 @@ def parse_meters(raw: Mapping[str, Any] | None) -> tuple[Meter, ...]:
         if meter.stripe_event is None:
             continue
         if meter.stripe_event in billed:
-            raise ConfigurationError(
+            raise ConfigError(
                 f"meters.{meter.name}.stripe_event",
                 f"{meter.stripe_event!r} is already the stripe_event of meter {billed[meter.stripe_event]!r}",
             )
@@ -195,7 +189,8 @@ def parse_meters(raw: Mapping[str, Any] | None) -> tuple[Meter, ...]:
 
 
 class MeterMatcher:
-    """Which meters a request touches; patterns compiled once, answers cached per (method, path).
+    """Which meters a request touches; patterns compiled once, answers cached per (method, path)
+    (`metering.match_cache`, bounded).
 
     A meter's path glob is matched on the readings of the request's path (`metering.paths`): it applies
     when any reading matches, case-insensitively (an upstream that routes `/API/...` like `/api/...`
@@ -214,7 +209,7 @@ class MeterMatcher:
             for m in self.meters
             if m.source == "request"
         )
-        self._cache: OrderedDict[tuple[str, str], tuple[Meter, ...]] = OrderedDict()
+        self._cache: BoundedMatchCache[tuple[Meter, ...]] = BoundedMatchCache()
 
     def request_meters(self, method: str, path: str) -> tuple[Meter, ...]:
         """The request counters matching; `path` is the raw path (a query is ignored).
@@ -235,10 +230,7 @@ class MeterMatcher:
                 if (meter.method is None or meter.method == method)
                 and (pattern is None or any(pattern.fullmatch(reading) is not None for reading in spelled))
             )
-            if len(path) <= MATCH_CACHE_MAX_PATH:
-                if len(self._cache) >= MATCH_CACHE_SIZE:
-                    self._cache.popitem(last=False)
-                self._cache[key] = found
+            self._cache.put(key, found)
         return found
 
     def cache_size(self) -> int:

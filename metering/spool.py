@@ -1,11 +1,6 @@
 """Fail-open spool: usage counted while Redis was unavailable, kept on local disk until replayed.
 
-One JSON object per line, each a `Record` with a unique id:
-
-    {"id": "<uuid4 hex>", "tenant": "acme", "period_start": 1719792000, "period_end": 1722470400,
-     "bucket_start": 1719800100, "bucket_ttl": 691200, "refund": [], "add": [["bandwidth_bytes", 512]],
-     "gauges": [], "count": [["api_calls", 1]], "bill": [["api_calls", 1]]}
-
+One JSON object per line, each a `Record` with a unique id (the format: `metering.spool_entries`).
 An admitted check is spooled as `Record.from_admitted(check)` (its counter units under `count`, its
 billable units under `bill`; rate state is not replayed: it is transient). `append()` only buffers; a
 background task writes and fsyncs the buffer at most every `flush_interval` seconds, or at once when
@@ -31,16 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
+from metering.spool_entries import line_of, parse_line, read_batch
 from metering.spool_files import SUFFIX, TEMPORARY, SpoolFile, make_private_folder, other_files
 from metering.store import Check, Record, StoreUnavailable, UsageStore
 
@@ -55,91 +49,9 @@ MAX_BUFFER_BYTES = 4 << 20  # lines waiting in memory while the disk refuses the
 RESCAN_SECONDS = 0.1  # past half the cap, the other files of the folder are measured this often
 WARN_AT = 0.8  # of the cap: a warning is logged (once, until the spool is back under 60 %)
 
-_PAIRS = ("refund", "add", "gauges", "count", "bill")
-
-
-def to_entry(record: Record) -> dict[str, Any]:
-    """The JSON form of a record; it must carry a `record_id`."""
-    if record.record_id is None:
-        raise ValueError("a spooled record needs a record_id")
-    entry: dict[str, Any] = {
-        "id": record.record_id, "tenant": record.tenant, "period_start": record.period_start,
-        "period_end": record.period_end, "bucket_start": record.bucket_start, "bucket_ttl": record.bucket_ttl,
-    }
-    for name in _PAIRS:
-        entry[name] = [list(pair) for pair in getattr(record, name)]
-    if record.check_call is not None:
-        entry["call"] = [record.check_call[0], record.check_call[1], 2 if record.only_if_admitted else 1]
-    return entry
-
-
-def _pairs(raw: Any, value_type: type) -> tuple[tuple[str, Any], ...]:
-    if not isinstance(raw, list):
-        raise ValueError("expected a list of [meter, value]")
-    pairs = []
-    for item in raw:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
-            raise ValueError(f"bad pair {item!r}")
-        value = item[1]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"bad value {value!r}")
-        pairs.append((item[0], value_type(value)))
-    return tuple(pairs)
-
-
-def from_entry(entry: Any) -> Record:
-    """The record of one JSON entry; ValueError (or TypeError/KeyError) when it is not one."""
-    if not isinstance(entry, dict):
-        raise ValueError("an entry is a JSON object")
-    ints = [entry[name] for name in ("period_start", "period_end", "bucket_start", "bucket_ttl")]
-    if any(type(value) is not int for value in ints) or not isinstance(entry["tenant"], str):
-        raise ValueError("bad tenant or epoch")
-    if not isinstance(entry["id"], str):
-        raise ValueError("bad id")
-    call = entry.get("call")
-    if call is not None and not (isinstance(call, list) and len(call) == 3 and isinstance(call[0], str)
-                                 and type(call[1]) is int and call[2] in (1, 2)):
-        raise ValueError("bad call")
-    return Record(
-        entry["tenant"], *ints,
-        refund=_pairs(entry["refund"], int), add=_pairs(entry["add"], int),
-        gauges=_pairs(entry["gauges"], float), count=_pairs(entry["count"], int),
-        bill=_pairs(entry["bill"], int), record_id=entry["id"],
-        check_call=None if call is None else (call[0], call[1]), only_if_admitted=call is not None and call[2] == 2,
-    )
-
-
-def _line(record: Record) -> bytes:
-    return json.dumps(to_entry(record), separators=(",", ":")).encode() + b"\n"
-
-
-def _parse(line: bytes) -> Record | None:
-    if not line.strip():
-        return None
-    try:
-        return from_entry(json.loads(line))
-    except (ValueError, TypeError, KeyError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        return None
-
-
-def _read_batch(lines: Iterator[tuple[bytes, int]], size: int) -> tuple[list[Record], int, int | None]:
-    """Up to `size` records from `lines`, the lines that were not records, and the offset after them."""
-    records: list[Record] = []
-    bad, end = 0, None
-    for line, end in lines:  # noqa: B007  (`end` is read after the loop)
-        record = _parse(line)
-        if record is not None:
-            records.append(record)
-            if len(records) >= size:
-                break
-        elif line.strip():
-            bad += 1
-    return records, bad, end
-
-
 def _count(file: SpoolFile) -> int:
     """The entries of a file (read in chunks)."""
-    return sum(1 for line, _ in file.lines(0, file.size) if _parse(line) is not None)
+    return sum(1 for line, _ in file.lines(0, file.size) if parse_line(line) is not None)
 
 
 @dataclass(slots=True)
@@ -214,7 +126,7 @@ class Spool:
         record = Record.from_admitted(item) if isinstance(item, Check) else item
         if record.record_id is None:
             record = replace(record, record_id=uuid.uuid4().hex)
-        line = _line(record)
+        line = line_of(record)
         size = len(line)
         if self._buffered + size > self._buffer_limit or self._total() + size > self.max_bytes:
             self._drop()
@@ -445,7 +357,7 @@ class Spool:
         lines = file.lines(start, end)
         done = 0
         while True:
-            records, bad, offset = await asyncio.to_thread(_read_batch, lines, REPLAY_BATCH)
+            records, bad, offset = await asyncio.to_thread(read_batch, lines, REPLAY_BATCH)
             if offset is None:
                 return done
             sent = records if rebucket is None else [rebucket(r) for r in records]

@@ -41,9 +41,9 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -52,10 +52,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from metering.errors import ConfigurationError, expect_mapping, kind_of
+from metering.clock import Clock, rfc3339, system_clock, utcnow
+from metering.errors import ConfigError, expect_mapping, kind_of
 from metering.models import AlertEvent
 from metering.tasks import cancel_and_wait
-from quota import usage_view
 
 log = logging.getLogger("cosmos_gateway.alerts")
 
@@ -82,7 +82,7 @@ def _is_number(value: Any) -> bool:
 
 
 def parse_alert_settings(raw: Mapping[str, Any] | None) -> AlertSettings:
-    """AlertSettings from the raw `alerts:` mapping; ConfigurationError naming the bad key."""
+    """AlertSettings from the raw `alerts:` mapping; ConfigError naming the bad key."""
     if raw is None:
         return AlertSettings()
     raw = expect_mapping(raw, "alerts", ("thresholds", "webhook_url", "webhook_secret", "max_attempts"))
@@ -92,10 +92,10 @@ def parse_alert_settings(raw: Mapping[str, Any] | None) -> AlertSettings:
     if "thresholds" in raw:
         values = raw["thresholds"]
         if not isinstance(values, list | tuple) or not values:
-            raise ConfigurationError("alerts.thresholds", f"expected a non-empty list, got {kind_of(values)}")
+            raise ConfigError("alerts.thresholds", f"expected a non-empty list, got {kind_of(values)}")
         for index, value in enumerate(values):
             if not _is_number(value) or not 0 < value <= MAX_THRESHOLD:
-                raise ConfigurationError(
+                raise ConfigError(
                     f"alerts.thresholds[{index}]",
                     f"expected a fraction of the limit in (0, {MAX_THRESHOLD:g}], got {kind_of(value)}",
                 )
@@ -104,7 +104,7 @@ def parse_alert_settings(raw: Mapping[str, Any] | None) -> AlertSettings:
     webhook_url = raw.get("webhook_url")
     if webhook_url is not None:
         if not isinstance(webhook_url, str):
-            raise ConfigurationError(
+            raise ConfigError(
                 "alerts.webhook_url", f"expected an http(s) URL or null, got {kind_of(webhook_url)}"
             )
         try:
@@ -112,9 +112,9 @@ def parse_alert_settings(raw: Mapping[str, Any] | None) -> AlertSettings:
             hostname = parts.hostname
             _ = parts.port  # raises ValueError on a bad port
         except ValueError as exc:
-            raise ConfigurationError("alerts.webhook_url", f"not a valid URL: {exc}") from None
+            raise ConfigError("alerts.webhook_url", f"not a valid URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not hostname or any(c.isspace() for c in webhook_url):
-            raise ConfigurationError(
+            raise ConfigError(
                 "alerts.webhook_url", f"expected an http(s) URL with a host, got {kind_of(webhook_url)}"
             )
 
@@ -122,15 +122,15 @@ def parse_alert_settings(raw: Mapping[str, Any] | None) -> AlertSettings:
     if webhook_secret is not None and (not isinstance(webhook_secret, str) or not webhook_secret):
         # The value is a secret: say what it is, never echo it.
         what = "an empty string" if webhook_secret == "" else type(webhook_secret).__name__
-        raise ConfigurationError("alerts.webhook_secret", f"expected a non-empty string or null, got {what}")
+        raise ConfigError("alerts.webhook_secret", f"expected a non-empty string or null, got {what}")
     if webhook_url is not None and webhook_secret is None:
         # Receivers must be able to tell the gateway's alerts from forged ones: alerts are always signed.
-        raise ConfigurationError("alerts.webhook_url",
+        raise ConfigError("alerts.webhook_url",
                                  "needs a signing key: set GATEWAY__ALERTS__WEBHOOK_SECRET")
 
     max_attempts = raw.get("max_attempts", defaults.max_attempts)
     if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or not 1 <= max_attempts <= 50:
-        raise ConfigurationError(
+        raise ConfigError(
             "alerts.max_attempts", f"expected an integer 1-50, got {kind_of(max_attempts)}"
         )
 
@@ -151,14 +151,10 @@ def crossed(used: float, limit: float | None, thresholds: tuple[float, ...]) -> 
     return tuple(threshold for threshold in thresholds if ratio >= threshold)
 
 
-def rfc3339(value: datetime) -> str:
-    """`2025-01-01T00:00:00Z`: alerts are stamped to the whole second (the alert id hashes this text)."""
-    return usage_view.rfc3339(value.replace(microsecond=0)) or ""
-
-
 def alert_id(tenant: str, meter: str, period_start: datetime, threshold: float) -> str:
     """The deterministic id of one alert, the same on every instance and retry."""
-    material = json.dumps([tenant, meter, rfc3339(period_start), float(threshold)])
+    # Alerts are stamped to the whole second: this text is hashed, so it must never change.
+    material = json.dumps([tenant, meter, rfc3339(period_start, whole_seconds=True), float(threshold)])
     return "alrt_" + hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -199,7 +195,7 @@ class Alerts:
         settings: AlertSettings,
         sessions: async_sessionmaker[AsyncSession],
         *,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = system_clock,
         http: aiohttp.ClientSession | None = None,
         queue_size: int = 1024,
         known_size: int = 100_000,
@@ -305,7 +301,7 @@ class Alerts:
 
     async def _claim(self, pending: _Pending) -> None:
         tenant, meter, period_start, threshold = pending.key
-        at = self._clock()
+        at = utcnow(self._clock)
         try:
             async with self._sessions() as session, session.begin():
                 session.add(AlertEvent(tenant_id=tenant, meter=meter, period_start=period_start,
@@ -334,7 +330,7 @@ class Alerts:
         body = json.dumps({
             "type": ALERT_TYPE, "tenant": tenant, "meter": meter, "threshold": threshold,
             "used": pending.used, "limit": pending.limit,
-            "period_start": rfc3339(period_start), "at": rfc3339(at),
+            "period_start": rfc3339(period_start, whole_seconds=True), "at": rfc3339(at, whole_seconds=True),
         }, separators=(",", ":")).encode()
         identifier = alert_id(tenant, meter, period_start, threshold)
         url = self.settings.webhook_url
@@ -344,7 +340,7 @@ class Alerts:
             headers = {"Content-Type": "application/json", ALERT_ID_HEADER: identifier}
             if self.settings.webhook_secret is not None:
                 headers[SIGNATURE_HEADER] = signature_header(
-                    self.settings.webhook_secret, int(self._clock().timestamp()), body)
+                    self.settings.webhook_secret, int(self._clock()), body)
             delay = self._backoff(attempt)
             try:
                 post = self._http.post(url, data=body, headers=headers, allow_redirects=False)
@@ -378,4 +374,5 @@ class Alerts:
         )
         async with self._sessions() as session:
             rows = (await session.execute(query)).all()
-        return [{"meter": meter, "threshold": threshold, "at": rfc3339(at)} for meter, threshold, at in rows]
+        return [{"meter": meter, "threshold": threshold, "at": rfc3339(at, whole_seconds=True)}
+                for meter, threshold, at in rows]

@@ -8,6 +8,9 @@ reported gauges, in one batched call that the request does not wait for.
 
 When the store is down, `fail_open` admits and spools what would have been counted (replayed later,
 once); `fail_closed` refuses with 503.
+
+What a check holds is built by the pure compile step, `quota.compile`; this module owns the store calls
+and the bounded cache of compiled checks. The limiter knows the store only as `metering.store.UsageStore`.
 """
 
 from __future__ import annotations
@@ -26,20 +29,11 @@ from typing import Any
 from metering.meters import Meter, MeterMatcher, parse_usage_report
 from metering.periods import bucket_start, period_bounds
 from metering.spool import Spool
-from metering.store import (
-    Check,
-    CounterRule,
-    Decision,
-    GuardRule,
-    RateRule,
-    Record,
-    RecordKey,
-    StoreUnavailable,
-    UsageStore,
-)
+from metering.store import Check, Decision, Record, RecordKey, StoreUnavailable, UsageStore
+from quota.compile import Compiled, compile_check, compiled_size, ratelimit_values, refusal_headers
 from quota.guards import GuardMatcher
 from quota.metrics import QuotaMetrics
-from quota.plans import Guard, Plan, Quota, Rate, effective
+from quota.plans import Guard, Plan
 from quota.tenants import TenantDirectory, TenantRecord
 
 log = logging.getLogger("cosmos_gateway.limiter")
@@ -50,12 +44,10 @@ log = logging.getLogger("cosmos_gateway.limiter")
 # rate-limited client cannot fill it).
 COMPILED_CACHE_SIZE = 20_000
 COMPILED_CACHE_BYTES = 32 << 20
-_COMPILED_ENTRY_OVERHEAD = 2048  # the Compiled, its Check, rules and tuples beyond the strings counted
 # An admission under fail_open waits this long at most for its spooled counts to reach the disk.
 SPOOL_SYNC_SECONDS = 1.0
 # A shutdown waits this long at most for the store: a late reply is awaited LATE_REPLY_SECONDS (5 s).
 DRAIN_SECONDS = 8.0
-BUCKET_TTL = 7 * 86_400  # billing buckets outlive any sync outage worth surviving
 # Stripe subscription statuses that get 402 (PRODUCT.md §8); past_due is refused only after its grace.
 INACTIVE_SUBSCRIPTIONS = frozenset({"canceled", "unpaid", "incomplete", "incomplete_expired", "paused"})
 
@@ -79,39 +71,6 @@ class Refusal(Exception):
         self.resets_at = resets_at
         self.subscription_status = subscription_status
         self.headers = headers  # RateLimit-Policy and RateLimit (r=0 for the violated policy) of a 429
-
-
-@dataclass(frozen=True, slots=True)
-class Compiled:
-    """What admit() derives from the tenant, plan, route, period and bucket (everything but the time);
-    an `Admission` refers to it, so the tenant is `check.tenant` and the route's label `route`.
-
-    It holds for the tenant's requests to one route while the tenant's record stays the same object
-    (the directory replaces a record when it changes) and the time stays within [since, until): one
-    period, one billing bucket, and for a tenant past due, its grace.
-    """
-
-    plan: str
-    record: TenantRecord | None
-    since: float
-    until: float
-    cacheable: bool  # False for a tenant with overrides (they may expire any time)
-    period_start: int
-    period_end: int
-    bucket: int
-    counted: tuple[Meter, ...]
-    quotas: Mapping[str, Quota]
-    rate: Rate | None
-    check: Check  # its `now` is the first request's; kept for the fail-open spool, which ignores it
-    prepared: Any | None  # the store's prepared form (UsageStore.prepare); None: nothing to check or count
-    policy: tuple[str, str] | None  # the RateLimit-Policy header
-    route: str  # the meter_route label
-    limited: tuple[tuple[str, int], ...]  # (meter, limit) of the counted meters with a limit
-    ratelimit: str  # the RateLimit header with %d in place of each remaining and reset
-    head_lines: str  # both headers as head lines, with %d in place of each remaining and reset
-    alerts: Mapping[str, tuple[float, float]]  # meter -> (usage from which alerts care, limit)
-    where: RecordKey  # where a response's counts go while the bucket is writable
-    writable_until: float  # then the sync worker may close the bucket (`Limiter._writable_bucket`)
 
 
 @dataclass(slots=True)
@@ -270,7 +229,7 @@ class Limiter:
         if fresh:
             self._keep_compiled(key, compiled)
         if compiled.policy is not None:
-            admission.ratelimit = _ratelimit_values(compiled, decision, now)
+            admission.ratelimit = ratelimit_values(compiled, decision, now)
         self._observe(compiled, decision.used)
         return admission
 
@@ -279,7 +238,7 @@ class Limiter:
         if not compiled.cacheable:
             return
         self._forget_compiled(key)
-        size = _compiled_size(key, compiled)
+        size = compiled_size(key, compiled)
         cache = self._compiled
         while cache and (len(cache) >= COMPILED_CACHE_SIZE or self._compiled_bytes + size > COMPILED_CACHE_BYTES):
             self._forget_compiled(next(iter(cache)))
@@ -297,42 +256,14 @@ class Limiter:
 
     def _compile(self, tenant: str, claimed_plan: str | None, counted: tuple[Meter, ...], hits: frozenset[Guard],
                  now: float) -> Compiled:
-        """Everything of a request but its time; raises Refusal for a tenant that may not pass."""
+        """Everything of a request but its time (`quota.compile`); raises Refusal for a tenant that may not pass."""
         record, plan = self.resolve(tenant, claimed_plan)
-        period_start, period_end = self.period(record.billing_anchor_day if record else None, now)
-        bucket_seconds = self._settings.bucket_seconds
-        bucket = bucket_start(now, bucket_seconds)
-        overrides = record.overrides if record is not None else ()
-        if overrides:
-            rate, quotas, _ = effective(plan, overrides, datetime.fromtimestamp(now, UTC))
-        else:
-            rate, quotas = plan.rate, plan.quotas
-        counters = tuple(_counter_rule(m, quotas.get(m.name)) for m in counted)
-        guards = _guard_rules(quotas, hits)
-        check = Check(
-            tenant=tenant, now=now, period_start=period_start, period_end=period_end, bucket_start=bucket,
-            bucket_ttl=BUCKET_TTL, rate=RateRule(rate.per_second, rate.burst) if rate else None,
-            counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
-        )
-        prepared = None if rate is None and not counters and not guards else self._store.prepare(check)
-        policy, limited, ratelimit = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
-        # Meter names are [a-z0-9_]: nothing in the policy needs escaping for %.
-        head_lines = "" if policy is None else f"{policy[0]}: {policy[1]}\r\nRateLimit: {ratelimit}\r\n"
-        route = "+".join(m.name for m in counted) or "unmetered"
-        # Alerts only care from the lowest threshold on; below it, the callback is not even called.
-        alerts = {} if self._on_counted is None else {
-            name: (quota.limit * self._settings.alert_from, quota.limit)
-            for name, quota in quotas.items() if quota.limit is not None}
-        until = min(period_end, bucket + bucket_seconds)
-        past_due_since = None if record is None else record.past_due_since or record.subscription_changed_at
-        if record is not None and record.subscription_status == "past_due" and past_due_since is not None:
-            # Refused once its grace has run out (`resolve`): the next request must look again.
-            until = min(until, past_due_since.timestamp() + self._settings.past_due_grace_seconds)
-        where = (tenant, period_start, period_end, bucket, BUCKET_TTL)
-        writable_until = bucket + bucket_seconds + self._settings.grace_seconds - 1
-        return Compiled(plan.name, record, max(period_start, bucket), until, not overrides, period_start, period_end,
-                         bucket, counted, quotas, rate, check, prepared, policy, route, limited, ratelimit, head_lines,
-                         alerts, where, writable_until)
+        settings = self._settings
+        return compile_check(
+            tenant, plan, record, counted, hits, now, self.period(record.billing_anchor_day if record else None, now),
+            bucket_seconds=settings.bucket_seconds, grace_seconds=settings.grace_seconds,
+            past_due_grace_seconds=settings.past_due_grace_seconds,
+            alert_from=None if self._on_counted is None else settings.alert_from, prepare=self._store.prepare)
 
     def _give_back(self, admission: Admission, outcome: Decision | StoreUnavailable) -> None:
         """Undo an admitted check whose request was abandoned before reaching the upstream."""
@@ -364,7 +295,7 @@ class Limiter:
             self._metrics.rejected("rate", plan, "rate")
             return Refusal("rate", "the per-second rate limit is exceeded", tenant=tenant, plan=plan,
                            limit=rate.burst if rate else None, retry_after=max(1, math.ceil(decision.retry_after)),
-                           headers=_refusal_headers(compiled, decision, now, "burst"))
+                           headers=refusal_headers(compiled, decision, now, "burst"))
         meter = decision.meter or ""
         quota = compiled.quotas.get(meter)
         self._metrics.rejected("quota" if decision.reason == "quota" else "guard", plan, meter)
@@ -372,7 +303,7 @@ class Limiter:
         return Refusal("quota", f"the {meter} quota of this period is used up", tenant=tenant, plan=plan,
                        meter=meter, limit=quota.limit if quota else None, used=decision.used.get(meter),
                        retry_after=max(1, math.ceil(compiled.period_end - now)), resets_at=resets_at,
-                       headers=_refusal_headers(compiled, decision, now, meter))
+                       headers=refusal_headers(compiled, decision, now, meter))
 
     def _observe(self, compiled: Compiled, used: Mapping[str, float]) -> None:
         usage, alerts, tenant = self._metrics.usage, compiled.alerts, compiled.check.tenant
@@ -496,71 +427,3 @@ class Limiter:
         start, _ = self.period(record.billing_anchor_day if record else None, self._clock())
         return await self._store.usage(tenant, start, meters)
 
-
-def _compiled_size(key: tuple[object, ...], compiled: Compiled) -> int:
-    """Estimated bytes of a cache entry: its key's strings, the prepared command, the header lines."""
-    prepared = compiled.prepared
-    strings = sum(len(part) for part in key if isinstance(part, str)) + len(compiled.head_lines) + len(
-        compiled.ratelimit)
-    if prepared is not None:
-        strings += 2 * (len(prepared.head) + len(prepared.tail)) + sum(len(k) for k in prepared.keys)
-    return strings + _COMPILED_ENTRY_OVERHEAD
-
-
-def _counter_rule(meter: Meter, quota: Quota | None) -> CounterRule:
-    limit = None if quota is None or quota.limit is None else int(quota.limit)
-    enforce = quota is not None and limit is not None and quota.on_exceed == "reject"
-    return CounterRule(meter=meter.name, units=1, limit=limit, enforce=enforce)
-
-
-def _guard_rules(quotas: Mapping[str, Quota], hits: frozenset[Guard]) -> tuple[GuardRule, ...]:
-    """The gauge guards of `quotas` that apply to a request matching the guards `hits`."""
-    if not hits:
-        return ()
-    return tuple(GuardRule(meter=quota.meter, limit=float(quota.limit))
-                 for quota in quotas.values()
-                 if quota.limit is not None and quota.on_exceed == "reject" and not hits.isdisjoint(quota.guards))
-
-
-def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mapping[str, Quota],
-                      window: int) -> tuple[tuple[str, str] | None, tuple[tuple[str, int], ...], str]:
-    """RateLimit-Policy (draft-ietf-httpapi-ratelimit-headers) as a header, the limited meters, and the
-    RateLimit template.
-
-    All three are the same for every request of a compiled check, so they are built once.
-    """
-    policies = [f'"burst";q={rate.burst};w=1'] if rate is not None else []
-    template = ['"burst";r=%d;t=1'] if rate is not None else []
-    limited = []
-    for meter in counted:
-        quota = quotas.get(meter.name)
-        if quota is not None and quota.limit is not None:
-            policies.append(f'"{meter.name}";q={int(quota.limit)};w={window}')
-            template.append(f'"{meter.name}";r=%d;t=%d')
-            limited.append((meter.name, int(quota.limit)))
-    policy = ("RateLimit-Policy", ", ".join(policies)) if policies else None
-    return policy, tuple(limited), ", ".join(template)
-
-
-def _ratelimit_values(compiled: Compiled, decision: Decision, now: float,
-                      violated: str | None = None) -> tuple[int | float, ...]:
-    """What is left of each policy, and when it is whole again: the values of the RateLimit template.
-    The `violated` policy of a refusal ("burst" or a meter) shows 0 left."""
-    reset = compiled.period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
-    used = decision.used
-    # The script keeps the rate's remaining within [0, burst]; %d truncates what is left of a quota.
-    values = [0 if violated == "burst" else decision.rate_remaining or 0] if compiled.rate is not None else []
-    for name, limit in compiled.limited:
-        left = 0 if name == violated else limit - used.get(name, 0)
-        values.append(left if left > 0 else 0)
-        values.append(reset)
-    return tuple(values)
-
-
-def _refusal_headers(compiled: Compiled, decision: Decision, now: float,
-                     violated: str) -> tuple[tuple[str, str], ...]:
-    """RateLimit-Policy and RateLimit of a 429 (PRODUCT.md §4), `r=0` for the violated policy."""
-    if compiled.policy is None:
-        return ()
-    values = _ratelimit_values(compiled, decision, now, violated)
-    return compiled.policy, ("RateLimit", compiled.ratelimit % values)

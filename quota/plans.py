@@ -11,7 +11,7 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
-from metering.errors import ConfigurationError, expect_mapping, kind_of
+from metering.errors import ConfigError, expect_mapping, kind_of
 from metering.meters import Meter, check_method, check_path
 
 OnExceed = Literal["reject", "overage"]
@@ -90,12 +90,12 @@ def _parse_rate(raw: Any, key: str) -> Rate | None:
     spec = expect_mapping(raw, key, {"per_second", "burst"})
     for name in ("per_second", "burst"):
         if name not in spec:
-            raise ConfigurationError(f"{key}.{name}", "required")
+            raise ConfigError(f"{key}.{name}", "required")
     per_second, burst = spec["per_second"], spec["burst"]
     if not _is_number(per_second) or per_second <= 0:
-        raise ConfigurationError(f"{key}.per_second", f"expected a number > 0, got {kind_of(per_second)}")
+        raise ConfigError(f"{key}.per_second", f"expected a number > 0, got {kind_of(per_second)}")
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-        raise ConfigurationError(f"{key}.burst", f"expected an integer >= 1, got {kind_of(burst)}")
+        raise ConfigError(f"{key}.burst", f"expected an integer >= 1, got {kind_of(burst)}")
     return Rate(per_second, burst)
 
 
@@ -106,7 +106,7 @@ def _parse_guards(raw: Any, key: str) -> tuple[Guard, ...]:
         where = f"{key}[{i}]" if isinstance(raw, list) else key
         spec = expect_mapping(item, where, {"method", "path"})
         if "path" not in spec:
-            raise ConfigurationError(f"{where}.path", "required")
+            raise ConfigError(f"{where}.path", "required")
         guards.append(
             (check_method(spec.get("method"), f"{where}.method"), check_path(spec["path"], f"{where}.path"))
         )
@@ -116,27 +116,27 @@ def _parse_guards(raw: Any, key: str) -> tuple[Guard, ...]:
 def _parse_quota(meter: Meter, raw: Any, key: str) -> Quota:
     spec = expect_mapping(raw, key, {"limit", "on_exceed", "guards"})
     if "limit" not in spec:
-        raise ConfigurationError(f"{key}.limit", "required (null = unlimited)")
+        raise ConfigError(f"{key}.limit", "required (null = unlimited)")
     limit = spec["limit"]
     if limit is not None:
         if not _is_number(limit) or limit < 0:
-            raise ConfigurationError(f"{key}.limit", f"expected a number >= 0 or null, got {kind_of(limit)}")
+            raise ConfigError(f"{key}.limit", f"expected a number >= 0 or null, got {kind_of(limit)}")
         if meter.kind == "counter":
             # Counters move in whole units; a fractional limit would read differently in every place.
             if limit != int(limit):
-                raise ConfigurationError(f"{key}.limit", f"{meter.name} counts whole units, got {limit!r}")
+                raise ConfigError(f"{key}.limit", f"{meter.name} counts whole units, got {limit!r}")
             limit = int(limit)
     on_exceed = spec.get("on_exceed", "reject")
     if on_exceed not in ("reject", "overage"):
-        raise ConfigurationError(f"{key}.on_exceed", f"must be reject or overage, got {kind_of(on_exceed)}")
+        raise ConfigError(f"{key}.on_exceed", f"must be reject or overage, got {kind_of(on_exceed)}")
     guards: tuple[Guard, ...] = ()
     if spec.get("guards") is not None:
         if meter.kind != "gauge":
-            raise ConfigurationError(
+            raise ConfigError(
                 f"{key}.guards", f"only gauge meters have guards; {meter.name} is a counter"
             )
         if on_exceed == "overage":
-            raise ConfigurationError(
+            raise ConfigError(
                 f"{key}.guards", "guards reject requests, which contradicts on_exceed: overage"
             )
         guards = _parse_guards(spec["guards"], f"{key}.guards")
@@ -146,21 +146,21 @@ def _parse_quota(meter: Meter, raw: Any, key: str) -> Quota:
 def _parse_plan(name: Any, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     key = f"plans.{name}"
     if not isinstance(name, str) or not PLAN_NAME.fullmatch(name):
-        raise ConfigurationError(key, "a plan name is 1-64 characters of a-z, 0-9, _ and -")
+        raise ConfigError(key, "a plan name is 1-64 characters of a-z, 0-9, _ and -")
     spec = expect_mapping(raw, key, {"rate", "quotas"})
     rate = _parse_rate(spec.get("rate"), f"{key}.rate")
     quotas: dict[str, Quota] = {}
     raw_quotas = spec.get("quotas")
     if raw_quotas is not None:
         if not isinstance(raw_quotas, Mapping):
-            raise ConfigurationError(
+            raise ConfigError(
                 f"{key}.quotas", f"expected a mapping of meter to quota, got {kind_of(raw_quotas)}"
             )
         for meter_name, quota in raw_quotas.items():
             qkey = f"{key}.quotas.{meter_name}"
             if meter_name not in meters:
                 known = ", ".join(sorted(meters)) or "none"
-                raise ConfigurationError(qkey, f"unknown meter (defined under meters: {known})")
+                raise ConfigError(qkey, f"unknown meter (defined under meters: {known})")
             quotas[meter_name] = _parse_quota(meters[meter_name], quota, qkey)
     return Plan(name, rate, quotas)
 
@@ -171,13 +171,13 @@ def _check_catalog_plan(plan: Plan, meters: Mapping[str, Meter]) -> None:
         meter = meters.get(quota.meter)
         key = f"plans.{plan.name}.quotas.{quota.meter}"
         if meter is None:
-            raise ConfigurationError(
+            raise ConfigError(
                 key,
                 f"the default {plan.name} plan limits {quota.meter}, which is not defined under meters: "
                 f"define the meter or replace plan {plan.name}",
             )
         if quota.guards and meter.kind != "gauge":
-            raise ConfigurationError(
+            raise ConfigError(
                 key,
                 f"the default {plan.name} plan guards {quota.meter}, which is not a gauge here: "
                 f"replace plan {plan.name}",
@@ -189,7 +189,7 @@ def parse_plans(raw: Mapping[str, Any] | None, meters: Sequence[Meter]) -> dict[
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigurationError("plans", f"expected a mapping of plan name to plan, got {kind_of(raw)}")
+        raise ConfigError("plans", f"expected a mapping of plan name to plan, got {kind_of(raw)}")
     by_name = {m.name: m for m in meters}
     plans: dict[str, Plan] = {}
     for name, plan in DEFAULT_CATALOG.items():

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from metering.clock import Clock, system_clock, utcnow
 from metering.keys import TENANTS_CHANGED_CHANNEL
 from metering.models import Tenant, TenantOverride
 from metering.tasks import cancel_and_wait
@@ -63,7 +63,7 @@ def to_record(tenant: Tenant, overrides: list[TenantOverride]) -> TenantRecord:
 
 class TenantDirectory:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], redis: Any | None, *,
-                 reload_interval: float = 5.0, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 reload_interval: float = 5.0, clock: Clock = system_clock) -> None:
         self._sessions = sessions
         self._redis = redis
         self._reload_interval = reload_interval
@@ -90,7 +90,7 @@ class TenantDirectory:
 
     async def reload_changed(self) -> int:
         """Load tenants changed since the last load (all of them the first time)."""
-        started = self._clock()
+        started = utcnow(self._clock)
         async with self._sessions() as session:
             query = select(Tenant)
             if self._watermark is not None:

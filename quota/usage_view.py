@@ -8,22 +8,14 @@ null and its forecast is its current value; a counter's forecast extrapolates th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from metering.clock import rfc3339
 from metering.meters import Meter
 from metering.periods import period_bounds
 from quota.plans import RATE_METER, Plan, Quota, Rate, effective
 from quota.tenants import TenantRecord
-
-
-def rfc3339(value: datetime | None) -> str | None:
-    """`2026-12-01T00:00:00Z` (seconds precision unless the instant has microseconds)."""
-    if value is None:
-        return None
-    if value.utcoffset() is None:
-        raise ValueError("datetime must be timezone-aware")
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def number(value: float | None) -> float | int | None:

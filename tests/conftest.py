@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import redis
 
 from gateway.app import Worker
 from gateway.cli.devservices import RedisProcess
-from tests.support import Upstream, settings_for, upstream_app
+from tests.support import Listeners, Upstream, settings_for, upstream_app
 
 
 @pytest.fixture(scope="session")
@@ -46,17 +45,12 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
 
 
-@dataclass
-class RunningGateway:
-    worker: Worker
+class RunningGateway(Listeners):
+    """An in-process worker, started (its ports are known)."""
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.worker.proxy_port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.worker.admin_port}"
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.proxy_port, self.admin_port = worker.proxy_port, worker.admin_port
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Raw HTTP/1.1 on blocking sockets, and an upstream in a thread that records what it received.
+"""Raw HTTP/1.1 on blocking sockets, an event loop in a thread, and an upstream on it that records what
+it received.
 
 For bytes a client library would normalise away (odd header spellings, broken request lines,
 broken framing), sent to a gateway child process (`tests.support.GatewayProcess`). Every read has
@@ -12,9 +13,13 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from aiohttp import web
+
+T = TypeVar("T")
 
 # Set on every answer of the recording upstream: an answer without it is the gateway's own.
 UPSTREAM_MARK = "x-upstream-echo"
@@ -167,6 +172,25 @@ def exchange(port: int, raw: bytes, *, timeout: float = 5.0, head_request: bool 
 # --------------------------------------------------------------------------- recording upstream
 
 
+class LoopThread:
+    """An event loop of its own in a daemon thread: what runs on it outlives each test's loop, so a
+    module-scoped gateway process can use a server started there."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Runs `coroutine` on the thread's loop and waits (10 s at most) for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
 @dataclass
 class Received:
     method: str
@@ -182,8 +206,7 @@ class RecordingUpstream:
     def __init__(self) -> None:
         self.received: list[Received] = []
         self._lock = threading.Lock()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop = LoopThread()
         self._runner: web.ServerRunner | None = None
         self.url = ""
 
@@ -205,8 +228,7 @@ class RecordingUpstream:
         return f"http://127.0.0.1:{self._runner.addresses[0][1]}"
 
     def start(self) -> str:
-        self._thread.start()
-        self.url = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        self.url = self._loop.run(self._start())
         return self.url
 
     def take(self) -> list[Received]:
@@ -217,7 +239,5 @@ class RecordingUpstream:
 
     def close(self) -> None:
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+            self._loop.run(self._runner.cleanup())
         self._loop.close()

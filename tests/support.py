@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ import jwt
 import yaml
 from aiohttp import web
 
+from gateway.auth.tokens import Authenticator
 from gateway.cli.devservices import free_port, wait_for_port
-from gateway.config.settings import SECRET_ENV, Settings, parse_settings
+from gateway.config import SECRET_ENV, Settings, parse_settings
+from gateway.config.settings import AuthSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-only-hs256-secret-0123456789abcdef0123"
@@ -74,6 +76,25 @@ def _spool_dir(database_url: str) -> str:
 
 def settings_for(upstream_url: str, redis_url: str, database_url: str, **overrides: Any) -> Settings:
     return parse_settings(config_dict(upstream_url, redis_url, database_url, **overrides))
+
+
+def auth_settings(**overrides: Any) -> AuthSettings:
+    """The `auth` section of the test config (HS256 with SECRET), for an Authenticator on its own."""
+    base: dict[str, Any] = {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ("HS256",),
+                            "hs256_secret": SECRET, "leeway_seconds": 30.0}
+    base.update(overrides)
+    return AuthSettings(**base)
+
+
+@contextlib.asynccontextmanager
+async def jwks_authenticator(jwks_url: str, **overrides: Any) -> AsyncIterator[Authenticator]:
+    """An Authenticator of RS256 tokens whose keys come from `jwks_url` only, started; closed on the way out."""
+    auth = Authenticator(auth_settings(algorithms=("RS256",), hs256_secret=None, jwks_url=jwks_url, **overrides))
+    await auth.start()
+    try:
+        yield auth
+    finally:
+        await auth.close()
 
 
 # --------------------------------------------------------------------------- upstream
@@ -189,7 +210,22 @@ class Upstream:
 # --------------------------------------------------------------------------- gateway as a process
 
 
-class GatewayProcess:
+class Listeners:
+    """The URLs of a gateway's two listeners on 127.0.0.1, from its `proxy_port` and `admin_port`."""
+
+    proxy_port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+class GatewayProcess(Listeners):
     """`cosmos-gateway serve` in a child process with a config file, on free ports."""
 
     def __init__(self, config: dict[str, Any], workdir: Path, *, workers: int = 1,
@@ -207,14 +243,6 @@ class GatewayProcess:
         self.env = {**inherited, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / f"gateway-{self.proxy_port}.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.proxy_port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
 
     def start(self) -> GatewayProcess:
         self._log = self.log_path.open("wb")
@@ -260,6 +288,19 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def running_gateway(upstream_url: str, redis_url: str, workdir: Path, /, *, sqlite_file: str = "gateway.db",
+                    env: Mapping[str, str] | None = None, **overrides: Any) -> Iterator[GatewayProcess]:
+    """A GatewayProcess of `config_dict` with its SQLite file at `workdir / sqlite_file`, started; stopped on
+    the way out (a start that failed too: its child may still run)."""
+    config = config_dict(upstream_url, redis_url, f"sqlite+aiosqlite:///{workdir / sqlite_file}", **overrides)
+    process = GatewayProcess(config, workdir, env=env)
+    try:
+        yield process.start()
+    finally:
+        process.stop()
 
 
 def child_pids(pid: int) -> list[int]:

@@ -9,14 +9,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from gateway.auth.tokens import TENANT_ID
 from gateway.errors import InvalidRequest
+from metering.errors import kind_of
+from metering.keys import TENANT_ID
 from quota.plans import RATE_METER, Plan
 
 _TENANT_FIELDS = frozenset({"plan", "status", "stripe_customer_id", "billing_anchor_day"})
@@ -28,6 +29,7 @@ _MAX_LIMIT = 2**63 - 1  # BIGINT
 _MAX_REASON = 1000
 _MAX_STRIPE_ID = 255
 _TENANT_MESSAGE = "expected 1-64 characters of A-Z a-z 0-9 . _ : -"
+_MAX_NAME_SHOWN = 64  # an unknown name is quoted in the answer, at most this much of it
 
 
 class Errors:
@@ -49,11 +51,9 @@ def invalid(field: str, message: str) -> InvalidRequest:
     return InvalidRequest(f"invalid {field}: {message}", errors=[{"field": field, "message": message}])
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object"}.get(type(value), type(value).__name__)
+def quoted(name: str) -> str:
+    """A name from the request as an answer shows it: quoted, escaped (repr) and cut at 64 characters."""
+    return repr(name if len(name) <= _MAX_NAME_SHOWN else name[:_MAX_NAME_SHOWN] + "…")
 
 
 def _is_int(value: Any) -> bool:
@@ -61,7 +61,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number a float can hold: an integer of 400 digits is not one (math.isfinite raises on it)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _reject_constant(name: str) -> Any:
@@ -76,7 +82,7 @@ async def read_object(request: web.Request) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise invalid("body", "not valid JSON") from None
     if not isinstance(body, dict):
-        raise invalid("body", f"expected a JSON object, got {_kind(body)}")
+        raise invalid("body", f"expected a JSON object, got {kind_of(body)}")
     return body
 
 
@@ -90,6 +96,16 @@ def tenant_param(request: web.Request) -> str:
     if not TENANT_ID.fullmatch(tenant):
         raise invalid("tenant", _TENANT_MESSAGE)
     return tenant
+
+
+def meter_param(request: web.Request, meters: Collection[str]) -> str:
+    """The `{meter}` of an override path: a configured meter, or `rate`."""
+    meter = request.match_info["meter"]
+    if meter != RATE_METER and meter not in meters:
+        known = ", ".join(sorted({*meters, RATE_METER}))
+        raise InvalidRequest(f"unknown meter {quoted(meter)}", errors=[
+            {"field": "meter", "message": f"unknown meter {quoted(meter)} (known: {known})"}])
+    return meter
 
 
 def limit_param(request: web.Request, errors: Errors, *, default: int, maximum: int) -> int:
@@ -109,9 +125,9 @@ def tenant_body(body: Mapping[str, Any], plans: Mapping[str, Plan]) -> dict[str,
     if "plan" in body:
         plan = body["plan"]
         if not isinstance(plan, str):
-            errors.add("plan", f"expected a plan name, got {_kind(plan)}")
+            errors.add("plan", f"expected a plan name, got {kind_of(plan)}")
         elif plan not in plans:
-            errors.add("plan", f"unknown plan (known: {', '.join(sorted(plans))})")
+            errors.add("plan", f"unknown plan {quoted(plan)} (known: {', '.join(sorted(plans))})")
     if "status" in body and body["status"] not in _STATUSES:
         errors.add("status", "expected 'active' or 'suspended'")
     if "stripe_customer_id" in body:
@@ -151,8 +167,8 @@ def overrides_body(body: Mapping[str, Any], meter: str, now: datetime) -> dict[s
         if "per_second" not in body:
             errors.add("per_second", "required (null = no rate limit)")
         elif per_second is not None and (not _is_number(per_second) or per_second <= 0):
-            errors.add("per_second", f"expected a number > 0 or null, got {_kind(per_second)}")
-        values["per_second"] = float(per_second) if isinstance(per_second, int | float) else None
+            errors.add("per_second", f"expected a number > 0 or null, got {kind_of(per_second)}")
+        values["per_second"] = float(per_second) if _is_number(per_second) else None
         burst = body.get("burst")
         if burst is not None and (not _is_int(burst) or not 1 <= burst <= 2**31 - 1):
             errors.add("burst", "expected an integer >= 1 or null")
@@ -163,7 +179,7 @@ def overrides_body(body: Mapping[str, Any], meter: str, now: datetime) -> dict[s
         if "limit" not in body:
             errors.add("limit", "required (null = unlimited)")
         elif limit is not None and not _is_int(limit):
-            errors.add("limit", f"expected a whole number >= 0 or null, got {_kind(limit)}")
+            errors.add("limit", f"expected a whole number >= 0 or null, got {kind_of(limit)}")
         elif limit is not None and not 0 <= limit <= _MAX_LIMIT:
             errors.add("limit", "expected a whole number >= 0 or null")
         values["limit"] = limit

@@ -19,8 +19,9 @@ from redis.asyncio.cluster import RedisCluster
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.metrics import SyncMetrics
-from billing_sync.worker import SyncWorker, sync_state
-from quota.usage_view import rfc3339
+from billing_sync.state import sync_state
+from billing_sync.worker import SyncWorker
+from metering.clock import rfc3339
 
 
 def _rfc3339(epoch: float | None) -> str | None:

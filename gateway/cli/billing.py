@@ -25,11 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from billing_sync.reconcile import format_differences, parse_period, reconcile
 from billing_sync.worker import PassResult, SyncWorker, build_worker
 from gateway.admin.health import metrics_response
-from gateway.app import redis_client
-from gateway.config.policy import build_policy
 from gateway.config.settings import HostPort, Settings
 from metering import db
 from metering.migrate import prepare_schema
+from metering.redis_store.client import redis_client
 
 log = logging.getLogger("cosmos_gateway.sync")
 EXIT_PENDING = 1  # --once: closed buckets neither sent nor parked (retry, Redis or SQL down, held elsewhere)
@@ -57,7 +56,7 @@ def run_sync(settings: Settings, *, once: bool, metrics_listen: HostPort | None)
 
 
 async def _sync(settings: Settings, *, once: bool, metrics_listen: HostPort | None) -> int:
-    policy = build_policy(settings)
+    policy = settings.policy
     billing = settings.billing
     async with _stores(settings) as (redis, sessions):
         worker = build_worker(redis=redis, sessions=sessions, meters=policy.meters, stripe=policy.stripe,
@@ -138,7 +137,7 @@ def run_reconcile(settings: Settings, period_text: str | None) -> int:
     except ValueError as exc:
         print(f"cosmos-gateway reconcile: --period: {exc}", file=sys.stderr)
         return EXIT_SETUP
-    policy = build_policy(settings)
+    policy = settings.policy
     if policy.stripe.api_key is None:
         print("cosmos-gateway reconcile: STRIPE_API_KEY is not set: nothing to compare with", file=sys.stderr)
         return EXIT_SETUP
@@ -146,7 +145,7 @@ def run_reconcile(settings: Settings, period_text: str | None) -> int:
 
 
 async def _reconcile(settings: Settings, period: tuple[datetime, datetime]) -> int:
-    policy = build_policy(settings)
+    policy = settings.policy
     engine = db.create_engine(settings.database.url)
     http = stripe.AIOHTTPClient()
     base = policy.stripe.api_base

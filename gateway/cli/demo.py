@@ -22,7 +22,7 @@ from sqlalchemy import select
 from billing_sync.settings import StripeSettings
 from billing_sync.worker import build_worker
 from gateway.app import Worker
-from gateway.auth.tokens import mint_token
+from gateway.auth.mint import mint_token
 from gateway.cli.devservices import DemoUpstream, RedisProcess
 from gateway.config.settings import AdminSettings, AuthSettings, HostPort, Settings
 from metering.models import LedgerEntry
@@ -49,8 +49,8 @@ def _demo_settings(settings: Settings, workdir: Path, redis_url: str, upstream_u
                           hs256_secret=secret, public_paths=("/health", "/status/**")),
         admin=AdminSettings(tokens=(("demo", admin_token),)),
         server=replace(settings.server, access_log=False),
-        billing=replace(settings.billing, bucket_seconds=BUCKET_SECONDS, grace_seconds=0,
-                        stripe={}, stripe_api_key=None),
+        billing=replace(settings.billing, bucket_seconds=BUCKET_SECONDS, grace_seconds=0, stripe_api_key=None),
+        policy=replace(settings.policy, stripe=StripeSettings()),  # dry run, whatever the config says
         default_plan="starter",
     )
 

@@ -1,7 +1,9 @@
 """Development conveniences for `serve` and `demo`: a private redis-server and a demo upstream.
 
 Used only when the configuration leaves `redis.url` or `upstream.url` unset (null); production
-configs name both. The test suite uses `RedisProcess` too, so it can stop and restart Redis.
+configs name both. The command line (`gateway.cli.main`) starts them before it calls the server, so
+`gateway.server` and `gateway.app` never depend on this module. The test suite uses `RedisProcess` too,
+so it can stop and restart Redis.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import secrets
 import sys
 from collections.abc import Sequence
 
-from gateway.config.settings import ConfigError, HostPort, Settings, effective_config, load_settings, parse_host_port
+from gateway.config import ConfigError, HostPort, Settings, effective_config, load_settings, parse_host_port
 
 EXIT_CONFIG = 2
 
@@ -90,12 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.cli.devservices import DevServiceError
+    from gateway.cli.devservices import DevServiceError, resolved
     from gateway.server import serve
 
     workers = args.workers or settings.server.workers
     try:
-        return serve(settings, workers)
+        # Development services (`make run`) are started here, so the server only ever sees a complete config.
+        with resolved(settings) as complete:
+            return serve(complete, workers)
     except (DevServiceError, OSError) as exc:
         print(f"cosmos-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
@@ -137,7 +139,7 @@ def _check_config(settings: Settings, _: argparse.Namespace) -> int:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.auth.tokens import mint_token
+    from gateway.auth.mint import mint_token
 
     secret = settings.auth.hs256_secret
     if secret is None or "HS256" not in settings.auth.algorithms:

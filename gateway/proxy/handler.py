@@ -254,6 +254,7 @@ class ProxyHandler:
 
     async def _respond(self, request: web.BaseRequest, upstream: UpstreamResponse, rid: str,
                        outcome: Outcome) -> web.StreamResponse:
+        # Where else a response's headers are touched: the map in gateway/proxy/headers.py.
         headers, outcome.usage_report = client_response_headers(upstream.headers, rid)
         admission = outcome.admission
         status, length = upstream.status, upstream.content_length

@@ -4,6 +4,22 @@ Raw headers are `(name, value)` pairs of bytes in the order the peer sent them, 
 headers (two `Set-Cookie`) survive. Names are compared lower-cased, and on requests with `_` read
 as `-`: WSGI and CGI servers map both to `HTTP_X_COSMOS_TENANT`, so `X_Cosmos_Tenant` is an identity
 header to an upstream app as much as `X-Cosmos-Tenant` is.
+
+Where headers are touched, in the order a request meets them (change one, check the others):
+
+    gateway/proxy/headers.py   (here) which headers pass each way: `upstream_request_headers` (hop-by-hop,
+                               framing and client identity dropped; forwarding, X-Request-Id and the
+                               token's `identity_headers` set), `client_response_headers` (the same drops
+                               back, X-Cosmos-Usage taken out for the limiter, X-Request-Id set)
+    gateway/proxy/upstream.py  `UpstreamPool._head`: the request head as bytes (Host added if absent,
+                               the framing line appended, CR/LF/NUL refused)
+    quota/compile.py           the RateLimit / RateLimit-Policy texts, built once per compiled check;
+                               `quota.limiter.Admission` fills in the values per response
+    gateway/proxy/handler.py   `_respond`: the choice of writer, and where the RateLimit headers join
+                               (pre-formatted `head_lines` for a small response, `headers` otherwise)
+    gateway/proxy/response.py  `serialize`: a small response's head in one buffer (Content-Length,
+                               Content-Type, Date and Connection added as aiohttp would)
+    gateway/proxy/refusals.py  a refusal's Retry-After and RateLimit headers on the problem+json answer
 """
 
 from __future__ import annotations

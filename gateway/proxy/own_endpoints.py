@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from billing_sync.webhooks import store_unavailable
 from gateway.auth.tokens import Identity
 from gateway.errors import DatabaseUnavailable, LimiterUnavailable, NotFound
 from metering.meters import Meter
+from metering.sql_errors import store_unavailable
 from metering.store import StoreUnavailable
 from quota.alerts import Alerts
 from quota.limiter import Limiter

@@ -1,4 +1,7 @@
-"""The limiter's refusals as the problem+json errors of PRODUCT.md §4 (one place for the mapping)."""
+"""The limiter's refusals as the problem+json errors of PRODUCT.md §4 (one place for the mapping).
+
+Where else headers are touched: the map in gateway/proxy/headers.py.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ from gateway.errors import (
     RateLimited,
     SubscriptionInactive,
 )
+from metering.clock import rfc3339
 from quota.limiter import Refusal
-from quota.usage_view import number, rfc3339
+from quota.usage_view import number
 
 
 def refusal_error(refusal: Refusal) -> GatewayError:

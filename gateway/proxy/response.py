@@ -10,6 +10,8 @@ not send one, and Connection for keep-alive across HTTP/1.0 and 1.1.
 
 aiohttp's request handler only calls `prepare()`, `write_eof()` and reads `keep_alive` on what a
 handler returns; that is the whole protocol this class implements.
+
+Where else a response's headers are touched: the map in gateway/proxy/headers.py.
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ class UpstreamPool:
         await asyncio.sleep(0)  # let the transports finish closing before the loop may stop
 
     def _head(self, method: str, target: str, headers: Sequence[tuple[str, str]], framing: str) -> bytes:
+        # Which headers reach this point is decided earlier: the map in gateway/proxy/headers.py.
         text = f"{method} {target} HTTP/1.1\r\n"
         if headers:
             text += "\r\n".join(map(": ".join, headers)) + "\r\n"

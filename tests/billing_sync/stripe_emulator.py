@@ -154,6 +154,17 @@ class _StripeError(Exception):
         self.headers = headers or {}
 
 
+def _duplicate_identifier(identifier: str) -> _StripeError:
+    """Stripe's answer to an identifier it already holds (within its uniqueness window, or in the same batch)."""
+    return _StripeError(
+        400,
+        DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=identifier),
+        code=DUPLICATE_IDENTIFIER_CODE,
+        param="identifier",
+        headers={"Stripe-Should-Retry": "false"},
+    )
+
+
 def _default_error(status: int) -> dict[str, Any]:
     if status == 429:
         return {
@@ -538,13 +549,7 @@ class StripeEmulator:
         ident = identifier or f"{via}_{secrets.token_hex(12)}"
         seen = self._identifiers.get(ident)
         if seen is not None and now - seen < self.identifier_ttl:
-            raise _StripeError(
-                400,
-                DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=ident),
-                code=DUPLICATE_IDENTIFIER_CODE,
-                param="identifier",
-                headers={"Stripe-Should-Retry": "false"},
-            )
+            raise _duplicate_identifier(ident)
         return meter, customer, value, ident
 
     def _accept(
@@ -688,13 +693,7 @@ class StripeEmulator:
                         event.get("event_name"), payload, event.get("identifier"), timestamp, "v2"
                     )
                     if ident in batch_identifiers:
-                        raise _StripeError(
-                            400,
-                            DUPLICATE_IDENTIFIER_MESSAGE.format(identifier=ident),
-                            code=DUPLICATE_IDENTIFIER_CODE,
-                            param="identifier",
-                            headers={"Stripe-Should-Retry": "false"},
-                        )
+                        raise _duplicate_identifier(ident)
                     batch_identifiers.add(ident)
                     self._identifiers[ident] = self.clock()  # so later events in the batch see it
                     accepted.append((meter, customer, value, ident, timestamp, payload))

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
-from billing_sync.worker import sync_state
+from billing_sync.state import sync_state
 from gateway.cli.devservices import RedisProcess
 from metering import db, keys
 from metering.meters import DEFAULT_METERS

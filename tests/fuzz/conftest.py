@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -26,7 +25,7 @@ from hypothesis import event, note
 from gateway.cli.devservices import RedisProcess
 from tests.fuzz.strategies import Probe
 from tests.rawhttp import Exchange, Received, RecordingUpstream, exchange
-from tests.support import GatewayProcess, config_dict
+from tests.support import GatewayProcess, running_gateway
 
 HOP_BY_HOP = {"connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer",
               "proxy-authenticate", "proxy-authorization"}
@@ -152,19 +151,15 @@ def check_forwarded(request: Received, *, injectable: bool = False) -> None:
 
 @pytest.fixture(scope="package")
 def fuzz_target(redis_process: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
-    workdir: Path = tmp_path_factory.mktemp("fuzz")
     upstream = RecordingUpstream()
     upstream.start()
-    config = config_dict(
-        upstream.url, redis_process.url, f"sqlite+aiosqlite:///{workdir / 'gateway.db'}",
-        listen={"header_timeout": 2, "body_timeout": 1},
-        # The fuzzer's many valid tokens must not run into the rate limit, or little would be forwarded.
-        plans={"starter": {"rate": {"per_second": 1_000_000, "burst": 1_000_000}}},
-    )
-    process = GatewayProcess(config, workdir)
     try:
-        process.start()
-        yield FuzzTarget(process, upstream)
+        with running_gateway(
+            upstream.url, redis_process.url, tmp_path_factory.mktemp("fuzz"),
+            listen={"header_timeout": 2, "body_timeout": 1},
+            # The fuzzer's many valid tokens must not run into the rate limit, or little would be forwarded.
+            plans={"starter": {"rate": {"per_second": 1_000_000, "burst": 1_000_000}}},
+        ) as process:
+            yield FuzzTarget(process, upstream)
     finally:
-        process.stop()
         upstream.close()

@@ -20,9 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.cli.devservices import RedisProcess
 from metering.periods import bucket_start, period_bounds
-from metering.spool import to_entry
+from metering.spool_entries import to_entry
 from metering.store import Record
-from tests.support import GatewayProcess, Upstream, bearer, config_dict, upstream_app
+from tests.gateway.conftest import StartGateway
+from tests.support import GatewayProcess, Upstream, bearer, upstream_app
 
 CAP = 1 << 20  # the smallest cap the config takes
 PLANS: dict[str, Any] = {"starter": {"rate": {"per_second": 100_000, "burst": 100_000},
@@ -48,65 +49,60 @@ async def wait_until_replayed(folder: Path, seconds: float) -> None:
 
 
 async def test_a_full_spool_refuses_with_503_and_everything_spooled_is_replayed_once(
-        redis_server: RedisProcess, tmp_path: Path) -> None:
+        redis_server: RedisProcess, start_gateway: StartGateway, tmp_path: Path) -> None:
     seen: list[web.BaseRequest] = []
     upstream = await Upstream(upstream_app(seen)).start()
     folder = tmp_path / "spool"
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db", plans=PLANS,
-                         redis={"spool_dir": str(folder), "spool_max_bytes": CAP, "on_error": "fail_open"})
-    gateway = GatewayProcess(config, tmp_path).start()
+    gateway = start_gateway(upstream, plans=PLANS,
+                            redis={"spool_dir": str(folder), "spool_max_bytes": CAP, "on_error": "fail_open"})
     tenant = f"full-{uuid.uuid4().hex[:8]}"
     statuses: list[int] = []
     refusals: list[tuple[dict[str, str], dict[str, Any]]] = []
     largest = 0
-    try:
-        async with aiohttp.ClientSession() as session:
-            redis_server.stop()
-            try:
-                async def one() -> None:
-                    async with session.post(gateway.url + DEPLOY, headers=bearer(tenant), data=b"{}") as response:
-                        body = await response.read()
-                        statuses.append(response.status)
-                        if response.status == 503:
-                            refusals.append((dict(response.headers), json.loads(body)))
+    async with aiohttp.ClientSession() as session:
+        redis_server.stop()
+        try:
+            async def one() -> None:
+                async with session.post(gateway.url + DEPLOY, headers=bearer(tenant), data=b"{}") as response:
+                    body = await response.read()
+                    statuses.append(response.status)
+                    if response.status == 503:
+                        refusals.append((dict(response.headers), json.loads(body)))
 
-                # ~600 spooled bytes a request: a 1 MiB spool is full after some 1,700 of them.
-                for _ in range(120):
-                    await asyncio.gather(*(one() for _ in range(40)))
-                    largest = max(largest, spool_bytes(folder))
-                    if statuses.count(503) >= 200:
-                        break
-                assert statuses.count(503) >= 200, f"never refused: {len(statuses)} served, spool {largest} B"
-                assert set(statuses) == {200, 503}, set(statuses)
-                served = statuses.count(200)
-                assert len(seen) == served, "a refused request reached the upstream"
-                headers, problem = refusals[0]
-                assert problem["type"].endswith("/limiter-unavailable") and problem["status"] == 503, problem
-                assert "Retry-After" in headers
-                await asyncio.sleep(0.3)  # the last byte records are flushed
+            # ~600 spooled bytes a request: a 1 MiB spool is full after some 1,700 of them.
+            for _ in range(120):
+                await asyncio.gather(*(one() for _ in range(40)))
                 largest = max(largest, spool_bytes(folder))
-                assert largest <= CAP, largest
-                assert largest > CAP * 0.8, largest
+                if statuses.count(503) >= 200:
+                    break
+            assert statuses.count(503) >= 200, f"never refused: {len(statuses)} served, spool {largest} B"
+            assert set(statuses) == {200, 503}, set(statuses)
+            served = statuses.count(200)
+            assert len(seen) == served, "a refused request reached the upstream"
+            headers, problem = refusals[0]
+            assert problem["type"].endswith("/limiter-unavailable") and problem["status"] == 503, problem
+            assert "Retry-After" in headers
+            await asyncio.sleep(0.3)  # the last byte records are flushed
+            largest = max(largest, spool_bytes(folder))
+            assert largest <= CAP, largest
+            assert largest > CAP * 0.8, largest
 
-                async with session.get(gateway.admin_url + "/metrics") as response:
-                    text = await response.text()
-                samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
-                assert CAP * 0.8 < samples["gateway_spool_bytes"] <= CAP, samples.get("gateway_spool_bytes")
-                assert "% full" in gateway.log(), gateway.log()[-2000:]  # the warning past 80 %
-            finally:
-                redis_server.start()
-            await wait_until_replayed(folder, 30)
-            # The test's redis-server forgot everything when it stopped: what it holds now is the replay.
-            meters = await used(session, gateway, tenant)
-            assert meters["chain_deployments"]["used"] == served, (meters, served)
-            assert meters["api_calls"]["used"] == served, (meters, served)
-    finally:
-        gateway.terminate()
-        await upstream.close()
+            async with session.get(gateway.admin_url + "/metrics") as response:
+                text = await response.text()
+            samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            assert CAP * 0.8 < samples["gateway_spool_bytes"] <= CAP, samples.get("gateway_spool_bytes")
+            assert "% full" in gateway.log(), gateway.log()[-2000:]  # the warning past 80 %
+        finally:
+            redis_server.start()
+        await wait_until_replayed(folder, 30)
+        # The test's redis-server forgot everything when it stopped: what it holds now is the replay.
+        meters = await used(session, gateway, tenant)
+        assert meters["chain_deployments"]["used"] == served, (meters, served)
+        assert meters["api_calls"]["used"] == served, (meters, served)
 
 
 async def test_the_spool_file_of_a_worker_that_no_longer_runs_is_replayed(
-        redis_server: RedisProcess, upstream: Upstream, tmp_path: Path) -> None:
+        upstream: Upstream, start_gateway: StartGateway, tmp_path: Path) -> None:
     folder = tmp_path / "spool"
     folder.mkdir()
     tenant = f"orphan-{uuid.uuid4().hex[:8]}"
@@ -118,16 +114,11 @@ async def test_the_spool_file_of_a_worker_that_no_longer_runs_is_replayed(
             record = Record(tenant, start, end, bucket_start(now, 300), 86_400, count=(("chain_deployments", 1),),
                             bill=(("chain_deployments", 1),), record_id=uuid.uuid4().hex)
             file.write(json.dumps(to_entry(record)) + "\n")
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/var/gw.db",
-                         plans=PLANS, redis={"spool_dir": str(folder)})
-    gateways = [GatewayProcess(config, tmp_path).start(), GatewayProcess(config, tmp_path).start()]
-    try:
-        await wait_until_replayed(folder, 15)
-        async with aiohttp.ClientSession() as session:
-            assert (await used(session, gateways[0], tenant))["chain_deployments"]["used"] == 25
-        # Files and folders the gateway creates are private.
-        assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o700
-        assert stat.S_IMODE((tmp_path / "var" / "gw.db").stat().st_mode) == 0o600
-    finally:
-        for gateway in gateways:
-            gateway.terminate()
+    gateways = [start_gateway(upstream.url, sqlite_file="var/gw.db", plans=PLANS, redis={"spool_dir": str(folder)})
+                for _ in range(2)]
+    await wait_until_replayed(folder, 15)
+    async with aiohttp.ClientSession() as session:
+        assert (await used(session, gateways[0], tenant))["chain_deployments"]["used"] == 25
+    # Files and folders the gateway creates are private.
+    assert stat.S_IMODE((tmp_path / "var").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "var" / "gw.db").stat().st_mode) == 0o600

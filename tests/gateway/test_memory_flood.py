@@ -13,13 +13,12 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import aiohttp
 import pytest
 
-from gateway.cli.devservices import RedisProcess
-from tests.support import GatewayProcess, Upstream, config_dict, token
+from tests.gateway.conftest import StartGateway
+from tests.support import GatewayProcess, Upstream, token
 
 MiB = 1 << 20
 PER_STEP = 10_000  # requests per measurement; two steps per kind
@@ -34,19 +33,14 @@ SECOND_STEP_BOUND = 12 * MiB  # the caches are full after the first step: little
 
 
 @pytest.fixture
-def gateway(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> Iterator[GatewayProcess]:
-    config = config_dict(
-        upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
+def gateway(upstream: Upstream, start_gateway: StartGateway) -> GatewayProcess:
+    return start_gateway(
+        upstream.url,
         # Distinct paths and tenants must be admitted (and cached), except for the one throttled tenant.
         plans={"starter": {"rate": {"per_second": 1_000_000, "burst": 1_000_000}},
                "professional": {"rate": {"per_second": 1, "burst": 1}}},
         auth={"plan_claim": "plan"},
     )
-    process = GatewayProcess(config, tmp_path)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
 
 
 Request = tuple[str, dict[str, str]]

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from gateway.app import Worker
 from gateway.cli.devservices import RedisProcess
 from quota.alerts import verify_signature
 from tests.faultproxy import FaultProxy
+from tests.gateway.conftest import StartGateway
 from tests.support import BUSY_SCRIPT, GatewayProcess, Upstream, bearer, config_dict, settings_for
 
 ADMIN = {"Authorization": "Bearer ops-token-0123456789"}
@@ -42,6 +44,7 @@ PLANS: dict[str, Any] = {
                 "quotas": {"chain_deployments": {"limit": 2, "on_exceed": "overage"}}},
 }
 DEPLOY = "/api/chains/c1/deployments"
+UNTHROTTLED: dict[str, Any] = {"starter": {"rate": {"per_second": 100000, "burst": 100000}}}
 
 
 def overrides(**extra: Any) -> dict[str, Any]:
@@ -111,27 +114,20 @@ async def post_deploy(session: aiohttp.ClientSession, base: str, tenant: str, **
 # ------------------------------------------------------------------ exactness
 
 
-async def test_exactly_the_limit_admitted_across_two_processes(upstream: Upstream, redis_server: RedisProcess,
+async def test_exactly_the_limit_admitted_across_two_processes(upstream: Upstream, start_gateway: StartGateway,
                                                                 tmp_path: Path) -> None:
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db", **overrides())
-    first = GatewayProcess({**config, "redis": {**config["redis"], "spool_dir": str(tmp_path / "s1")}},
-                           tmp_path).start()
-    second = GatewayProcess({**config, "redis": {**config["redis"], "spool_dir": str(tmp_path / "s2")}},
-                            tmp_path).start()
-    try:
-        connector = aiohttp.TCPConnector(limit=400)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            statuses = await asyncio.gather(*(
-                post_deploy(session, (first if i % 2 else second).url, "exact") for i in range(300)))
-            assert statuses.count(200) == 50
-            assert statuses.count(429) == 250
-            async with session.get(first.url + "/_gateway/usage", headers=bearer("exact")) as response:
-                view = await response.json()
-        assert view["meters"]["chain_deployments"]["used"] == 50
-        assert view["meters"]["chain_deployments"]["remaining"] == 0
-    finally:
-        first.terminate()
-        second.terminate()
+    first = start_gateway(upstream.url, **overrides(redis={"spool_dir": str(tmp_path / "s1")}))
+    second = start_gateway(upstream.url, **overrides(redis={"spool_dir": str(tmp_path / "s2")}))
+    connector = aiohttp.TCPConnector(limit=400)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        statuses = await asyncio.gather(*(
+            post_deploy(session, (first if i % 2 else second).url, "exact") for i in range(300)))
+        assert statuses.count(200) == 50
+        assert statuses.count(429) == 250
+        async with session.get(first.url + "/_gateway/usage", headers=bearer("exact")) as response:
+            view = await response.json()
+    assert view["meters"]["chain_deployments"]["used"] == 50
+    assert view["meters"]["chain_deployments"]["remaining"] == 0
 
 
 async def test_ratelimit_headers_on_a_streamed_response(make_gateway: MakeGateway,
@@ -362,38 +358,45 @@ async def test_redis_down_fail_closed_refuses(make_gateway: MakeGateway, redis_s
     assert (await usage(session, worker, "closed"))["meters"]["chain_deployments"]["used"] == 1
 
 
-async def test_sigkill_under_load_loses_no_counted_response(upstream: Upstream, redis_server: RedisProcess,
-                                                            tmp_path: Path) -> None:
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
-                         **overrides(plans={"starter": {"rate": {"per_second": 100000, "burst": 100000}}}))
-    victim = GatewayProcess(config, tmp_path).start()
-    ok = 0
+Send = Callable[[aiohttp.ClientSession, str], AbstractAsyncContextManager[aiohttp.ClientResponse]]
+
+
+async def _load_until_sigkill(victim: GatewayProcess, send: Send, seconds: float) -> tuple[list[int], float]:
+    """Sixteen clients `send(session, victim.url)` over and over until the victim is killed with SIGKILL
+    `seconds` into the load: the body sizes of the 200s they received, and how long the load ran."""
+    received: list[int] = []
+    started = time.monotonic()
 
     async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal ok
         while True:
             try:
-                async with session.get(victim.url + "/api/load", headers=bearer("killed")) as response:
-                    await response.read()
-                    if response.status == 200:
-                        ok += 1
+                async with send(session, victim.url) as response:
+                    body = await response.read()
             except (TimeoutError, aiohttp.ClientError):
                 return
+            if response.status == 200:
+                received.append(len(body))
 
     async with aiohttp.ClientSession() as session:
         clients = [asyncio.ensure_future(client(session)) for _ in range(16)]
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(seconds)
         assert victim.process is not None
+        elapsed = time.monotonic() - started
         os.kill(victim.process.pid, signal.SIGKILL)
         await asyncio.gather(*clients)
     victim.stop()
-    survivor = GatewayProcess(config, tmp_path).start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(survivor.url + "/_gateway/usage", headers=bearer("killed")) as response:
-                counted = (await response.json())["meters"]["api_calls"]["used"]
-    finally:
-        survivor.terminate()
+    return received, elapsed
+
+
+async def test_sigkill_under_load_loses_no_counted_response(upstream: Upstream, start_gateway: StartGateway) -> None:
+    config = overrides(plans=UNTHROTTLED)
+    received, _ = await _load_until_sigkill(
+        start_gateway(upstream.url, **config),
+        lambda session, url: session.get(url + "/api/load", headers=bearer("killed")), 1.0)
+    ok = len(received)
+    survivor = start_gateway(upstream.url, **config)
+    async with aiohttp.ClientSession() as session:
+        counted = (await usage(session, survivor, "killed"))["meters"]["api_calls"]["used"]
     assert ok > 50
     assert counted >= ok  # every response a client received was counted (in-flight ones may be too)
     assert counted <= ok + 16
@@ -513,13 +516,12 @@ async def test_a_429_carries_ratelimit_headers_with_the_violated_policy_at_zero(
 
 
 async def test_sigterm_while_redis_stalls_loses_nothing(upstream: Upstream, redis_server: RedisProcess,
-                                                        tmp_path: Path) -> None:
+                                                        start_gateway: StartGateway) -> None:
     """PRODUCT.md §5: SIGTERM loses nothing. Under load, Redis stalls past the check timeout (checks wait
     for late replies, byte counts wait in the store) and the gateway gets SIGTERM meanwhile: every request
     a client got is counted once, and every byte it got is billed, after the late replies and the spool."""
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
-                         **overrides(plans={"starter": {"rate": {"per_second": 100000, "burst": 100000}}}))
-    victim = GatewayProcess(config, tmp_path).start()
+    config = overrides(plans=UNTHROTTLED)
+    victim = start_gateway(upstream.url, **config)
     ok = received = 0
     stop = asyncio.Event()
 
@@ -555,30 +557,25 @@ async def test_sigterm_while_redis_stalls_loses_nothing(upstream: Upstream, redi
     finally:
         await stall.aclose()
         victim.stop()
-    survivor = GatewayProcess(config, tmp_path).start()  # replays what the first one spooled
-    try:
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 10
-            while True:
-                async with session.get(survivor.url + "/_gateway/usage", headers=bearer("drained")) as response:
-                    meters = (await response.json())["meters"]
-                if (meters["api_calls"]["used"], meters["bandwidth_bytes"]["used"]) == (ok, received):
-                    break
-                assert time.monotonic() < deadline, (meters["api_calls"], meters["bandwidth_bytes"], ok, received)
-                await asyncio.sleep(0.2)
-    finally:
-        survivor.terminate()
+    survivor = start_gateway(upstream.url, **config)  # replays what the first one spooled
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 10
+        while True:
+            async with session.get(survivor.url + "/_gateway/usage", headers=bearer("drained")) as response:
+                meters = (await response.json())["meters"]
+            if (meters["api_calls"]["used"], meters["bandwidth_bytes"]["used"]) == (ok, received):
+                break
+            assert time.monotonic() < deadline, (meters["api_calls"], meters["bandwidth_bytes"], ok, received)
+            await asyncio.sleep(0.2)
     assert ok > 50
 
 
 async def test_sigterm_spools_checks_whose_replies_never_came(upstream: Upstream, redis_server: RedisProcess,
-                                                              tmp_path: Path) -> None:
+                                                              start_gateway: StartGateway) -> None:
     """SIGTERM waits for the outcome of checks that timed out (their late replies, LATE_REPLY_SECONDS at
     most) and spools those Redis never ran, before the spool closes: every request served is counted."""
     proxy = await FaultProxy(redis_server.port).start()
-    database = f"sqlite+aiosqlite:///{tmp_path}/gw.db"
-    plans = {"starter": {"rate": {"per_second": 100000, "burst": 100000}}}
-    victim = GatewayProcess(config_dict(upstream.url, proxy.url, database, **overrides(plans=plans)), tmp_path).start()
+    victim = start_gateway(upstream.url, redis_url=proxy.url, **overrides(plans=UNTHROTTLED))
     served = 0
     try:
         async with aiohttp.ClientSession() as session:
@@ -594,17 +591,13 @@ async def test_sigterm_spools_checks_whose_replies_never_came(upstream: Upstream
     finally:
         victim.stop()
         await proxy.close()
-    survivor = GatewayProcess(config_dict(upstream.url, redis_server.url, database, **overrides(plans=plans)),
-                              tmp_path).start()  # replays what the first one spooled
-    try:
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 10
-            while (used := (await usage(session, survivor, "blackholed"))["meters"]["chain_deployments"]["used"]) \
-                    != served:
-                assert time.monotonic() < deadline, (used, served)
-                await asyncio.sleep(0.2)
-    finally:
-        survivor.terminate()
+    survivor = start_gateway(upstream.url, **overrides(plans=UNTHROTTLED))  # replays what the first one spooled
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 10
+        while (used := (await usage(session, survivor, "blackholed"))["meters"]["chain_deployments"]["used"]) \
+                != served:
+            assert time.monotonic() < deadline, (used, served)
+            await asyncio.sleep(0.2)
 
 
 @contextlib.asynccontextmanager
@@ -682,42 +675,18 @@ async def test_refused_checks_whose_replies_were_lost_are_given_back_once(
 
 
 async def test_sigkill_under_load_loses_at_most_100_ms_of_byte_counts(
-        upstream: Upstream, redis_server: RedisProcess, tmp_path: Path) -> None:
+        upstream: Upstream, start_gateway: StartGateway) -> None:
     """PRODUCT.md §5: SIGKILL loses at most the byte records of the last 100 ms. Byte counts wait in memory
     for the next pipeline only; what clients received is compared with what was billed."""
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
-                         **overrides(plans={"starter": {"rate": {"per_second": 100000, "burst": 100000}}}))
-    victim = GatewayProcess(config, tmp_path).start()
-    received = 0
+    config = overrides(plans=UNTHROTTLED)
     body = b"x" * 4000
-    started = time.monotonic()
-
-    async def client(session: aiohttp.ClientSession) -> None:
-        nonlocal received
-        while True:
-            try:
-                async with session.post(victim.url + "/api/bytes", headers=bearer("bytes-killed"),
-                                        data=body) as response:
-                    got = await response.read()
-            except (TimeoutError, aiohttp.ClientError):
-                return
-            if response.status == 200:
-                received += len(got)
-
+    sizes, elapsed = await _load_until_sigkill(
+        start_gateway(upstream.url, **config),
+        lambda session, url: session.post(url + "/api/bytes", headers=bearer("bytes-killed"), data=body), 1.5)
+    received = sum(sizes)
+    survivor = start_gateway(upstream.url, **config)
     async with aiohttp.ClientSession() as session:
-        clients = [asyncio.ensure_future(client(session)) for _ in range(16)]
-        await asyncio.sleep(1.5)
-        assert victim.process is not None
-        elapsed = time.monotonic() - started
-        os.kill(victim.process.pid, signal.SIGKILL)
-        await asyncio.gather(*clients)
-    victim.stop()
-    survivor = GatewayProcess(config, tmp_path).start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            meters = (await usage(session, survivor, "bytes-killed"))["meters"]
-    finally:
-        survivor.terminate()
+        meters = (await usage(session, survivor, "bytes-killed"))["meters"]
     billed = meters["bandwidth_bytes"]["used"]
     per_100_ms = received / elapsed / 10
     largest = len(body) * 3  # one echoed response (the body and its JSON around it), generously

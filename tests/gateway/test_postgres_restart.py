@@ -147,7 +147,7 @@ async def test_a_session_ended_by_the_server_is_a_store_outage_not_a_bug(postgre
     from sqlalchemy import text
     from sqlalchemy.exc import DBAPIError
 
-    from billing_sync.webhooks import store_unavailable
+    from metering.sql_errors import store_unavailable
 
     engine = create_engine(postgres_server.url)
     try:

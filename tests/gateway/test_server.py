@@ -169,3 +169,25 @@ def _state(pid: int) -> str:
 def _running(pid: int) -> bool:
     state = _state(pid)
     return state != "gone" and "zombie" not in state
+
+
+# ---------------------------------------------------------------- issue 11: development services belong to the CLI
+# (that nothing of the served gateway imports gateway.cli is tests/test_architecture.py's)
+
+
+async def test_serve_starts_development_services_the_config_leaves_unset(tmp_path: Path) -> None:
+    """`make run`: with redis.url and upstream.url null, `serve` starts a private redis-server and the demo upstream."""
+    config = config_dict(None, None, f"sqlite+aiosqlite:///{tmp_path}/gw.db")  # type: ignore[arg-type]
+    gateway = GatewayProcess(config, tmp_path)
+    try:
+        gateway.start()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gateway.url + "/api/chains", headers=bearer()) as r:
+                assert r.status == 200 and "RateLimit" in r.headers  # served by the demo upstream, metered in Redis
+            async with session.get(gateway.admin_url + "/readyz") as r:
+                assert r.status == 200 and (await r.json())["status"] == "ready"
+        assert gateway.terminate() == 0
+    finally:
+        gateway.stop()
+    log = gateway.log()
+    assert "started a private redis-server" in log and "serving the built-in demo upstream" in log

@@ -7,8 +7,9 @@ from typing import Any
 import pytest
 import yaml
 
-from metering import meters as meters_module
-from metering.errors import ConfigurationError, MeterConfigError
+from metering import match_cache
+from metering.errors import ConfigError
+from metering.match_cache import BoundedMatchCache
 from metering.meters import (
     DEFAULT_METERS,
     Meter,
@@ -150,7 +151,7 @@ BAD_METERS: list[tuple[Any, str]] = [
 
 @pytest.mark.parametrize(("raw", "key"), BAD_METERS, ids=[key for _, key in BAD_METERS])
 def test_every_error_names_its_key(raw: Any, key: str) -> None:
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_meters(raw)
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
@@ -158,15 +159,14 @@ def test_every_error_names_its_key(raw: Any, key: str) -> None:
 
 
 def test_error_is_a_value_error_with_the_design_note_name() -> None:
-    assert MeterConfigError is ConfigurationError
-    assert issubclass(ConfigurationError, ValueError)
-    with pytest.raises(ConfigurationError, match=r"^meters\.m\.match\.path: must start with '/'$"):
+    assert issubclass(ConfigError, ValueError)
+    with pytest.raises(ConfigError, match=r"^meters\.m\.match\.path: must start with '/'$"):
         parse_meters({"m": {"match": {"path": "api"}}})
 
 
 def test_unknown_key_message_lists_the_allowed_keys() -> None:
     with pytest.raises(
-        ConfigurationError, match="allowed: bill_server_errors, kind, match, source, stripe_event"
+        ConfigError, match="allowed: bill_server_errors, kind, match, source, stripe_event"
     ):
         parse_meters({"m": {"source": "request", "limit": 3}})
 
@@ -323,7 +323,7 @@ def test_cached_answer_is_the_same_object() -> None:
 
 
 def test_cache_is_bounded_and_drops_its_oldest_entries_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(meters_module, "MATCH_CACHE_SIZE", 8)
+    monkeypatch.setattr(match_cache, "MATCH_CACHE_SIZE", 8)
     matcher = MeterMatcher(DEFAULT_METERS)
     answers = [matcher.request_meters("GET", f"/api/chains/{i}") for i in range(8)]
     assert matcher.cache_size() == 8
@@ -341,16 +341,47 @@ def test_cache_is_bounded_and_drops_its_oldest_entries_first(monkeypatch: pytest
 
 def test_long_paths_are_not_cached() -> None:
     matcher = MeterMatcher(DEFAULT_METERS)
-    long_path = "/api/" + "x" * meters_module.MATCH_CACHE_MAX_PATH
+    long_path = "/api/" + "x" * match_cache.MATCH_CACHE_MAX_PATH
     assert names(matcher.request_meters("GET", long_path)) == ["api_calls"]
     assert matcher.cache_size() == 0
 
 
 def test_cache_bound_at_the_real_size() -> None:
     matcher = MeterMatcher(DEFAULT_METERS)
-    for i in range(meters_module.MATCH_CACHE_SIZE + 5):
+    for i in range(match_cache.MATCH_CACHE_SIZE + 5):
         matcher.request_meters("GET", f"/api/chains/{i}")
-    assert matcher.cache_size() <= meters_module.MATCH_CACHE_SIZE
+    assert matcher.cache_size() <= match_cache.MATCH_CACHE_SIZE
+
+
+# --------------------------------------------------------------------------- the match cache itself
+
+
+def test_match_cache_never_holds_more_than_its_size() -> None:
+    cache: BoundedMatchCache[int] = BoundedMatchCache(size=3)
+    for i in range(50):
+        key = ("GET", f"/api/chains/{i}")
+        assert cache.get(key) is None
+        cache.put(key, i)
+        assert len(cache) <= 3
+        assert cache.get(key) == i
+    # The oldest went first: the last three are kept, in order.
+    assert [cache.get(("GET", f"/api/chains/{i}")) for i in (46, 47, 48, 49)] == [None, 47, 48, 49]
+
+
+def test_match_cache_keeps_no_long_path() -> None:
+    cache: BoundedMatchCache[int] = BoundedMatchCache(size=3)
+    at_limit = ("GET", "/" + "x" * (match_cache.MATCH_CACHE_MAX_PATH - 1))
+    too_long = ("GET", "/" + "x" * match_cache.MATCH_CACHE_MAX_PATH)
+    cache.put(too_long, 1)
+    assert cache.get(too_long) is None and len(cache) == 0
+    cache.put(at_limit, 2)
+    assert cache.get(at_limit) == 2 and len(cache) == 1
+
+
+def test_match_cache_size_defaults_to_the_module_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert BoundedMatchCache().size == match_cache.MATCH_CACHE_SIZE
+    monkeypatch.setattr(match_cache, "MATCH_CACHE_SIZE", 2)
+    assert BoundedMatchCache().size == 2
 
 
 # --------------------------------------------------------------------------- usage report

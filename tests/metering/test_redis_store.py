@@ -555,7 +555,7 @@ async def test_a_record_whose_reply_was_lost_is_not_counted_twice_by_its_replay(
     """Byte counts go out without waiting; when their reply is lost (Redis ran the script, the answer never
     came) the record is handed to the spool as failed. Its replay carries the same id, so Redis applies it
     once (PRODUCT.md §5: no unit counted twice)."""
-    monkeypatch.setattr("metering.redis_store.LATE_REPLY_SECONDS", 0.3)  # give up on the late reply sooner
+    monkeypatch.setattr("metering.redis_store.batching.LATE_REPLY_SECONDS", 0.3)  # give up on the late reply sooner
     proxy = await FaultProxy(redis_server.port).start()
     faulty = Redis.from_url(proxy.url, socket_timeout=0.5)
     direct = Redis.from_url(redis_server.url)

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 
 from gateway.cli.devservices import RedisProcess
 from metering.redis_store import RedisUsageStore
-from metering.spool import Spool, from_entry, to_entry
+from metering.spool import Spool
+from metering.spool_entries import from_entry, to_entry
 from metering.store import CounterRule, Record, StoreUnavailable
 from tests.metering.test_redis_store import BUCKET, PERIOD_START, make_check, make_record, tenant
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from metering.spool import MAX_BUFFER_BYTES, Spool, to_entry
+from metering.spool import MAX_BUFFER_BYTES, Spool
+from metering.spool_entries import to_entry
 from metering.store import Record
 from tests.metering.test_redis_store import make_record, tenant
 from tests.support import ROOT

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.cli.devservices import free_port
 from metering.db import create_engine, session_factory
-from metering.errors import ConfigurationError
+from metering.errors import ConfigError
 from metering.migrate import upgrade_async
 from metering.models import AlertEvent
 from quota.alerts import (
@@ -120,8 +120,8 @@ async def running() -> AsyncIterator[list[Alerts]]:
         await alerts.close()
 
 
-def fixed_clock() -> datetime:
-    return NOW
+def fixed_clock() -> float:
+    return NOW.timestamp()
 
 
 async def make_alerts(sessions: Sessions, running: list[Alerts], settings: AlertSettings | None = None,
@@ -220,7 +220,7 @@ def test_parse_normalizes() -> None:
     ],
 )
 def test_parse_errors_name_the_key(raw: Any, key: str) -> None:
-    with pytest.raises(ConfigurationError) as caught:
+    with pytest.raises(ConfigError) as caught:
         parse_alert_settings(raw)
     assert caught.value.key == key
     assert str(caught.value).startswith(f"{key}: ")

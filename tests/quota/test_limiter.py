@@ -13,8 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.cli.devservices import RedisProcess
-from gateway.config.policy import build_policy
-from gateway.config.settings import parse_settings
+from gateway.config import parse_settings
 from metering import keys
 from metering.redis_store import RedisUsageStore
 from metering.spool import Spool
@@ -39,7 +38,7 @@ class Clock:
 @pytest.fixture
 async def setup(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[tuple[Limiter, RedisUsageStore, Redis,
                                                                                     Clock, Spool]]:
-    policy = build_policy(parse_settings({"plans": PLANS, "auth": {"algorithms": ["HS256"], "hs256_secret": "x" * 40}}))
+    policy = parse_settings({"plans": PLANS, "auth": {"algorithms": ["HS256"], "hs256_secret": "x" * 40}}).policy
     client = Redis.from_url(redis_server.url)
     clock = Clock()
     store = RedisUsageStore(client, timeout=0.5)

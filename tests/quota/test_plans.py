@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from metering.errors import ConfigurationError
+from metering.errors import ConfigError
 from metering.meters import DEFAULT_METERS, parse_meters
 from quota.plans import DEFAULT_CATALOG, Override, Plan, Quota, Rate, effective, parse_plans
 
@@ -119,7 +119,7 @@ def test_custom_meters_can_be_limited() -> None:
 
 def test_catalog_plans_kept_must_fit_the_configured_meters() -> None:
     only_calls = parse_meters({"api_calls": {"match": {"path": "/api/**"}}})
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_plans({}, only_calls)
     assert info.value.key == "plans.starter.quotas.chain_deployments"
     assert "replace plan starter" in info.value.message
@@ -136,7 +136,7 @@ def test_catalog_guards_need_chains_to_be_a_gauge() -> None:
             "storage_gb": {"source": "reported"},
         }
     )
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_plans({}, meters)
     assert info.value.key == "plans.starter.quotas.chains"
 
@@ -245,7 +245,7 @@ BAD_PLANS: list[tuple[Any, str]] = [
 
 @pytest.mark.parametrize(("raw", "key"), BAD_PLANS, ids=[key for _, key in BAD_PLANS])
 def test_every_error_names_its_key(raw: Any, key: str) -> None:
-    with pytest.raises(ConfigurationError) as info:
+    with pytest.raises(ConfigError) as info:
         parse_plans(raw, DEFAULT_METERS)
     assert info.value.key == key
     assert str(info.value).startswith(f"{key}: ")
@@ -253,14 +253,14 @@ def test_every_error_names_its_key(raw: Any, key: str) -> None:
 
 def test_error_message_example() -> None:
     with pytest.raises(
-        ConfigurationError, match=r"^plans\.starter\.quotas\.chain_deployments\.limit: .*>= 0"
+        ConfigError, match=r"^plans\.starter\.quotas\.chain_deployments\.limit: .*>= 0"
     ):
         parse_plans({"starter": {"quotas": {"chain_deployments": {"limit": -1}}}}, DEFAULT_METERS)
 
 
 def test_unknown_meter_message_lists_the_known_ones() -> None:
     with pytest.raises(
-        ConfigurationError, match="api_calls, bandwidth_bytes, chain_deployments, chains, storage_gb"
+        ConfigError, match="api_calls, bandwidth_bytes, chain_deployments, chains, storage_gb"
     ):
         parse_plans({"starter": {"quotas": {"widgets": {"limit": 1}}}}, DEFAULT_METERS)
 

@@ -5,10 +5,11 @@ from datetime import UTC, datetime
 
 import pytest
 
+from metering.clock import rfc3339
 from metering.meters import DEFAULT_METERS
 from quota.plans import DEFAULT_CATALOG, Override
 from quota.tenants import TenantRecord
-from quota.usage_view import forecast, plan_catalog_view, rfc3339, tenant_view
+from quota.usage_view import forecast, plan_catalog_view, tenant_view
 
 # Half-way through December (31 days): 15.5 days elapsed.
 NOW = datetime(2026, 12, 16, 12, 0, tzinfo=UTC)
@@ -153,6 +154,11 @@ def test_forecast(used: float, now: datetime, expected: float) -> None:
 
 def test_rfc3339() -> None:
     assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05Z"
+    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=UTC)) == "2026-01-02T03:04:05.250000Z"
+    # Alerts hash this text: whole seconds, from a datetime or epoch seconds alike.
+    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=UTC), whole_seconds=True) == "2026-01-02T03:04:05Z"
+    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp() + 0.9, whole_seconds=True) == (
+        "2026-01-02T03:04:05Z")
     assert rfc3339(None) is None
     with pytest.raises(ValueError):
         rfc3339(datetime(2026, 1, 2))

@@ -18,10 +18,8 @@ from gateway.admin.health import admin_app
 from gateway.auth.tokens import Authenticator, AuthError
 from gateway.config.settings import Settings
 from metering.db import create_engine, session_factory
-from metering.meters import parse_meters
 from metering.migrate import upgrade_async
 from metering.models import AlertEvent
-from quota.plans import parse_plans
 from quota.tenants import TenantDirectory
 from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 from tests.support import settings_for, token
@@ -34,11 +32,13 @@ PROBLEM = "application/problem+json"
 
 
 class Clock:
+    """A fixed time the test moves: `now` is a datetime, the clock answers epoch seconds (metering.clock)."""
+
     def __init__(self, now: datetime) -> None:
         self.now = now
 
-    def __call__(self) -> datetime:
-        return self.now
+    def __call__(self) -> float:
+        return self.now.timestamp()
 
 
 class MemoryUsage:
@@ -104,12 +104,11 @@ async def admin(db_url: str, aiohttp_client: Any) -> AsyncIterator[Admin]:  # no
     directory = TenantDirectory(sessions, None)
     await directory.reload_changed()
     usage, clock = MemoryUsage(), Clock(START)
-    meters = parse_meters(settings.meters)
     app = admin_app(redis_check=_ok, database_check=_ok, fail_closed=False)
     authenticator = Authenticator(settings.auth)
     api = add_admin_api(app, settings=settings, sessions=sessions, directory=directory,
                         authenticator=authenticator, usage_reader=usage,
-                        plans=parse_plans(settings.plans, meters), meters=meters, clock=clock)
+                        plans=settings.policy.plans, meters=settings.policy.meters, clock=clock)
     client = await aiohttp_client(app)
     yield Admin(client, directory, usage, clock, sessions, api, authenticator)
     await directory.close()
@@ -554,6 +553,9 @@ OVERRIDE_CASES = [
     ("rate-missing", "rate", {"burst": 3}, "per_second"),
     ("rate-string", "rate", {"per_second": "5"}, "per_second"),
     ("rate-burst", "rate", {"per_second": 5, "burst": 0}, "burst"),
+    # a JSON integer too large for a float (math.isfinite raised OverflowError: a 500)
+    ("rate-huge-int", "rate", b'{"per_second": 1' + b"0" * 400 + b"}", "per_second"),
+    ("limit-huge-int", "chains", b'{"limit": 1' + b"0" * 400 + b"}", "limit"),
     ("rate-limit-field", "rate", {"per_second": 5, "limit": 3}, "limit"),
     ("bad-json", "chains", b"{", "body"),
     ("array", "chains", b"[]", "body"),
@@ -579,6 +581,29 @@ async def test_several_problems_are_reported_together(admin: Admin) -> None:
 async def test_unknown_meter_on_delete_is_400(admin: Admin) -> None:
     status, problem, _ = await admin.call("DELETE", "/admin/tenants/acme/overrides/nope")
     assert status == 400 and problem["errors"][0]["field"] == "meter"
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE"])
+async def test_unknown_meter_is_named_in_the_400(admin: Admin, method: str) -> None:
+    status, problem, _ = await admin.call(method, "/admin/tenants/acme/overrides/no_such_meter",
+                                          {"limit": 1} if method == "PUT" else None)
+    assert status == 400
+    assert problem["errors"][0]["field"] == "meter"
+    assert problem["errors"][0]["message"].startswith("unknown meter 'no_such_meter' (known: ")
+    assert "'no_such_meter'" in problem["detail"]
+
+
+async def test_unknown_plan_is_named_in_the_400(admin: Admin) -> None:
+    status, problem, _ = await admin.call("PUT", "/admin/tenants/acme", {"plan": "platinum"})
+    assert status == 400
+    assert problem["errors"] == [{"field": "plan", "message": "unknown plan 'platinum' (known: enterprise, "
+                                                              "professional, sovereign, starter, team)"}]
+
+
+async def test_an_unknown_name_is_quoted_safely_and_bounded(admin: Admin) -> None:
+    _, problem, _ = await admin.call("PUT", "/admin/tenants/acme", {"plan": "p\r\n" + "x" * 500})
+    message = problem["errors"][0]["message"]
+    assert message.startswith("unknown plan 'p\\r\\nxxx") and "\r" not in message and len(message) < 200
 
 
 async def test_expires_at_with_offset_and_fraction(admin: Admin) -> None:

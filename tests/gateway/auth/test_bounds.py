@@ -22,16 +22,8 @@ from aiohttp import web
 
 from gateway.auth.jwks import MAX_JWKS_BYTES, JwksCache
 from gateway.auth.tokens import Authenticator, AuthError
-from gateway.config.settings import AuthSettings
 from tests.gateway.jwt_helpers import KeyPair, rsa_pair
-from tests.support import AUDIENCE, ISSUER, SECRET, token
-
-
-def settings(**overrides: Any) -> AuthSettings:
-    base: dict[str, Any] = {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ("HS256",),
-                            "hs256_secret": SECRET, "leeway_seconds": 30.0}
-    base.update(overrides)
-    return AuthSettings(**base)
+from tests.support import auth_settings, jwks_authenticator, token
 
 
 def cached(auth: Authenticator) -> dict[str, Any]:
@@ -42,7 +34,7 @@ def cached(auth: Authenticator) -> dict[str, Any]:
 
 
 async def test_token_cache_is_bounded_in_bytes() -> None:
-    auth = Authenticator(settings())
+    auth = Authenticator(auth_settings())
     # 2,000 tokens of about 3 KiB each: 6 MB of tokens, more than the cache may hold.
     tokens = [token("acme", jti=f"{i}", pad="p" * 2200) for i in range(2000)]
     assert all(2800 < len(t) < 4096 for t in tokens)
@@ -55,7 +47,7 @@ async def test_token_cache_is_bounded_in_bytes() -> None:
 
 
 async def test_token_too_large_for_the_cache_is_verified_each_time() -> None:
-    auth = Authenticator(settings())
+    auth = Authenticator(auth_settings())
     raw = token("acme", pad="p" * 5000)
     assert 4096 < len(raw) <= 8192
     first = await auth.authenticate("Bearer " + raw)
@@ -64,7 +56,7 @@ async def test_token_too_large_for_the_cache_is_verified_each_time() -> None:
 
 
 async def test_token_cache_evicts_gradually_never_all_at_once() -> None:
-    auth = Authenticator(settings())
+    auth = Authenticator(auth_settings())
     sizes = []
     for i in range(10_500):
         await auth.authenticate("Bearer " + token("acme", jti=f"{i}"))
@@ -77,7 +69,7 @@ async def test_token_cache_evicts_gradually_never_all_at_once() -> None:
 
 
 async def test_same_token_verified_twice_at_once_is_cached_once() -> None:
-    auth = Authenticator(settings())
+    auth = Authenticator(auth_settings())
     raw = "Bearer " + token("acme")
     await asyncio.gather(*(auth.authenticate(raw) for _ in range(5)))
     assert len(cached(auth)) == 1
@@ -159,8 +151,8 @@ async def test_hostile_jwks_document_keeps_the_old_keys(document: JwksDocument, 
 
 async def test_hostile_jwks_document_at_start_is_survived(key: KeyPair) -> None:
     server = await JwksDocument(HOSTILE["nested-100k"]).start()
-    auth = Authenticator(settings(algorithms=("RS256",), hs256_secret=None, jwks_url=server.url,
-                                  jwks_min_refetch_seconds=0))
+    auth = Authenticator(auth_settings(algorithms=("RS256",), hs256_secret=None, jwks_url=server.url,
+                                       jwks_min_refetch_seconds=0))
     try:
         await asyncio.wait_for(auth.start(), 10)  # starts, with no keys yet
         with pytest.raises(AuthError) as caught:
@@ -220,10 +212,7 @@ async def test_many_keys_are_bounded(key: KeyPair) -> None:
 
 
 async def test_forged_kids_at_once_cause_at_most_one_fetch(document: JwksDocument, key: KeyPair) -> None:
-    auth = Authenticator(settings(algorithms=("RS256",), hs256_secret=None, jwks_url=document.url,
-                                  jwks_min_refetch_seconds=30))
-    await auth.start()
-    try:
+    async with jwks_authenticator(document.url, jwks_min_refetch_seconds=30) as auth:
         before = document.fetches
         forged = [key.sign(kid=f"forged-{i}") for i in range(200)]
         results = await asyncio.gather(*(auth.authenticate("Bearer " + t) for t in forged), return_exceptions=True)
@@ -233,8 +222,6 @@ async def test_forged_kids_at_once_cause_at_most_one_fetch(document: JwksDocumen
             with pytest.raises(AuthError):
                 await auth.authenticate("Bearer " + t)
         assert document.fetches - before <= 1
-    finally:
-        await auth.close()
 
 
 # ------------------------------------------------------------------ any Authorization value
@@ -258,7 +245,7 @@ _AUTHORIZATION = st.one_of(
 @hypothesis.settings(max_examples=400, deadline=None)
 @hypothesis.given(value=_AUTHORIZATION)
 def test_any_authorization_value_is_an_identity_or_an_auth_error(value: str) -> None:
-    auth = Authenticator(settings(algorithms=("HS256", "RS256")))
+    auth = Authenticator(auth_settings(algorithms=("HS256", "RS256")))
     try:
         asyncio.run(auth.authenticate(value))
     except AuthError as error:

@@ -12,17 +12,10 @@ from typing import Any
 import jwt
 import pytest
 
-from gateway.auth.tokens import Authenticator, AuthError, Identity, mint_token
-from gateway.config.settings import AuthSettings
+from gateway.auth.mint import mint_token
+from gateway.auth.tokens import Authenticator, AuthError, Identity
 from tests.gateway.jwt_helpers import JwksServer, KeyPair, claims_for, ec_pair, rsa_pair
-from tests.support import AUDIENCE, ISSUER, SECRET, token
-
-
-def settings(**overrides: Any) -> AuthSettings:
-    base: dict[str, Any] = {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ("HS256",),
-                            "hs256_secret": SECRET, "leeway_seconds": 30.0}
-    base.update(overrides)
-    return AuthSettings(**base)
+from tests.support import AUDIENCE, ISSUER, SECRET, auth_settings, jwks_authenticator, token
 
 
 async def authenticate(auth: Authenticator, value: str | None) -> Identity:
@@ -55,7 +48,7 @@ async def jwks(rsa_key: KeyPair, ec_key: KeyPair) -> AsyncIterator[JwksServer]:
 
 @pytest.fixture
 async def jwks_auth(jwks: JwksServer) -> AsyncIterator[Authenticator]:
-    auth = Authenticator(settings(algorithms=("RS256", "ES256", "HS256"), jwks_url=jwks.url))
+    auth = Authenticator(auth_settings(algorithms=("RS256", "ES256", "HS256"), jwks_url=jwks.url))
     await auth.start()
     yield auth
     await auth.close()
@@ -65,14 +58,14 @@ async def jwks_auth(jwks: JwksServer) -> AsyncIterator[Authenticator]:
 
 
 async def test_hs256_identity() -> None:
-    auth = Authenticator(settings(plan_claim="plan"))
+    auth = Authenticator(auth_settings(plan_claim="plan"))
     identity = await authenticate(auth, "Bearer " + token("acme", plan="professional", scope="a b"))
     assert (identity.tenant, identity.subject, identity.plan) == ("acme", "user-1", "professional")
     assert identity.scopes == {"a", "b"}
 
 
 async def test_plan_claim_ignored_unless_configured() -> None:
-    identity = await authenticate(Authenticator(settings()), "Bearer " + token("acme", plan="sovereign"))
+    identity = await authenticate(Authenticator(auth_settings()), "Bearer " + token("acme", plan="sovereign"))
     assert identity.plan is None
 
 
@@ -86,12 +79,12 @@ async def test_plan_claim_ignored_unless_configured() -> None:
     ("Bearer " + "a" * 9000, "malformed", True),
 ])
 async def test_malformed_headers(value: str | None, reason: str, presented: bool) -> None:
-    error = await refused(Authenticator(settings()), value)
+    error = await refused(Authenticator(auth_settings()), value)
     assert (error.reason, error.token_presented, error.status) == (reason, presented, 401)
 
 
 async def test_scheme_is_case_insensitive() -> None:
-    assert (await authenticate(Authenticator(settings()), "bearer " + token())).tenant == "acme"
+    assert (await authenticate(Authenticator(auth_settings()), "bearer " + token())).tenant == "acme"
 
 
 @pytest.mark.parametrize("claims, reason", [
@@ -109,7 +102,7 @@ async def test_scheme_is_case_insensitive() -> None:
 ])
 async def test_bad_claims_refused(claims: dict[str, Any], reason: str) -> None:
     raw = _raw_token(claims_for(claims))
-    error = await refused(Authenticator(settings()), "Bearer " + raw)
+    error = await refused(Authenticator(auth_settings()), "Bearer " + raw)
     assert error.reason == reason
 
 
@@ -129,39 +122,39 @@ def _raw_token(claims: dict[str, Any], secret: str = SECRET) -> str:
 
 async def test_leeway_accepts_just_expired() -> None:
     raw = token("acme", exp=int(time.time()) - 10)
-    assert (await authenticate(Authenticator(settings()), "Bearer " + raw)).tenant == "acme"
+    assert (await authenticate(Authenticator(auth_settings()), "Bearer " + raw)).tenant == "acme"
 
 
 async def test_missing_tenant_is_403() -> None:
-    error = await refused(Authenticator(settings()), "Bearer " + token(None))
+    error = await refused(Authenticator(auth_settings()), "Bearer " + token(None))
     assert (error.reason, error.status) == ("missing_tenant", 403)
 
 
 async def test_wrong_secret_is_bad_signature() -> None:
     wrong = token(secret="another-secret-0123456789abcdef-0123456789")
-    error = await refused(Authenticator(settings()), "Bearer " + wrong)
+    error = await refused(Authenticator(auth_settings()), "Bearer " + wrong)
     assert error.reason == "bad_signature"
 
 
 async def test_alg_none_never_accepted() -> None:
     raw = jwt.encode(claims_for(), None, algorithm="none")  # type: ignore[arg-type]
-    error = await refused(Authenticator(settings(algorithms=("HS256", "none"))), "Bearer " + raw)
+    error = await refused(Authenticator(auth_settings(algorithms=("HS256", "none"))), "Bearer " + raw)
     assert error.reason == "disallowed_alg"
 
 
 async def test_alg_outside_allow_list_refused() -> None:
     raw = jwt.encode(claims_for(), SECRET * 2, algorithm="HS512")
-    assert (await refused(Authenticator(settings()), "Bearer " + raw)).reason == "disallowed_alg"
+    assert (await refused(Authenticator(auth_settings()), "Bearer " + raw)).reason == "disallowed_alg"
 
 
 async def test_unknown_crit_extension_refused() -> None:
     raw = jwt.encode(claims_for(), SECRET, algorithm="HS256", headers={"crit": ["exotic"], "exotic": 1})
-    assert (await refused(Authenticator(settings()), "Bearer " + raw)).reason == "malformed"
+    assert (await refused(Authenticator(auth_settings()), "Bearer " + raw)).reason == "malformed"
 
 
 async def test_verified_token_is_cached_until_expiry() -> None:
     now = [time.time()]
-    auth = Authenticator(settings(leeway_seconds=0), clock=lambda: now[0])
+    auth = Authenticator(auth_settings(leeway_seconds=0), clock=lambda: now[0])
     raw = "Bearer " + token("acme", ttl=60)
     first = await authenticate(auth, raw)
     assert await authenticate(auth, raw) is first
@@ -199,7 +192,7 @@ async def test_verified_token_is_cached_until_expiry() -> None:
     ("/health;x", False),
 ])
 def test_public_paths(path: str, public: bool) -> None:
-    auth = Authenticator(settings(public_paths=("/health", "/status/**")))
+    auth = Authenticator(auth_settings(public_paths=("/health", "/status/**")))
     assert auth.is_public(path) is public
 
 
@@ -209,7 +202,7 @@ def test_public_paths(path: str, public: bool) -> None:
 async def test_pem_public_key(tmp_path: Path, rsa_key: KeyPair) -> None:
     pem = tmp_path / "key.pem"
     pem.write_bytes(rsa_key.public_pem)
-    auth = Authenticator(settings(algorithms=("RS256",), hs256_secret=None, public_key_file=str(pem)))
+    auth = Authenticator(auth_settings(algorithms=("RS256",), hs256_secret=None, public_key_file=str(pem)))
     assert (await authenticate(auth, "Bearer " + rsa_key.sign(kid=None))).tenant == "acme"
     other = rsa_pair("other")
     assert (await refused(auth, "Bearer " + other.sign(kid=None))).reason == "bad_signature"
@@ -219,7 +212,7 @@ async def test_hmac_token_never_checked_with_public_key(tmp_path: Path, rsa_key:
     """The classic alg confusion: HS256 signed with the RSA public key's PEM as the secret."""
     pem = tmp_path / "key.pem"
     pem.write_bytes(rsa_key.public_pem)
-    auth = Authenticator(settings(algorithms=("RS256", "HS256"), hs256_secret=None, public_key_file=str(pem)))
+    auth = Authenticator(auth_settings(algorithms=("RS256", "HS256"), hs256_secret=None, public_key_file=str(pem)))
     forged = _raw_token(claims_for(), secret=rsa_key.public_pem.decode())
     assert (await refused(auth, "Bearer " + forged)).reason == "disallowed_alg"
 
@@ -227,7 +220,7 @@ async def test_hmac_token_never_checked_with_public_key(tmp_path: Path, rsa_key:
 async def test_rs_token_with_ec_key_refused(tmp_path: Path, ec_key: KeyPair) -> None:
     pem = tmp_path / "ec.pem"
     pem.write_bytes(ec_key.public_pem)
-    auth = Authenticator(settings(algorithms=("RS256", "ES256"), hs256_secret=None, public_key_file=str(pem)))
+    auth = Authenticator(auth_settings(algorithms=("RS256", "ES256"), hs256_secret=None, public_key_file=str(pem)))
     assert (await authenticate(auth, "Bearer " + ec_key.sign(kid=None))).tenant == "acme"
     rsa_signed = rsa_pair().sign(kid=None)
     assert (await refused(auth, "Bearer " + rsa_signed)).reason == "unknown_key"
@@ -260,35 +253,25 @@ async def test_unknown_kid_refetches_at_most_once_per_floor(jwks_auth: Authentic
 
 
 async def test_rotation_without_restart(jwks: JwksServer, rsa_key: KeyPair) -> None:
-    auth = Authenticator(settings(algorithms=("RS256",), hs256_secret=None, jwks_url=jwks.url,
-                                  jwks_min_refetch_seconds=0))
-    await auth.start()
-    try:
+    async with jwks_authenticator(jwks.url, jwks_min_refetch_seconds=0) as auth:
         rotated = rsa_pair("rsa-2")
         jwks.keys = [rotated.jwk()]
         assert (await authenticate(auth, "Bearer " + rotated.sign())).tenant == "acme"
         # A token of the retired key was never verified before: it no longer is.
         assert (await refused(auth, "Bearer " + rsa_key.sign(sub="late"))).reason == "unknown_key"
-    finally:
-        await auth.close()
 
 
 async def test_jwks_down_keeps_cached_keys(jwks: JwksServer, rsa_key: KeyPair) -> None:
-    auth = Authenticator(settings(algorithms=("RS256",), hs256_secret=None, jwks_url=jwks.url,
-                                  jwks_min_refetch_seconds=0))
-    await auth.start()
-    try:
+    async with jwks_authenticator(jwks.url, jwks_min_refetch_seconds=0) as auth:
         jwks.up = False
         assert (await authenticate(auth, "Bearer " + rsa_key.sign())).tenant == "acme"
         assert (await refused(auth, "Bearer " + rsa_pair("new").sign())).reason == "unknown_key"
-    finally:
-        await auth.close()
 
 
 async def test_no_keys_at_all_is_401(rsa_key: KeyPair) -> None:
     server = JwksServer(up=False)
     await server.start()
-    auth = Authenticator(settings(algorithms=("RS256",), hs256_secret=None, jwks_url=server.url))
+    auth = Authenticator(auth_settings(algorithms=("RS256",), hs256_secret=None, jwks_url=server.url))
     try:
         await auth.start()  # the IdP being down at start-up does not stop the gateway
         error = await refused(auth, "Bearer " + rsa_key.sign())
@@ -301,7 +284,7 @@ async def test_no_keys_at_all_is_401(rsa_key: KeyPair) -> None:
 async def test_jwks_garbage_tolerated(rsa_key: KeyPair) -> None:
     server = JwksServer(keys=[{"kty": "nonsense"}, {"kty": "oct", "k": "c2VjcmV0"}, rsa_key.jwk()])
     await server.start()
-    auth = Authenticator(settings(algorithms=("RS256", "HS256"), jwks_url=server.url))
+    auth = Authenticator(auth_settings(algorithms=("RS256", "HS256"), jwks_url=server.url))
     try:
         await auth.start()
         assert (await authenticate(auth, "Bearer " + rsa_key.sign())).tenant == "acme"
@@ -316,7 +299,7 @@ async def test_jwks_garbage_tolerated(rsa_key: KeyPair) -> None:
 async def test_mint_token_round_trip() -> None:
     raw = mint_token(SECRET, tenant="acme", plan="enterprise", ttl=60, scope="gateway:admin", issuer=ISSUER,
                      audience=AUDIENCE)
-    identity = await authenticate(Authenticator(settings(plan_claim="plan")), "Bearer " + raw)
+    identity = await authenticate(Authenticator(auth_settings(plan_claim="plan")), "Bearer " + raw)
     assert (identity.tenant, identity.plan, identity.scopes) == ("acme", "enterprise", {"gateway:admin"})
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from gateway.cli.main import main
-from gateway.config.settings import ConfigError, effective_config, load_settings, parse_settings
+from gateway.config import ConfigError, effective_config, load_settings, parse_settings
 
 SECRET = "s" * 40
 KEYED = {"auth": {"algorithms": ["HS256"], "hs256_secret": SECRET}}
@@ -195,3 +195,66 @@ def test_bad_public_path_glob_is_a_config_error(glob: str) -> None:
 def test_admin_tokens_must_be_visible_ascii(token: str) -> None:
     with pytest.raises(ConfigError, match=r"^GATEWAY_ADMIN_TOKENS\[0\]: "):
         parse_settings({**_AUTH, "admin": {"tokens": f"ops:{token}"}})
+
+
+# ---------------------------------------------------------------- issue 11: check-config shows the effective policy
+
+
+def test_check_config_prints_the_default_meters_and_plans(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "auth: {algorithms: [HS256]}\n")
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    monkeypatch.setenv("STRIPE_API_KEY", "sk_test_abcdef")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert SECRET not in out and "sk_test_abcdef" not in out
+    shown = yaml.safe_load(out)
+    assert list(shown["meters"]) == ["api_calls", "chain_deployments", "bandwidth_bytes", "chains", "storage_gb"]
+    assert shown["meters"]["chain_deployments"] == {
+        "source": "request", "kind": "counter", "match": {"method": "POST", "path": "/api/chains/*/deployments"},
+        "stripe_event": "chain_deployments", "bill_server_errors": False}
+    assert shown["meters"]["chains"] == {"source": "reported", "kind": "gauge", "stripe_event": None,
+                                         "bill_server_errors": False}
+    assert list(shown["plans"]) == ["starter", "professional", "enterprise", "sovereign"]
+    assert shown["plans"]["starter"] == {
+        "rate": {"per_second": 10, "burst": 20},
+        "quotas": {"chain_deployments": {"limit": 100, "on_exceed": "reject"},
+                   "chains": {"limit": 1, "on_exceed": "reject", "guards": [{"method": "POST", "path": "/api/chains"}]},
+                   "storage_gb": {"limit": 10, "on_exceed": "reject"}}}
+    assert shown["plans"]["sovereign"]["quotas"]["storage_gb"]["limit"] is None
+    assert shown["alerts"] == {"thresholds": [0.8, 1.0], "webhook_url": None, "webhook_secret": None,
+                               "max_attempts": 5}
+    assert shown["metrics"] == {"tenant_usage": True, "max_tenants": 10000}
+    assert shown["billing"]["stripe"]["mode"] == "live"  # STRIPE_API_KEY set and no mode: live
+    assert shown["billing"]["stripe"]["plans_by_lookup_key"]["starter_monthly"] == "starter"
+    assert "api_key" not in shown["billing"]["stripe"] and shown["billing"]["stripe_api_key"] == "***"
+
+
+def test_check_config_prints_a_replaced_plan_beside_the_catalog(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "auth: {algorithms: [HS256]}\n"
+                           "meters: {calls: {match: {path: '/v1/**'}}}\n"
+                           "plans: {starter: {rate: null, quotas: {calls: {limit: 5, on_exceed: overage}}},\n"
+                           "        professional: {quotas: {}}, enterprise: {quotas: {}}, sovereign: {quotas: {}}}\n")
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY__ALERTS__WEBHOOK_URL", "https://hooks.example.com/services/T0/s3cr3t")
+    monkeypatch.setenv("GATEWAY__ALERTS__WEBHOOK_SECRET", "whsec-alerts-secret")
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and "whsec-alerts-secret" not in out
+    shown = yaml.safe_load(out)
+    assert shown["meters"] == {"calls": {"source": "request", "kind": "counter", "match": {"path": "/v1/**"},
+                                         "stripe_event": None, "bill_server_errors": False}}
+    assert shown["plans"]["starter"] == {"rate": None,
+                                         "quotas": {"calls": {"limit": 5, "on_exceed": "overage"}}}
+    assert shown["alerts"]["webhook_url"] == "https://hooks.example.com/***"
+    assert shown["alerts"]["webhook_secret"] == "***"
+
+
+def test_effective_config_reads_back_as_the_same_policy(tmp_path: Path) -> None:
+    """What check-config prints is itself a valid config that gives the same meters and plans."""
+    settings = parse_settings(KEYED)
+    shown = effective_config(settings)
+    again = parse_settings({**KEYED, "meters": shown["meters"], "plans": shown["plans"]})
+    assert again.policy.meters == settings.policy.meters
+    assert again.policy.plans == settings.policy.plans

@@ -12,17 +12,16 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import stripe
 
 from gateway.cli.devservices import RedisProcess
-from tests.support import AUDIENCE, ISSUER, SECRET, GatewayProcess, Upstream, config_dict, token, upstream_app
+from tests.rawhttp import LoopThread
+from tests.support import AUDIENCE, ISSUER, SECRET, GatewayProcess, Upstream, running_gateway, token, upstream_app
 
 ADMIN_TOKEN = "ops-token-0123456789abcdef"
 WEBHOOK_SECRET = "whsec_hostile_0123456789abcdef"
@@ -33,35 +32,29 @@ class ThreadedUpstream:
     """The test upstream on its own event loop in a thread, so a module-scoped gateway can use it."""
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._loop = LoopThread()
         self._server: Upstream | None = None
 
     def start(self) -> str:
-        self._thread.start()
-        self._server = asyncio.run_coroutine_threadsafe(Upstream(upstream_app()).start(), self._loop).result(10)
+        self._server = self._loop.run(Upstream(upstream_app()).start())
         return self._server.url
 
     def close(self) -> None:
         if self._server is not None:
-            asyncio.run_coroutine_threadsafe(self._server.close(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
+            self._loop.run(self._server.close())
         self._loop.close()
 
 
 @pytest.fixture(scope="module")
 def gateway_process(redis_process: RedisProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir: Path = tmp_path_factory.mktemp("hostile-auth")
     upstream = ThreadedUpstream()
     url = upstream.start()
-    config = config_dict(url, redis_process.url, f"sqlite+aiosqlite:///{workdir / 'gateway.db'}",
-                         admin={"tokens": f"ops:{ADMIN_TOKEN}"})
-    process = GatewayProcess(config, workdir, env={"STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET})
     try:
-        yield process.start()
+        with running_gateway(url, redis_process.url, tmp_path_factory.mktemp("hostile-auth"),
+                             env={"STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET},
+                             admin={"tokens": f"ops:{ADMIN_TOKEN}"}) as process:
+            yield process
     finally:
-        process.stop()
         upstream.close()
 
 

@@ -11,15 +11,14 @@ import socket
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.cli.devservices import RedisProcess
-from tests.support import GatewayProcess, Upstream, bearer, config_dict, upstream_app
+from tests.gateway.conftest import StartGateway
+from tests.support import GatewayProcess, Upstream, bearer, upstream_app
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,18 +50,12 @@ class Setup:
 
 
 @pytest.fixture
-async def setup(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[Setup]:
+async def setup(start_gateway: StartGateway) -> Setup:
     seen: list[web.BaseRequest] = []
     # The test upstream must not inflate either, or it could not tell what the gateway sent.
     upstream = await Upstream(upstream_app(record=seen), auto_decompress=False).start()
-    config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
-                         listen={"body_timeout": 1}, plans=PLANS, auth={"plan_claim": "plan"})
-    gateway = GatewayProcess(config, tmp_path).start()
-    try:
-        yield Setup(gateway, seen)
-    finally:
-        gateway.stop()
-        await upstream.close()
+    gateway = start_gateway(upstream, listen={"body_timeout": 1}, plans=PLANS, auth={"plan_claim": "plan"})
+    return Setup(gateway, seen)
 
 
 async def pieces(data: bytes, size: int = 16 * 1024) -> AsyncIterator[bytes]:
@@ -233,8 +226,7 @@ async def test_clients_gone_before_the_upstream_got_the_request_keep_nothing(set
         await eventually_used(session, setup, tenant, 1, plan="single")
 
 
-async def test_an_unreachable_upstream_bills_nothing_whatever_the_meter_says(
-        redis_server: RedisProcess, tmp_path: Path) -> None:
+async def test_an_unreachable_upstream_bills_nothing_whatever_the_meter_says(start_gateway: StartGateway) -> None:
     """Upstream unreachable → 502, and the units come back even for a meter that bills server errors:
     the upstream never got the request."""
     closed = socket.socket()
@@ -246,20 +238,15 @@ async def test_an_unreachable_upstream_bills_nothing_whatever_the_meter_says(
                                     "stripe_event": "chain_deployments", "bill_server_errors": True},
               "chains": {"source": "reported", "kind": "gauge"},
               "storage_gb": {"source": "reported", "kind": "gauge"}}
-    config = config_dict(f"http://127.0.0.1:{port}", redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
-                         plans=ABANDONED_PLANS, meters=meters, default_plan="two")
-    gateway = GatewayProcess(config, tmp_path).start()
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(3):
-                async with session.post(gateway.url + DEPLOY, headers=bearer("nowhere"), data=b"{}") as response:
-                    assert response.status == 502, await response.text()
-            for _ in range(100):
-                async with session.get(gateway.url + "/_gateway/usage", headers=bearer("nowhere")) as response:
-                    meters_used = (await response.json())["meters"]
-                if meters_used["chain_deployments"]["used"] == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert meters_used["chain_deployments"]["used"] == 0, meters_used
-    finally:
-        gateway.stop()
+    gateway = start_gateway(f"http://127.0.0.1:{port}", plans=ABANDONED_PLANS, meters=meters, default_plan="two")
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(gateway.url + DEPLOY, headers=bearer("nowhere"), data=b"{}") as response:
+                assert response.status == 502, await response.text()
+        for _ in range(100):
+            async with session.get(gateway.url + "/_gateway/usage", headers=bearer("nowhere")) as response:
+                meters_used = (await response.json())["meters"]
+            if meters_used["chain_deployments"]["used"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert meters_used["chain_deployments"]["used"] == 0, meters_used

@@ -12,13 +12,12 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from gateway.cli.devservices import RedisProcess
 from tests.rawhttp import Exchange, Received, RecordingUpstream, exchange
-from tests.support import GatewayProcess, bearer, config_dict
+from tests.support import GatewayProcess, bearer, running_gateway
 
 TOKEN = bearer("acme", sub="user-1")["Authorization"]
 IDENTITY = {"x-cosmos-tenant": "acme", "x-cosmos-plan": "starter", "x-cosmos-subject": "user-1"}
@@ -49,14 +48,9 @@ def recorder() -> Iterator[RecordingUpstream]:
 @pytest.fixture(scope="module")
 def gateway_process(redis_process: RedisProcess, recorder: RecordingUpstream,
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    workdir: Path = tmp_path_factory.mktemp("hostile-headers")
-    config = config_dict(recorder.url, redis_process.url,
-                         f"sqlite+aiosqlite:///{workdir / 'gateway.db'}", listen={"header_timeout": 2})
-    process = GatewayProcess(config, workdir)
-    try:
-        yield process.start()
-    finally:
-        process.stop()
+    with running_gateway(recorder.url, redis_process.url, tmp_path_factory.mktemp("hostile-headers"),
+                         listen={"header_timeout": 2}) as process:
+        yield process
 
 
 @pytest.fixture

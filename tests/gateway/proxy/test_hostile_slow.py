@@ -6,17 +6,16 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.cli.devservices import RedisProcess
-from tests.support import GatewayProcess, Upstream, bearer, config_dict
+from tests.gateway.conftest import StartGateway
+from tests.support import GatewayProcess, Upstream, bearer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -71,23 +70,14 @@ MakeSetup = Callable[..., Awaitable[Setup]]
 
 
 @pytest.fixture
-async def make(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[MakeSetup]:
-    running: list[tuple[GatewayProcess, Upstream]] = []
-
+def make(start_gateway: StartGateway) -> MakeSetup:
     async def start(**overrides: Any) -> Setup:
         state = State()
         upstream = await Upstream(slow_app(state)).start()
-        config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db",
-                             plans=PLANS, **overrides)
-        config["upstream"] = {**config["upstream"], "read_timeout": 10, **overrides.get("upstream", {})}
-        gateway = GatewayProcess(config, tmp_path).start()
-        running.append((gateway, upstream))
-        return Setup(gateway, state)
+        overrides["upstream"] = {"read_timeout": 10, **overrides.get("upstream", {})}
+        return Setup(start_gateway(upstream, plans=PLANS, **overrides), state)
 
-    yield start
-    for gateway, upstream in running:
-        gateway.stop()
-        await upstream.close()
+    return start
 
 
 async def deployments_used(session: aiohttp.ClientSession, setup: Setup, tenant: str) -> float:

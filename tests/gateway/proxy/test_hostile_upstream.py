@@ -4,36 +4,27 @@ a request is sent twice only when that is safe, and a response head is bounded i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import pytest
 
-from gateway.cli.devservices import RedisProcess
-from tests.gateway.proxy.test_upstream import Conn, RawServer, reply
-from tests.support import GatewayProcess, bearer, config_dict
+from tests.gateway.conftest import StartGateway
+from tests.rawupstream import Conn, Handler, RawServer, reply
+from tests.support import GatewayProcess, bearer
 
 pytestmark = pytest.mark.timeout(60)
 
 TOKEN = bearer()["Authorization"]
-StartGateway = Callable[[Callable[[Conn], Awaitable[None]]], Awaitable[tuple[GatewayProcess, RawServer]]]
+StartBehind = Callable[[Handler], Awaitable[tuple[GatewayProcess, RawServer]]]
 
 
 @pytest.fixture
-async def start(redis_server: RedisProcess, tmp_path: Path) -> AsyncIterator[StartGateway]:
-    running: list[tuple[GatewayProcess, RawServer]] = []
-
-    async def make(handler: Callable[[Conn], Awaitable[None]]) -> tuple[GatewayProcess, RawServer]:
+def start(start_gateway: StartGateway) -> StartBehind:
+    async def make(handler: Handler) -> tuple[GatewayProcess, RawServer]:
         upstream = await RawServer(handler).start()
-        config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db")
-        gateway = GatewayProcess(config, tmp_path).start()
-        running.append((gateway, upstream))
-        return gateway, upstream
+        return start_gateway(upstream), upstream
 
-    yield make
-    for gateway, upstream in running:
-        gateway.stop()
-        await upstream.close()
+    return make
 
 
 async def send(gateway: GatewayProcess, method: str, path: str, body: bytes = b"") -> bytes:
@@ -62,7 +53,7 @@ async def answers_first_then_drops_the_next(conn: Conn) -> None:
     await conn.read_request()
 
 
-async def test_a_post_is_never_sent_twice_a_get_is_retried_once(start: StartGateway) -> None:
+async def test_a_post_is_never_sent_twice_a_get_is_retried_once(start: StartBehind) -> None:
     gateway, upstream = await start(answers_first_then_drops_the_next)
 
     def seen(line: bytes) -> int:
@@ -83,7 +74,7 @@ async def test_a_post_is_never_sent_twice_a_get_is_retried_once(start: StartGate
 
 
 @pytest.mark.parametrize("head", ["one-huge-header", "many-headers", "never-ending-header"])
-async def test_an_oversized_response_head_is_a_502(start: StartGateway, head: str) -> None:
+async def test_an_oversized_response_head_is_a_502(start: StartBehind, head: str) -> None:
     async def handler(conn: Conn) -> None:
         await conn.read_request()
         if head == "one-huge-header":
@@ -102,7 +93,7 @@ async def test_an_oversized_response_head_is_a_502(start: StartGateway, head: st
     assert b"bad-gateway" in response
 
 
-async def test_a_large_but_bounded_response_head_passes(start: StartGateway) -> None:
+async def test_a_large_but_bounded_response_head_passes(start: StartBehind) -> None:
     async def handler(conn: Conn) -> None:
         await conn.read_request()
         await conn.send(reply(extra=b"".join(b"Set-Cookie: c%d=%s\r\n" % (i, b"v" * 400) for i in range(100))))

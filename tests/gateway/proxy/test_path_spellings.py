@@ -10,15 +10,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from gateway.cli.devservices import RedisProcess
-from tests.support import GatewayProcess, Upstream, bearer, config_dict, upstream_app
+from tests.gateway.conftest import StartGateway
+from tests.support import GatewayProcess, Upstream, bearer, upstream_app
 
 ADMIN_TOKEN = "ops-token-0123456789"
 PLANS: dict[str, Any] = {
@@ -118,17 +117,10 @@ def parse_reply(raw: bytes) -> Reply:
 
 
 @pytest.fixture
-async def site(redis_server: RedisProcess, sqlite_url: str, tmp_path: Any) -> AsyncIterator[Site]:
+async def site(start_gateway: StartGateway) -> Site:
     seen: list[web.BaseRequest] = []
     upstream = await Upstream(upstream_app(record=seen)).start()
-    config = config_dict(upstream.url, redis_server.url, sqlite_url, plans=PLANS,
-                         admin={"tokens": f"ops:{ADMIN_TOKEN}"})
-    gateway = GatewayProcess(config, tmp_path).start()
-    try:
-        yield Site(gateway, seen)
-    finally:
-        gateway.terminate()
-        await upstream.close()
+    return Site(start_gateway(upstream, plans=PLANS, admin={"tokens": f"ops:{ADMIN_TOKEN}"}), seen)
 
 
 def assert_refused_or_over_quota(reply: Reply, meter: str, target: str) -> None:

@@ -10,7 +10,6 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -26,6 +25,7 @@ from gateway.proxy.upstream import (
     UpstreamTimeout,
 )
 from gateway.proxy.upstream_protocol import BUFFER_HIGH
+from tests.rawupstream import Conn, Handler, RawServer, keep_alive, reply
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -36,120 +36,8 @@ BIG_PIECES = 320  # 20 MiB
 # ------------------------------------------------------------------------------ raw servers
 
 
-@dataclass
-class Request:
-    line: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    raw: bytes  # exactly the bytes read for this request: head and framed body
-
-    def values(self, name: bytes) -> list[bytes]:
-        return [v for k, v in self.headers if k == name.lower()]
-
-
-@dataclass
-class Conn:
-    index: int
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    requests: list[Request] = field(default_factory=list)
-
-    async def read_request(self) -> Request:
-        """One request, framed by Content-Length or chunked encoding; IncompleteReadError at EOF."""
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head[:-4].split(b"\r\n")
-        headers = []
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
-        raw = bytearray(head)
-        body = bytearray()
-        names = {name: value for name, value in headers}
-        if names.get(b"transfer-encoding", b"").lower() == b"chunked":
-            while True:
-                size_line = await self.reader.readuntil(b"\r\n")
-                raw += size_line
-                size = int(size_line.split(b";")[0], 16)
-                data = await self.reader.readexactly(size + 2)
-                raw += data
-                if size == 0:
-                    break
-                body += data[:-2]
-        elif b"content-length" in names:
-            data = await self.reader.readexactly(int(names[b"content-length"]))
-            raw += data
-            body += data
-        request = Request(lines[0], headers, bytes(body), bytes(raw))
-        self.requests.append(request)
-        return request
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def wait_closed_by_peer(self) -> bytes:
-        """Whatever the client still sends, up to its close."""
-        with contextlib.suppress(ConnectionError):
-            return await self.reader.read()
-        return b""
-
-
-Handler = Callable[[Conn], Awaitable[None]]
-StartServer = Callable[[Handler], Awaitable["RawServer"]]
+StartServer = Callable[[Handler], Awaitable[RawServer]]
 MakePool = Callable[..., UpstreamPool]
-
-
-class RawServer:
-    """Runs `handler` for each accepted connection, counting them (total and simultaneous)."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.conns: list[Conn] = []
-        self.active = 0
-        self.max_active = 0
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def accepted(self) -> int:
-        return len(self.conns)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        conn = Conn(len(self.conns), reader, writer)
-        self.conns.append(conn)
-        self.active += 1
-        self.max_active = max(self.max_active, self.active)
-        try:
-            await self.handler(conn)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away
-        finally:
-            self.active -= 1
-            writer.close()
-            self._tasks.discard(task)
-
-    async def close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._server.wait_closed()
 
 
 async def until(predicate: Callable[[], object], limit: float = 1.0) -> None:
@@ -157,17 +45,6 @@ async def until(predicate: Callable[[], object], limit: float = 1.0) -> None:
     async with asyncio.timeout(limit):
         while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.002)
-
-
-def reply(body: bytes = b"ok", status: str = "200 OK", extra: bytes = b"") -> bytes:
-    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n%s\r\n%s" % (status.encode(), len(body), extra, body)
-
-
-async def keep_alive(conn: Conn) -> None:
-    """Answers every request on the connection with its index and the request count so far."""
-    while True:
-        await conn.read_request()
-        await conn.send(reply(b"%d/%d" % (conn.index, len(conn.requests))))
 
 
 @pytest.fixture
@@ -188,10 +65,10 @@ async def raw_server() -> AsyncIterator[StartServer]:
 async def make_pool() -> AsyncIterator[MakePool]:
     pools: list[UpstreamPool] = []
 
-    def make(url: str, *, connect_timeout: float = 1.0, read_timeout: float = 2.0,
-             max_connections: int = 4) -> UpstreamPool:
+    def make(url: str, *, connect_timeout: float = 1.0, read_timeout: float = 2.0, max_connections: int = 4,
+             **options: Any) -> UpstreamPool:
         pool = UpstreamPool(url, connect_timeout=connect_timeout, read_timeout=read_timeout,
-                            max_connections=max_connections)
+                            max_connections=max_connections, **options)
         pools.append(pool)
         return pool
 
@@ -530,21 +407,29 @@ async def test_connection_close_response_is_not_reused(raw_server: StartServer,
     assert server.accepted == 2
 
 
-@pytest.mark.parametrize("when", ["closes-right-after-answer", "closes-on-next-request",
-                                  "closed-before-next"])
-async def test_stale_pooled_connection_is_retried_once(
-        raw_server: StartServer, make_pool: MakePool,
-        when: str) -> None:
+def first_goes_stale(then: Callable[[Conn], Awaitable[object]] | None = None) -> Handler:
+    """The first connection answers one request with `first` (kept alive), does `then` and closes; later
+    connections keep_alive."""
+
     async def handler(conn: Conn) -> None:
         if conn.index > 0:
             return await keep_alive(conn)
         await conn.read_request()
         await conn.send(reply(b"first"))
-        if when == "closes-on-next-request":
-            await conn.read_request()  # the idle timeout fired just as the request arrived
+        if then is not None:
+            await then(conn)
         # returning closes the kept-alive connection without a Connection: close
 
-    server = await raw_server(handler)
+    return handler
+
+
+@pytest.mark.parametrize("when", ["closes-right-after-answer", "closes-on-next-request",
+                                  "closed-before-next"])
+async def test_stale_pooled_connection_is_retried_once(
+        raw_server: StartServer, make_pool: MakePool,
+        when: str) -> None:
+    # closes-on-next-request: the idle timeout fired just as the request arrived
+    server = await raw_server(first_goes_stale(Conn.read_request if when == "closes-on-next-request" else None))
     pool = make_pool(server.url)
     assert await body_of(await pool.request("GET", "/", [])) == b"first"
     if when == "closed-before-next":
@@ -561,14 +446,8 @@ async def test_stale_pooled_connection_is_retried_once(
 @pytest.mark.parametrize("method", ["POST", "PATCH"])
 async def test_stale_connection_never_sends_a_non_idempotent_request_twice(
         raw_server: StartServer, make_pool: MakePool, method: str) -> None:
-    async def handler(conn: Conn) -> None:
-        if conn.index > 0:
-            return await keep_alive(conn)
-        await conn.read_request()
-        await conn.send(reply(b"first"))
-        await conn.read_request()  # it may have acted on this one: closes without an answer
-
-    server = await raw_server(handler)
+    # It reads the next request (and may have acted on it), then closes without an answer.
+    server = await raw_server(first_goes_stale(Conn.read_request))
     pool = make_pool(server.url)
     assert await body_of(await pool.request("GET", "/", [])) == b"first"
     with pytest.raises(UpstreamProtocolError):
@@ -613,14 +492,10 @@ async def test_a_post_goes_on_a_fresh_connection_when_the_kernel_knows_of_the_cl
 
 async def test_stale_connection_with_streamed_body_is_not_retried(
         raw_server: StartServer, make_pool: MakePool) -> None:
-    async def handler(conn: Conn) -> None:
-        if conn.index > 0:
-            return await keep_alive(conn)
-        await conn.read_request()
-        await conn.send(reply(b"first"))
-        await conn.reader.readuntil(b"\r\n\r\n")  # the head of the next request, then close
+    async def read_head(conn: Conn) -> bytes:
+        return await conn.reader.readuntil(b"\r\n\r\n")  # the head of the next request, then close
 
-    server = await raw_server(handler)
+    server = await raw_server(first_goes_stale(read_head))
     pool = make_pool(server.url)
     assert await body_of(await pool.request("GET", "/", [])) == b"first"
 
@@ -803,8 +678,8 @@ async def test_max_connections_is_respected(raw_server: StartServer,
     assert pool.stats == {"open": 2, "idle": 2, "waiting": 0}
 
 
-async def test_pool_timeout_and_waiter_bound(raw_server: StartServer) -> None:
-    gate = asyncio.Event()
+def held_until(gate: asyncio.Event) -> Handler:
+    """Answers each request with `ok` once `gate` is set; until then the connection is busy."""
 
     async def handler(conn: Conn) -> None:
         while True:
@@ -812,57 +687,49 @@ async def test_pool_timeout_and_waiter_bound(raw_server: StartServer) -> None:
             await gate.wait()
             await conn.send(reply())
 
-    server = await raw_server(handler)
-    pool = UpstreamPool(server.url, connect_timeout=1, read_timeout=5, max_connections=1,
-                        pool_timeout=0.2, max_waiters=2)
-    try:
-        busy = asyncio.create_task(pool.request("GET", "/", []))
-        await until(lambda: server.accepted == 1 and pool.stats["open"] == 1)
-        waiters = [asyncio.create_task(pool.request("GET", "/", [])) for _ in range(2)]
-        await until(lambda: pool.stats["waiting"] == 2)
-        started = time.monotonic()
-        with pytest.raises(UpstreamPoolBusy):  # a third waiter is refused at once
-            await pool.request("GET", "/", [])
-        assert time.monotonic() - started < 0.1
-        for waiter in waiters:  # the two waiting ones after pool_timeout
-            with pytest.raises(UpstreamPoolBusy):
-                await asyncio.wait_for(waiter, 2)
-        assert 0.15 <= time.monotonic() - started < 1.5
-        assert pool.stats == {"open": 1, "idle": 0, "waiting": 0}
-        gate.set()
-        assert await body_of(await busy) == b"ok"
-        assert await body_of(await pool.request("GET", "/", [])) == b"ok"
-        assert server.accepted == 1 and pool.stats == {"open": 1, "idle": 1, "waiting": 0}
-    finally:
-        await pool.close()
+    return handler
 
 
-async def test_a_waiter_served_in_time_is_not_expired(raw_server: StartServer) -> None:
+async def test_pool_timeout_and_waiter_bound(raw_server: StartServer, make_pool: MakePool) -> None:
+    gate = asyncio.Event()
+    server = await raw_server(held_until(gate))
+    pool = make_pool(server.url, read_timeout=5, max_connections=1, pool_timeout=0.2, max_waiters=2)
+    busy = asyncio.create_task(pool.request("GET", "/", []))
+    await until(lambda: server.accepted == 1 and pool.stats["open"] == 1)
+    waiters = [asyncio.create_task(pool.request("GET", "/", [])) for _ in range(2)]
+    await until(lambda: pool.stats["waiting"] == 2)
+    started = time.monotonic()
+    with pytest.raises(UpstreamPoolBusy):  # a third waiter is refused at once
+        await pool.request("GET", "/", [])
+    assert time.monotonic() - started < 0.1
+    for waiter in waiters:  # the two waiting ones after pool_timeout
+        with pytest.raises(UpstreamPoolBusy):
+            await asyncio.wait_for(waiter, 2)
+    assert 0.15 <= time.monotonic() - started < 1.5
+    assert pool.stats == {"open": 1, "idle": 0, "waiting": 0}
+    gate.set()
+    assert await body_of(await busy) == b"ok"
+    assert await body_of(await pool.request("GET", "/", [])) == b"ok"
+    assert server.accepted == 1 and pool.stats == {"open": 1, "idle": 1, "waiting": 0}
+
+
+async def test_a_waiter_served_in_time_is_not_expired(raw_server: StartServer, make_pool: MakePool) -> None:
     server = await raw_server(keep_alive)
-    pool = UpstreamPool(server.url, connect_timeout=1, read_timeout=5, max_connections=1, pool_timeout=0.3)
-    try:
-        async def one() -> bytes:
-            return await body_of(await pool.request("GET", "/", []))
+    pool = make_pool(server.url, read_timeout=5, max_connections=1, pool_timeout=0.3)
 
-        bodies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(5))), 3)
-        assert bodies == [b"0/%d" % i for i in range(1, 6)]
-        await asyncio.sleep(0.4)  # the timers of the served waiters must not fire late on anything
-        assert pool.stats == {"open": 1, "idle": 1, "waiting": 0}
-    finally:
-        await pool.close()
+    async def one() -> bytes:
+        return await body_of(await pool.request("GET", "/", []))
+
+    bodies = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(5))), 3)
+    assert bodies == [b"0/%d" % i for i in range(1, 6)]
+    await asyncio.sleep(0.4)  # the timers of the served waiters must not fire late on anything
+    assert pool.stats == {"open": 1, "idle": 1, "waiting": 0}
 
 
 async def test_cancelled_waiter_frees_its_turn(raw_server: StartServer,
                                                make_pool: MakePool) -> None:
     gate = asyncio.Event()
-
-    async def handler(conn: Conn) -> None:
-        while True:
-            await conn.read_request()
-            await gate.wait()
-            await conn.send(reply())
-
-    server = await raw_server(handler)
+    server = await raw_server(held_until(gate))
     pool = make_pool(server.url, max_connections=1)
     first = asyncio.create_task(pool.request("GET", "/", []))
     waiting = asyncio.create_task(pool.request("GET", "/", []))

@@ -1,6 +1,8 @@
-"""Stripe webhooks on a real aiohttp server, a real SQL store (SQLite and PostgreSQL) and a real TenantDirectory.
+"""`POST /_gateway/webhooks/stripe` end to end: the gateway's handler on a real aiohttp server, billing_sync's
+StripeEventProcessor, a real SQL store (SQLite and PostgreSQL) and a real TenantDirectory.
 
-Payloads are signed with stripe's own test helper, the way Stripe signs them.
+Payloads are signed with stripe's own test helper, the way Stripe signs them. The processor's pure parts
+(signature headers, lookup keys) are tested in tests/billing_sync/test_subscriptions.py.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import hypothesis
-import hypothesis.strategies as st
 import pytest
 import stripe
 from aiohttp import web
@@ -21,9 +21,11 @@ from aiohttp.test_utils import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.webhooks import MAX_BODY_BYTES, StripeWebhooks, _Problem, verify_signature
+from billing_sync.stripe_events import WebhookRefused, invalid, not_configured
+from billing_sync.subscriptions import StripeEventProcessor
+from gateway.errors import InvalidRequest
+from gateway.proxy.stripe_webhook import MAX_BODY_BYTES, StripeWebhook, as_gateway_error
 from metering.db import create_engine, session_factory
-from metering.errors import ConfigurationError
 from metering.migrate import upgrade_async
 from metering.models import AuditEntry, StripeEvent, Tenant
 from quota.tenants import TenantDirectory
@@ -82,6 +84,14 @@ class Hooks:
             return int(await session.scalar(select(func.count()).select_from(StripeEvent)) or 0)
 
 
+def stripe_webhook(sessions: async_sessionmaker[AsyncSession], directory: TenantDirectory, *,
+                   secret: str | None = SECRET, **options: Any) -> StripeWebhook:
+    """The gateway's handler over billing_sync's processor, as gateway.app wires them."""
+    events = StripeEventProcessor(secret=secret, sessions=sessions, plans_by_lookup_key=LOOKUP_KEYS,
+                                  known_plans=PLANS, **options)
+    return StripeWebhook(events, directory=directory)
+
+
 async def _serve(handler: Any, aiohttp_client: Any) -> TestClient:
     app = web.Application()
     app.router.add_post(PATH, handler)
@@ -96,9 +106,7 @@ async def hooks(db_url: str, aiohttp_client: Any) -> AsyncIterator[Hooks]:  # no
     directory = TenantDirectory(sessions, None)
     await directory.reload_changed()
     clock = Clock(NOW)
-    webhooks = StripeWebhooks(secret=SECRET, sessions=sessions, directory=directory,
-                              plans_by_lookup_key=LOOKUP_KEYS, known_plans=PLANS, clock=clock)
-    client = await _serve(webhooks.handle, aiohttp_client)
+    client = await _serve(stripe_webhook(sessions, directory, clock=clock).handle, aiohttp_client)
     yield Hooks(client, directory, sessions, clock)
     await directory.close()
     await engine.dispose()
@@ -378,9 +386,7 @@ async def test_body_over_one_mebibyte_is_413(hooks: Hooks) -> None:
 
 
 async def test_no_secret_configured_is_503(hooks: Hooks, aiohttp_client: Any) -> None:
-    webhooks = StripeWebhooks(secret=None, sessions=hooks.sessions, directory=hooks.directory,
-                              plans_by_lookup_key=LOOKUP_KEYS, known_plans=PLANS)
-    client = await _serve(webhooks.handle, aiohttp_client)
+    client = await _serve(stripe_webhook(hooks.sessions, hooks.directory, secret=None).handle, aiohttp_client)
     text = json.dumps(event())
     response = await client.post(PATH, data=text, headers={
         "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(text, SECRET)})
@@ -389,58 +395,7 @@ async def test_no_secret_configured_is_503(hooks: Hooks, aiohttp_client: Any) ->
     assert (await response.json())["type"].endswith("/webhooks-not-configured")
 
 
-def test_lookup_key_naming_an_unknown_plan_is_a_configuration_error() -> None:
-    with pytest.raises(ConfigurationError) as caught:
-        StripeWebhooks(secret=SECRET, sessions=None, directory=None,  # type: ignore[arg-type]
-                       plans_by_lookup_key={"gold_monthly": "gold"}, known_plans=PLANS)
-    assert caught.value.key == "billing.stripe.plans_by_lookup_key.gold_monthly"
-
-
-# --------------------------------------------------------------------------- hostile signature headers and bodies
-
-
-@pytest.mark.parametrize("signature", [
-    f"t={int(NOW)},v1=é" + "0" * 63,
-    f"t={int(NOW)},v1=\udcff\udcfe" + "0" * 62,  # bytes that are not UTF-8, as aiohttp hands them over
-    "t=١٨٠٠٠٠٠٠٠٠,v1=" + "0" * 64,  # Unicode digits, which int() would take
-    "t=" + "9" * 5000 + ",v1=" + "0" * 64,
-    f"t={int(NOW)},v1=" + "0" * 64 + "\t",
-    f"t={int(NOW)}," + ",".join(["v1=" + "0" * 64] * 80),  # over 4 KiB
-])
-def test_signature_header_that_is_not_one_is_a_400_problem(signature: str) -> None:
-    with pytest.raises(_Problem) as caught:
-        verify_signature("{}", signature, SECRET, now=NOW, tolerance=300)
-    assert caught.value.status == 400
-    assert caught.value.extra["errors"][0]["field"] == "Stripe-Signature"
-
-
-def _as_aiohttp_decodes(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-@hypothesis.settings(max_examples=500, deadline=None)
-@hypothesis.given(header=st.one_of(
-    st.binary(max_size=300).map(_as_aiohttp_decodes),
-    st.text(max_size=300),
-    st.builds(lambda t, sig: f"t={t},v1={sig}", st.text(max_size=30), st.text(max_size=80)),
-    st.builds(lambda t, sig: f"t={t},v1={sig}", st.integers(), st.binary(max_size=64).map(bytes.hex)),
-))
-def test_any_signature_header_is_verified_or_a_400(header: str) -> None:
-    payload = '{"id": "evt_1"}'
-    try:
-        verify_signature(payload, header, SECRET, now=NOW, tolerance=300)
-    except _Problem as problem:
-        assert problem.status == 400
-    else:  # only a real signature passes
-        timestamp, _ = header.split(",", 1)
-        assert stripe.WebhookSignature.generate_signature_header(payload, SECRET, int(timestamp[2:])) in header
-
-
-@hypothesis.settings(max_examples=200, deadline=None)
-@hypothesis.given(payload=st.text(max_size=200), age=st.integers(min_value=0, max_value=300))
-def test_a_real_signature_of_any_payload_verifies(payload: str, age: int) -> None:
-    header = stripe.WebhookSignature.generate_signature_header(payload, SECRET, timestamp=int(NOW) - age)
-    verify_signature(payload, header, SECRET, now=NOW, tolerance=300)
+# --------------------------------------------------------------------------- hostile bodies
 
 
 async def test_signed_body_nested_too_deeply_is_400(hooks: Hooks) -> None:
@@ -486,8 +441,7 @@ async def test_past_due_grace_runs_out_from_when_it_became_past_due(hooks: Hooks
                                                                      tmp_path: Any) -> None:
     from redis.asyncio import Redis
 
-    from gateway.config.policy import build_policy
-    from gateway.config.settings import parse_settings
+    from gateway.config import parse_settings
     from metering.redis_store import RedisUsageStore
     from metering.spool import Spool
     from quota.limiter import Limiter, LimiterSettings, Refusal
@@ -497,7 +451,7 @@ async def test_past_due_grace_runs_out_from_when_it_became_past_due(hooks: Hooks
     await hooks.send(event("created", status="active", created=became - DAY))
     await hooks.send(event(status="past_due", created=became))
     await hooks.send(event(status="past_due", created=int(NOW) - DAY))  # a failed retry, yesterday
-    policy = build_policy(parse_settings({"auth": {"algorithms": ["HS256"], "hs256_secret": "x" * 40}}))
+    policy = parse_settings({"auth": {"algorithms": ["HS256"], "hs256_secret": "x" * 40}}).policy
     client = Redis.from_url(redis_server.url)
     store = RedisUsageStore(client, timeout=0.5)
     spool = Spool(tmp_path / "spool.jsonl")
@@ -646,9 +600,7 @@ async def test_a_locked_sqlite_file_is_waited_for_not_answered_503(db_url: str, 
         if locker.in_transaction:
             locker.execute("COMMIT")
 
-    webhooks = StripeWebhooks(secret=SECRET, sessions=sessions, directory=directory, plans_by_lookup_key=LOOKUP_KEYS,
-                              known_plans=PLANS, clock=Clock(NOW), sleep=sleep)
-    client = await _serve(webhooks.handle, aiohttp_client)
+    client = await _serve(stripe_webhook(sessions, directory, clock=Clock(NOW), sleep=sleep).handle, aiohttp_client)
     hooks = Hooks(client, directory, sessions, Clock(NOW))
     try:
         status, answer = await hooks.send(event("created"))
@@ -782,10 +734,9 @@ async def test_thin_meter_error_report_is_read_from_stripe_and_parks_named_and_u
         await session.execute(update(LedgerEntry).where(LedgerEntry.identifier == "gw1-beta-api_calls-1")
                               .values(sent_at=datetime.fromtimestamp(NOW - 7200, UTC)))
     fetcher = StripeEventFetcher("sk_test_hooks", api_base=str(server.make_url("")).rstrip("/"))
-    webhooks = StripeWebhooks(secret=SECRET, sessions=hooks.sessions, directory=hooks.directory,
-                              plans_by_lookup_key=LOOKUP_KEYS, known_plans=PLANS, clock=hooks.clock,
-                              event_fetcher=fetcher, meters_by_event_name={"api_calls": ["api_calls"]})
-    thin = await _serve(webhooks.handle, aiohttp_client)
+    webhook = stripe_webhook(hooks.sessions, hooks.directory, clock=hooks.clock, event_fetcher=fetcher,
+                             meters_by_event_name={"api_calls": ["api_calls"]})
+    thin = await _serve(webhook.handle, aiohttp_client)
     text = json.dumps(error_report("evt_thin_1", data=False))
     signature = stripe.WebhookSignature.generate_signature_header(text, SECRET, timestamp=int(NOW))
     try:
@@ -801,3 +752,67 @@ async def test_thin_meter_error_report_is_read_from_stripe_and_parks_named_and_u
     assert "2 unnamed meter event(s)" in (states["gw1-acme-api_calls-2"][1] or "")
     assert states["gw1-beta-api_calls-1"] == ("sent", None)
     assert states["gw1-acme-chain_deployments-1"] == ("sent", None)
+
+
+# --------------------------------------------------------------------------- problem+json, as before the split
+
+
+async def test_problem_bodies_are_byte_for_byte_what_stripe_got_before(hooks: Hooks) -> None:
+    text = json.dumps(event())
+    signature = stripe.WebhookSignature.generate_signature_header(text, "whsec_someone_else", timestamp=int(NOW))
+    response = await hooks.client.post(PATH, data=text, headers={"Stripe-Signature": signature})
+    assert response.status == 400 and response.headers["Content-Type"] == PROBLEM
+    assert "X-Request-Id" not in response.headers and "Retry-After" not in response.headers
+    assert await response.read() == (
+        b'{"type":"https://docs.cosmosbuilder.io/gateway/problems/invalid-request","title":"Invalid request",'
+        b'"status":400,"detail":"Stripe-Signature: does not match the body and the webhook secret",'
+        b'"errors":[{"field":"Stripe-Signature","message":"does not match the body and the webhook secret"}]}')
+    payload = event()
+    payload["padding"] = "x" * MAX_BODY_BYTES
+    response = await hooks.client.post(PATH, data=json.dumps(payload), headers={"Stripe-Signature": signature})
+    assert response.status == 413
+    assert await response.read() == (
+        b'{"type":"https://docs.cosmosbuilder.io/gateway/problems/payload-too-large","title":"Payload too large",'
+        b'"status":413,"detail":"the body is over 1048576 bytes"}')
+
+
+async def test_two_signature_headers_are_400(hooks: Hooks) -> None:
+    text = json.dumps(event())
+    signature = stripe.WebhookSignature.generate_signature_header(text, SECRET, timestamp=int(NOW))
+    response = await hooks.client.post(PATH, data=text, headers=[("Stripe-Signature", signature)] * 2)
+    assert response.status == 400
+    assert (await response.json())["errors"] == [
+        {"field": "Stripe-Signature", "message": "exactly one signature header is required"}]
+    assert await hooks.count_events() == 0
+
+
+async def test_sql_store_down_is_503_database_unavailable(aiohttp_client: Any, tmp_path: Any) -> None:
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'no' / 'such' / 'dir.db'}")
+    sessions = session_factory(engine)
+    directory = TenantDirectory(sessions, None)
+    client = await _serve(stripe_webhook(sessions, directory, clock=Clock(NOW)).handle, aiohttp_client)
+    try:
+        text = json.dumps(event())
+        response = await client.post(PATH, data=text, headers={
+            "Stripe-Signature": stripe.WebhookSignature.generate_signature_header(text, SECRET, timestamp=int(NOW))})
+        assert response.status == 503 and response.content_type == PROBLEM
+        assert "Retry-After" not in response.headers
+        assert await response.read() == (
+            b'{"type":"https://docs.cosmosbuilder.io/gateway/problems/database-unavailable",'
+            b'"title":"Database unavailable","status":503,"detail":"the SQL store is unavailable"}')
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("refused", [
+    invalid("data.object", "must be a subscription object"),
+    not_configured("no Stripe webhook secret is configured (STRIPE_WEBHOOK_SECRET)"),
+    WebhookRefused(503, "stripe-unavailable", "Stripe unavailable", "the event's data could not be read from Stripe"),
+], ids=lambda refused: refused.suffix)
+def test_every_refusal_of_billing_sync_is_the_gateway_error_of_its_type(refused: WebhookRefused) -> None:
+    error = as_gateway_error(refused)
+    assert (error.status, error.suffix, error.title, error.detail) == (
+        refused.status, refused.suffix, refused.title, refused.detail)
+    assert error.body("base/") == {"type": "base/" + refused.suffix, "title": refused.title,
+                                   "status": refused.status, "detail": refused.detail, **refused.extra}
+    assert isinstance(error, InvalidRequest) == (refused.status == 400)

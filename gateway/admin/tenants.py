@@ -1,0 +1,197 @@
+"""The admin API's tenant and override handlers (PRODUCT.md §6): the tenant view, PUT of a tenant, PUT and
+DELETE of an override.
+
+Every change is written with its audit entry in one transaction (the tenant row through
+metering.tenant_rows, like the Stripe webhooks), then announced through the TenantDirectory, so it is
+effective on this instance before the answer and on the others within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from aiohttp import web
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.admin.input import meter_param, overrides_body, read_object, tenant_body, tenant_param
+from gateway.errors import LimiterUnavailable, NotFound
+from metering.clock import Clock, rfc3339, utcnow
+from metering.meters import Meter
+from metering.models import AlertEvent, AuditEntry, Tenant, TenantOverride
+from metering.periods import period_bounds
+from metering.tenant_rows import TenantChange, write_tenant
+from quota.plans import RATE_METER, Plan
+from quota.tenants import TenantDirectory, TenantRecord
+from quota.usage_view import number, tenant_view
+
+log = logging.getLogger("cosmos_gateway.admin")
+ACTOR = web.RequestKey("actor", str)  # "token:<name>" or "jwt:<subject>", set by the admin API's auth middleware
+# What an audit entry of an operator's tenant change shows of the tenant.
+OPERATOR_FIELDS = ("plan", "status", "stripe_customer_id", "billing_anchor_day")
+T = TypeVar("T")
+
+
+class UsageReader(Protocol):
+    """Current usage from the counting store (the Redis store implements it)."""
+
+    async def usage(self, tenant: str, period_start: int, meters: Sequence[str]) -> dict[str, float]: ...
+
+    async def tenant_seen(self, tenant: str) -> bool: ...
+
+    async def tenants_seen_after(self, after: str | None, limit: int) -> list[str]: ...
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
+
+
+async def seen(read: Awaitable[T]) -> T:
+    """`read` of the tenant index, or 503 when the store is down."""
+    try:
+        return await read
+    except Exception as exc:
+        log.warning("admin API: tenants seen unavailable: %r", exc)
+        raise LimiterUnavailable("the usage store is unavailable; try again shortly") from None
+
+
+class TenantHandlers:
+    """`/tenants/{tenant}` and `/tenants/{tenant}/overrides/{meter}`; `clock` gives epoch seconds."""
+
+    def __init__(self, *, sessions: async_sessionmaker[AsyncSession], directory: TenantDirectory,
+                 usage_reader: UsageReader, plans: Mapping[str, Plan], meters: Sequence[Meter],
+                 default_plan: str | None, clock: Clock) -> None:
+        self._sessions = sessions
+        self._directory = directory
+        self._usage = usage_reader
+        self._plans = plans
+        self._meters = tuple(meters)
+        self._meter_names = frozenset(m.name for m in meters)
+        self._default_plan = default_plan
+        self._clock = clock
+
+    # ---- reads
+
+    async def get_tenant(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        record = self._directory.get(tenant)
+        if record is None:
+            # Created on another instance moments ago, or never: ask the store (admin path, not per request).
+            record = await self._directory.reload(tenant)
+        if record is None and not await seen(self._usage.tenant_seen(tenant)):
+            raise NotFound(f"tenant {tenant!r} has no record and has sent no traffic", tenant=tenant)
+        return json_response(await self._view(tenant, record))
+
+    async def _view(self, tenant: str, record: TenantRecord | None) -> dict[str, Any]:
+        now = utcnow(self._clock)
+        start, _ = period_bounds(now, record.billing_anchor_day if record is not None else None)
+        names = sorted(self._meter_names)
+        try:
+            usage = await self._usage.usage(tenant, int(start.timestamp()), names)
+        except Exception as exc:
+            log.warning("admin API: usage of %s unavailable: %r", tenant, exc)
+            raise LimiterUnavailable("the usage store is unavailable; try again shortly") from None
+        async with self._sessions() as session:
+            rows = (await session.scalars(
+                select(AlertEvent).where(AlertEvent.tenant_id == tenant, AlertEvent.period_start == start)
+                .order_by(AlertEvent.meter, AlertEvent.threshold))).all()
+        alerts = [{"meter": a.meter, "threshold": a.threshold, "at": rfc3339(a.at)} for a in rows]
+        return tenant_view(tenant_id=tenant, record=record, plans=self._plans, default_plan=self._default_plan,
+                           meters=self._meters, usage=usage, now=now, alerts=alerts)
+
+    # ---- changes
+
+    async def put_tenant(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        body = tenant_body(await read_object(request), self._plans)
+        actor = request[ACTOR]
+
+        async def write() -> TenantChange:
+            async with self._sessions() as session, session.begin():
+                return await self._write_tenant(session, tenant, body, actor, utcnow())
+
+        change = await _with_retry(write)
+        if change.changed:
+            await self._directory.announce(tenant)
+        return json_response(await self._view(tenant, self._directory.get(tenant)),
+                             status=201 if change.created else 200)
+
+    async def put_override(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        meter = meter_param(request, self._meter_names)
+        values = overrides_body(await read_object(request), meter, utcnow(self._clock))
+        actor = request[ACTOR]
+
+        async def write() -> None:
+            async with self._sessions() as session, session.begin():
+                now = utcnow()
+                # Created when it has none; its updated_at moves either way, so the others reload its overrides.
+                await self._write_tenant(session, tenant, {"updated_at": now}, actor, now)
+                override = await session.get(TenantOverride, (tenant, meter))
+                before = _override_state(override)
+                if override is None:
+                    override = TenantOverride(tenant_id=tenant, meter=meter)
+                    session.add(override)
+                for field in ("limit", "per_second", "burst", "expires_at", "reason"):
+                    setattr(override, field, values.get(field))
+                override.updated_at = now
+                session.add(self._audit(actor, tenant, "override.put", before, _override_state(override)))
+
+        await _with_retry(write)
+        await self._directory.announce(tenant)
+        return json_response(await self._view(tenant, self._directory.get(tenant)))
+
+    async def delete_override(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        meter = meter_param(request, self._meter_names)
+        actor = request[ACTOR]
+        async with self._sessions() as session, session.begin():
+            row = await session.get(Tenant, tenant, with_for_update=True)
+            override = None if row is None else await session.get(TenantOverride, (tenant, meter))
+            if row is None or override is None:
+                raise NotFound(f"tenant {tenant!r} has no override of {meter!r}", tenant=tenant, meter=meter)
+            before = _override_state(override)
+            await session.delete(override)
+            row.updated_at = utcnow()
+            session.add(self._audit(actor, tenant, "override.delete", before, None))
+        await self._directory.announce(tenant)
+        return web.Response(status=204)
+
+    async def _write_tenant(self, session: AsyncSession, tenant: str, values: Mapping[str, Any], actor: str,
+                            now: datetime) -> TenantChange:
+        """The operator's change of the tenant row (created, on `values` or the default plan, if it has none).
+
+        `now` is the row's updated_at: the real time, not the injected clock, because the other instances
+        reload the rows whose updated_at passed their own real-time watermark.
+        """
+        return await write_tenant(session, tenant, values, audited=OPERATOR_FIELDS, actor=actor,
+                                  action="tenant.update", create_action="tenant.create", at=utcnow(self._clock),
+                                  updated_at=now, defaults={"plan": self._default_plan or "starter"})
+
+    def _audit(self, actor: str, tenant: str, action: str, before: dict[str, Any] | None,
+               after: dict[str, Any] | None) -> AuditEntry:
+        return AuditEntry(at=utcnow(self._clock), actor=actor, tenant_id=tenant, action=action, before=before,
+                          after=after)
+
+
+def _override_state(row: TenantOverride | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    if row.meter == RATE_METER:
+        values: dict[str, Any] = {"per_second": number(row.per_second), "burst": row.burst}
+    else:
+        values = {"limit": row.limit}
+    return {"meter": row.meter, **values, "expires_at": rfc3339(row.expires_at), "reason": row.reason}
+
+
+async def _with_retry(action: Callable[[], Awaitable[T]]) -> T:
+    """Run a write transaction; a concurrent creation of the same tenant is retried once."""
+    try:
+        return await action()
+    except IntegrityError:
+        return await action()
