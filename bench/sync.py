@@ -24,9 +24,10 @@ from billing_sync.settings import StripeSettings
 from billing_sync.worker import build_worker
 from gateway.cli.devservices import RedisProcess, free_port, wait_for_port
 from metering import db, keys
+from metering.clock import utcnow
 from metering.meters import DEFAULT_METERS
 from metering.migrate import upgrade_async
-from metering.models import Tenant, utcnow
+from metering.models import Tenant
 
 ROOT = Path(__file__).resolve().parent.parent
 METERS = ("api_calls", "chain_deployments", "bandwidth_bytes")

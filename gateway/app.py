@@ -157,7 +157,8 @@ class Worker:
         await self._proxy_runner.setup()
         proxy_sock = bind(settings.listen.proxy, reuse_port=self._reuse_port)
         await LimitedSockSite(self._proxy_runner, proxy_sock,
-                              max_connections=settings.listen.max_connections).start()
+                              max_connections=settings.listen.max_connections,
+                              type_base=settings.server.problem_type_base).start()
         self.proxy_port = proxy_sock.getsockname()[1]
 
         admin = admin_app(

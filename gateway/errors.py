@@ -15,6 +15,7 @@ GatewayError              500 internal                (itself: a fault of the ga
 ├── BadGateway            502 bad-gateway
 ├── LimiterUnavailable    503 limiter-unavailable
 ├── DatabaseUnavailable   503 database-unavailable    (admin API, /_gateway/usage, Stripe webhooks)
+├── Overloaded            503 overloaded              (a connection beyond listen.max_connections)
 ├── UpstreamBusy          503 upstream-busy           (no upstream connection free within pool_timeout)
 ├── WebhooksNotConfigured 503 webhooks-not-configured (Stripe webhooks: no secret, or no API key for a thin event)
 ├── StripeUnavailable     503 stripe-unavailable      (Stripe webhooks: a thin event's data could not be read)
@@ -112,6 +113,15 @@ class DatabaseUnavailable(GatewayError):
     status, suffix, title = 503, "database-unavailable", "Database unavailable"
 
 
+class Overloaded(GatewayError):
+    """The worker holds `listen.max_connections` connections: a new one is answered this and closed."""
+
+    status, suffix, title = 503, "overloaded", "Too many connections"
+
+    def __init__(self, detail: str = "the gateway is at its connection limit; try again", **extra: Any) -> None:
+        super().__init__(detail, headers={"Retry-After": "1"}, **extra)
+
+
 class UpstreamBusy(GatewayError):
     status, suffix, title = 503, "upstream-busy", "Upstream busy"
 
@@ -136,9 +146,10 @@ def problem_response(error: GatewayError, type_base: str, request_id: str | None
     headers = dict(error.headers)
     if request_id:
         headers["X-Request-Id"] = request_id
-    return web.Response(
-        status=error.status,
-        body=json.dumps(error.body(type_base), separators=(",", ":")).encode(),
-        content_type=PROBLEM_JSON,
-        headers=headers,
-    )
+    return web.Response(status=error.status, body=problem_body(error, type_base), content_type=PROBLEM_JSON,
+                        headers=headers)
+
+
+def problem_body(error: GatewayError, type_base: str) -> bytes:
+    """The problem+json document of an error, for writers that are not aiohttp responses."""
+    return json.dumps(error.body(type_base), separators=(",", ":")).encode()

@@ -29,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from metering.clock import utcnow
+
 # Explicit constraint names: Alembic's SQLite batch mode recreates tables and must be able to refer to
 # constraints by name, and the names then match between SQLite and PostgreSQL.
 NAMING_CONVENTION = {
@@ -43,9 +45,6 @@ LEDGER_KINDS = ("counter", "gauge")
 LEDGER_STATES = ("pending", "sent", "parked")
 
 
-def utcnow() -> datetime:
-    """Now, timezone-aware in UTC (naive datetimes are ambiguous across hosts)."""
-    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):

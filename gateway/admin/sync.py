@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -22,11 +21,6 @@ from billing_sync.metrics import SyncMetrics
 from billing_sync.state import sync_state
 from billing_sync.worker import SyncWorker
 from metering.clock import rfc3339
-
-
-def _rfc3339(epoch: float | None) -> str | None:
-    """Epoch seconds as RFC 3339, to the second."""
-    return None if epoch is None else rfc3339(datetime.fromtimestamp(int(epoch), UTC))
 
 
 class SyncAdmin:
@@ -42,9 +36,9 @@ class SyncAdmin:
 
     async def snapshot(self) -> dict[str, Any]:
         state = await sync_state(self._redis, self._sessions, now=self._clock())
-        parked = [{**p, "bucket_start": _rfc3339(p["bucket_start"])} for p in state["parked"]]
+        parked = [{**p, "bucket_start": rfc3339(p["bucket_start"], whole_seconds=True)} for p in state["parked"]]
         SyncMetrics.state(pending=state["pending"], parked=len(state["parked"]), lag_seconds=state["lag_seconds"])
-        return {**state, "last_run_at": _rfc3339(state["last_run_at"]), "parked": parked}
+        return {**state, "last_run_at": rfc3339(state["last_run_at"], whole_seconds=True), "parked": parked}
 
     async def state(self, _: web.Request) -> web.Response:
         return _json(await self.snapshot())

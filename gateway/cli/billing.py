@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime
 
 import stripe
 from aiohttp import web
@@ -27,6 +27,7 @@ from billing_sync.worker import PassResult, SyncWorker, build_worker
 from gateway.admin.health import metrics_response
 from gateway.config.settings import HostPort, Settings
 from metering import db
+from metering.clock import utcnow
 from metering.migrate import prepare_schema
 from metering.redis_store.client import redis_client
 
@@ -133,7 +134,7 @@ async def _serve_metrics(address: HostPort) -> web.AppRunner:
 
 def run_reconcile(settings: Settings, period_text: str | None) -> int:
     try:
-        period = parse_period(period_text, datetime.now(UTC))
+        period = parse_period(period_text, utcnow())
     except ValueError as exc:
         print(f"cosmos-gateway reconcile: --period: {exc}", file=sys.stderr)
         return EXIT_SETUP

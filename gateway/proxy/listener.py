@@ -25,41 +25,56 @@ from aiohttp.http_exceptions import InvalidHeader, InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config.settings import HostPort
-from gateway.errors import PROBLEM_JSON, GatewayError, GatewayTimeout, InvalidRequest, problem_response
+from gateway.errors import (
+    PROBLEM_JSON,
+    GatewayError,
+    GatewayTimeout,
+    InvalidRequest,
+    Overloaded,
+    problem_body,
+    problem_response,
+)
 from gateway.proxy.headers import request_id
 from gateway.proxy.response import serialize
 
 log = logging.getLogger("cosmos_gateway.listener")
 
-# A busy connection is dropped with this when a worker is at `listen.max_connections`.
-_OVERLOADED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/problem+json\r\n"
-               b"Retry-After: 1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+def overloaded_answer(type_base: str) -> bytes:
+    """What a connection beyond `listen.max_connections` is answered before it is closed."""
+    error = Overloaded()
+    headers = [("Content-Type", PROBLEM_JSON), *error.headers.items()]
+    return serialize((1, 1), error.status, "Service Unavailable", headers, problem_body(error, type_base),
+                     keep_alive=False)
 
 
 class _Overloaded(asyncio.Protocol):
+    def __init__(self, answer: bytes) -> None:
+        self._answer = answer
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        transport.write(_OVERLOADED)
+        transport.write(self._answer)
         transport.close()
 
 
 class LimitedSockSite(web.SockSite):
     """A SockSite that refuses connections beyond `max_connections` instead of queueing them."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int,
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, *, max_connections: int, type_base: str,
                  backlog: int = 1024) -> None:
         super().__init__(runner, sock, backlog=backlog)
         self._max_connections = max_connections
+        self._overloaded = overloaded_answer(type_base)
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with the runner, so cleanup() stops it
         server = self._runner.server
         assert server is not None
-        limit = self._max_connections
+        limit, overloaded = self._max_connections, self._overloaded
 
         def factory() -> asyncio.Protocol:
             if len(server.connections) >= limit:
-                return _Overloaded()
+                return _Overloaded(overloaded)
             return server()
 
         self._server = await asyncio.get_running_loop().create_server(

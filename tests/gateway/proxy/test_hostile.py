@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -128,6 +129,10 @@ async def test_connection_limit(harness: Harness) -> None:
         await asyncio.sleep(0.05)
         response = await harness.exchange(request("GET /health HTTP/1.1\nHost: x\n\n"))
         assert response.startswith(b"HTTP/1.1 503")
+        head, _, body = response.partition(b"\r\n\r\n")
+        assert b"Content-Type: application/problem+json" in head and b"Retry-After: 1" in head
+        problem = json.loads(body)  # a problem+json like every other error of the gateway's
+        assert problem["status"] == 503 and problem["type"].endswith("/overloaded")
     finally:
         for _, writer in idle:
             writer.close()
