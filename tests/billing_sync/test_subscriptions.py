@@ -1,5 +1,5 @@
 """billing_sync's side of the Stripe webhooks, without HTTP: reading signatures and events, the processor's
-answers and refusals, and the tenant writer it shares with the admin API (metering.tenant_rows).
+answers and refusals. The tenant writer it shares with the admin API: tests/metering/test_tenant_rows.py.
 
 The deliveries end to end (aiohttp, TenantDirectory, concurrency, meter error reports) are tested in
 tests/gateway/proxy/test_stripe_webhook.py.
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any
 
 import hypothesis
@@ -20,12 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.stripe_events import WebhookRefused, parse_event, parse_subscription, verify_signature
-from billing_sync.subscriptions import AUDITED, Received, StripeEventProcessor
+from billing_sync.subscriptions import Received, StripeEventProcessor
 from metering.db import create_engine, session_factory
 from metering.errors import ConfigError
 from metering.migrate import upgrade_async
-from metering.models import AuditEntry, Tenant
-from metering.tenant_rows import RowChanged, write_tenant
+from metering.models import AuditEntry
 from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
 
 SECRET = "whsec_test_0123456789abcdef"
@@ -165,43 +163,3 @@ def test_any_signature_header_is_verified_or_a_400(header: str) -> None:
 def test_a_real_signature_of_any_payload_verifies(payload: str, age: int) -> None:
     header = stripe.WebhookSignature.generate_signature_header(payload, SECRET, timestamp=int(NOW) - age)
     verify_signature(payload, header, SECRET, now=NOW, tolerance=300)
-
-
-# --------------------------------------------------------------------------- the tenant writer (metering.tenant_rows)
-
-AT = datetime.fromtimestamp(NOW, UTC)
-
-
-async def _write(sessions: async_sessionmaker[AsyncSession], values: dict[str, Any], **options: Any) -> Any:
-    async with sessions() as session, session.begin():
-        return await write_tenant(session, "acme", values, audited=AUDITED, actor="stripe", action="x.update",
-                                  create_action="x.create", at=AT, updated_at=AT, **options)
-
-
-async def _audit_actions(sessions: async_sessionmaker[AsyncSession]) -> list[str]:
-    async with sessions() as session:
-        return [e.action for e in (await session.scalars(select(AuditEntry).order_by(AuditEntry.id))).all()]
-
-
-async def test_write_tenant_creates_updates_and_audits_only_changes(sessions: async_sessionmaker[AsyncSession]) -> None:
-    created = await _write(sessions, {"subscription_status": "active"}, defaults={"plan": "starter"})
-    assert created.created and created.after["plan"] == "starter" and created.after["status"] == "active"
-    same = await _write(sessions, {"subscription_status": "active"})
-    assert not same.changed
-    moved = await _write(sessions, {"plan": "enterprise"})
-    assert (moved.before["plan"], moved.after["plan"]) == ("starter", "enterprise")
-    assert await _audit_actions(sessions) == ["x.create", "x.update"]
-
-
-async def test_write_tenant_compare_and_set_refuses_a_row_changed_since_it_was_read(
-        sessions: async_sessionmaker[AsyncSession]) -> None:
-    await _write(sessions, {}, defaults={"plan": "starter"})
-    async with sessions() as session:
-        read = await session.get(Tenant, "acme")
-    await _write(sessions, {"plan": "professional"})  # another writer, meanwhile
-    with pytest.raises(RowChanged):
-        await _write(sessions, {"plan": "enterprise"}, expected=read)
-    async with sessions() as session:
-        row = await session.get(Tenant, "acme")
-        assert row is not None and row.plan == "professional"
-    assert await _audit_actions(sessions) == ["x.create", "x.update"]

@@ -5,7 +5,6 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metering.clock import rfc3339
 from metering.meters import DEFAULT_METERS
 from quota.plans import DEFAULT_CATALOG, Override
 from quota.tenants import TenantRecord
@@ -151,17 +150,6 @@ def test_forecast(used: float, now: datetime, expected: float) -> None:
     start, end = datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC)
     assert forecast(used, start, end, now) == expected
 
-
-def test_rfc3339() -> None:
-    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)) == "2026-01-02T03:04:05Z"
-    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=UTC)) == "2026-01-02T03:04:05.250000Z"
-    # Alerts hash this text: whole seconds, from a datetime or epoch seconds alike.
-    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, 250000, tzinfo=UTC), whole_seconds=True) == "2026-01-02T03:04:05Z"
-    assert rfc3339(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC).timestamp() + 0.9, whole_seconds=True) == (
-        "2026-01-02T03:04:05Z")
-    assert rfc3339(None) is None
-    with pytest.raises(ValueError):
-        rfc3339(datetime(2026, 1, 2))
 
 
 def test_plan_catalog_view() -> None:
