@@ -11,7 +11,7 @@ CONFIG ?= config/example.yaml
 DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs256-secret-change-me-0123456789abcdef} \
                GATEWAY_ADMIN_TOKENS=$${GATEWAY_ADMIN_TOKENS:-dev:dev-admin-token-change-me}
 
-.PHONY: run test fuzz bench bench-sync lint token redis-server clean demo chaos
+.PHONY: run test fuzz bench bench-proxy bench-sync lint token redis-server clean demo chaos
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,14 +56,20 @@ token: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# BENCH_ARGS: options of bench/run.py (e.g. "--seconds 5 --rounds 3"). BASELINE=DIR (= BENCH_ARGS="--baseline-tree
-# DIR"): also run the gateway of the source tree DIR (git archive REV | tar -x -C DIR) as (c') and (d'), alternating
-# with this tree's, and report (c)/(c') and (d)/(d'): before/after in one run.
+# `make bench`: the proxy benchmark (bench/run.py: gateway vs nginx and HAProxy, ~9 minutes by default; nginx,
+# wrk and haproxy are installed with apt-get when missing: scripts/ensure-bench-tools.sh), then the sync worker's (bench/sync.py).
+# BENCH_ARGS: options of bench/run.py (`.venv/bin/python -m bench.run --help`), e.g. "--scenarios tenants
+# --targets haproxy,metered --seconds 3 --rounds 3". BASELINE=DIR (= BENCH_ARGS="--baseline-tree DIR"): also run
+# the gateway of the source tree DIR (git archive REV | tar -x -C DIR) as (c') and (d'), alternating with this
+# tree's, and report (c)/(c') and (d)/(d'): before/after in one run.
 BENCH_ARGS ?=
 BASELINE ?=
-bench: $(STAMP)
-	$(BIN)/python -m bench.run $(BENCH_ARGS) $(if $(BASELINE),--baseline-tree $(BASELINE))
+bench: bench-proxy
 	$(BIN)/python -m bench.sync $(BENCH_SYNC_ARGS)
+
+bench-proxy: $(STAMP) redis-server
+	@scripts/ensure-bench-tools.sh
+	$(BIN)/python -m bench.run $(BENCH_ARGS) $(if $(BASELINE),--baseline-tree $(BASELINE))
 
 bench-sync: $(STAMP)
 	$(BIN)/python -m bench.sync $(BENCH_SYNC_ARGS)
