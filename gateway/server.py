@@ -11,28 +11,107 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import os
 import shutil
 import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Literal
 
-from gateway.config.settings import Settings
+from gateway.config.settings import MAX_WORKERS, Settings
 
 log = logging.getLogger("cosmos_gateway.server")
 RESTART_BACKOFF = 1.0
+# Where `server.workers: auto` learns of a CPU quota: this process's cgroups, and their hierarchies.
+_PROC_CGROUP = Path("/proc/self/cgroup")
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-def serve(settings: Settings, workers: int) -> int:
+def serve(settings: Settings, workers: int | Literal["auto"]) -> int:
     """Run the gateway until SIGTERM/SIGINT; returns the exit status.
 
     `settings` name the upstream and Redis: `cosmos-gateway serve` fills in development services first.
+    `workers` is a count, or "auto" for one worker per CPU core (`worker_count`).
     """
-    if workers <= 1:
+    count = worker_count(workers)
+    if workers == "auto":
+        log.info("server.workers auto: %d worker%s", count, "" if count == 1 else "s")
+    if count <= 1:
         return _run_worker(settings, reuse_port=False)
-    return _supervise(settings, workers)
+    return _supervise(settings, count)
+
+
+def worker_count(workers: int | Literal["auto"], *, cgroup_root: Path = _CGROUP_ROOT,
+                 proc_cgroup: Path = _PROC_CGROUP) -> int:
+    """The number of worker processes: `workers`, or for "auto" one per CPU core this process may run on
+    (its CPU affinity, which a cpuset limits), no more than its cgroups' CPU quota allows (a container's
+    `--cpus`, a Kubernetes CPU limit: 1.5 CPUs make 2 workers), and at most MAX_WORKERS."""
+    if workers != "auto":
+        return workers
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        cores = min(cores, math.ceil(quota))
+    return max(1, min(cores, MAX_WORKERS))
+
+
+def _cgroup_cpu_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """The smallest CPU quota (CPUs per period) on this process's cgroup or one above it, cgroup v2 or v1;
+    None when there is none or it cannot be read."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas: list[float] = []
+    for line in lines:
+        fields = line.split(":", 2)  # hierarchy-ID:controllers:path
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
+        if not controllers:  # v2, the unified hierarchy
+            quotas += _quotas_upward(root, path, _v2_quota)
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's hierarchy
+            quotas += _quotas_upward(root / "cpu", path, _v1_quota)
+    return min(quotas, default=None)
+
+
+def _quotas_upward(base: Path, path: str, read: Callable[[Path], float | None]) -> list[float]:
+    """The quotas from the cgroup at `path` up to `base` (in a container, `path` may not exist below the
+    hierarchy it sees: then its own cgroup is `base`)."""
+    folder = base.joinpath(*(part for part in path.split("/") if part))
+    found = []
+    while True:
+        quota = read(folder)
+        if quota is not None:
+            found.append(quota)
+        if folder == base or base not in folder.parents:
+            return found
+        folder = folder.parent
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()  # "max 100000" or "150000 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota = int((folder / "cpu.cfs_quota_us").read_text())  # -1: none
+        period = int((folder / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 def _run_worker(settings: Settings, *, reuse_port: bool, index: int = 0,
@@ -168,7 +247,7 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def with_workers(settings: Settings, workers: int | None) -> Settings:
+def with_workers(settings: Settings, workers: int | Literal["auto"] | None) -> Settings:
     if workers is None:
         return settings
     return replace(settings, server=replace(settings.server, workers=workers))

@@ -228,7 +228,7 @@ class Listeners:
 class GatewayProcess(Listeners):
     """`cosmos-gateway serve` in a child process with a config file, on free ports."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, *, workers: int = 1,
+    def __init__(self, config: dict[str, Any], workdir: Path, *, workers: int | str = 1,
                  env: Mapping[str, str] | None = None) -> None:
         self.proxy_port = free_port()
         self.admin_port = free_port()

@@ -9,6 +9,7 @@ import os
 import secrets
 import sys
 from collections.abc import Sequence
+from typing import Literal
 
 from gateway.config import ConfigError, HostPort, Settings, effective_config, load_settings, parse_host_port
 
@@ -26,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     serve = command("serve", "run the proxy and admin listeners")
-    serve.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                       help="worker processes sharing the ports (default: server.workers)")
+    serve.add_argument("--workers", type=_workers, default=None, metavar="N",
+                       help="worker processes sharing the ports, or auto: one per CPU core "
+                            "(default: server.workers)")
 
     database = command("db", "SQL store maintenance")
     database.add_argument("action", choices=["upgrade"], help="upgrade: apply the Alembic migrations")
@@ -59,6 +61,15 @@ def _host_port(text: str) -> HostPort:
         return parse_host_port(text, "--metrics-listen")
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(text: str) -> int | Literal["auto"]:
+    if text == "auto":
+        return "auto"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -93,7 +104,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.cli.devservices import DevServiceError, resolved
     from gateway.server import serve
 
-    workers = args.workers or settings.server.workers
+    workers = settings.server.workers if args.workers is None else args.workers
     try:
         # Development services (`make run`) are started here, so the server only ever sees a complete config.
         with resolved(settings) as complete:

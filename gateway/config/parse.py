@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -23,6 +23,7 @@ from gateway.config.effective import mask_url
 from gateway.config.policy import build_policy
 from gateway.config.reader import Section
 from gateway.config.settings import (
+    MAX_WORKERS,
     SECRET_ENV,
     AdminSettings,
     AuthSettings,
@@ -322,11 +323,21 @@ def _server(s: Section) -> ServerSettings:
     base = s.string("problem_type_base", ServerSettings.problem_type_base)
     assert base is not None
     return ServerSettings(
-        workers=s.integer("workers", 1, minimum=1, maximum=256),
+        workers=_workers(s),
         shutdown_grace_seconds=s.number("shutdown_grace_seconds", 30.0),
         access_log=s.boolean("access_log", True),
         problem_type_base=base if base.endswith("/") else base + "/",
     )
+
+
+def _workers(s: Section) -> int | Literal["auto"]:
+    """A count of worker processes, or `auto`: one per CPU core (resolved when serving starts)."""
+    value = s.raw.get("workers", 1)
+    if value == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(s.key("workers"), f"expected an integer or auto, got {kind_of(value)}")
+    return s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS)
 
 
 def _billing(s: Section) -> BillingSettings:

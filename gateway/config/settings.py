@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from billing_sync.settings import StripeSettings
 from metering.meters import DEFAULT_METERS, Meter, MeterMatcher
@@ -25,6 +26,10 @@ SECRET_ENV = {
     "STRIPE_WEBHOOK_SECRET": ("billing", "stripe_webhook_secret"),
     "GATEWAY_ADMIN_TOKENS": ("admin", "tokens"),
 }
+
+
+# The most worker processes `server.workers` (or `auto`) may ask for.
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -104,7 +109,8 @@ class AdminSettings:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    workers: int = 1
+    # Worker processes; "auto": one per CPU core the process may use (gateway.server.worker_count).
+    workers: int | Literal["auto"] = 1
     shutdown_grace_seconds: float = 30.0
     access_log: bool = True
     problem_type_base: str = "https://docs.cosmosbuilder.io/gateway/problems/"

@@ -305,13 +305,10 @@ class ProxyHandler:
             plan = None if identity is None else (identity.plan or self._default_plan)
             self._metrics.observe(request.method, outcome.status, plan, outcome.route, duration,
                                   outcome.upstream_duration)
-            if not self._log.enabled:
-                return
-            self._log.write(
-                request_id=rid, tenant=None if identity is None else identity.tenant, method=request.method,
-                path=request.raw_path, route=outcome.route, status=outcome.status, duration=duration,
-                upstream_duration=outcome.upstream_duration, remote=request.remote, error=outcome.error,
-            )
+            if self._log.enabled:
+                self._log.record(rid, None if identity is None else identity.tenant, request.method,
+                                 request.raw_path, outcome.route, outcome.status, duration,
+                                 outcome.upstream_duration, request.remote, None, outcome.error)
         except Exception:  # metrics and the access log never cost the client its answer
             log.exception("request %s: could not record metrics or the access log line", rid)
 

@@ -134,49 +134,81 @@ def upstream_request_headers(
 ) -> Headers:
     """The headers to send upstream: hop-by-hop, framing and client identity headers removed,
     forwarding headers set, `X-Request-Id` and the verified identity added."""
-    headers = _request_headers(raw, _REQUEST_DROP, peer, trusted_peer, scheme, request_id, identity)
+    headers = _request_headers(raw, None, peer, trusted_peer, scheme, request_id, identity)
     if headers is None:  # a Connection header names further hop-by-hop headers: drop those too
-        headers = _request_headers(raw, _REQUEST_DROP | connection_tokens(raw), peer, trusted_peer, scheme,
-                                   request_id, identity)
+        headers = _request_headers(raw, connection_tokens(raw), peer, trusted_peer, scheme, request_id, identity)
     assert headers is not None
     return headers
 
 
-def _request_headers(raw: RawHeaders, drop: frozenset[bytes], peer: str | None, trusted_peer: bool, scheme: str,
-                     request_id: str, identity: Iterable[tuple[str, str]]) -> Headers | None:
-    """`upstream_request_headers` dropping `drop`; None if a Connection header names a header not in it
-    (possibly one already passed), so that the caller starts over with those names added."""
+# What a request header name is to the proxy. The rules depend on the name alone, so each name's answer
+# is kept (client input: bounded in entries, and only short names): a dict lookup per header instead of
+# lowering and testing it against each rule.
+_PASS, _HOST, _XFF, _FORWARDED, _XF_PROTO, _XF_HOST, _DROP, _CONNECTION = range(8)
+_FORWARDING_KIND = {b"x-forwarded-for": _XFF, b"forwarded": _FORWARDED, b"x-forwarded-proto": _XF_PROTO,
+                    b"x-forwarded-host": _XF_HOST}
+# name as sent -> (kind, the name as str for passed headers, the name lower-cased with `_` read as `-`)
+_NameKind = tuple[int, str, bytes]
+_NAME_KINDS: dict[bytes, _NameKind] = {}
+_NAME_KINDS_MAX = 1024
+_NAME_KINDS_LENGTH = 64
+
+
+def _name_kind(name: bytes) -> _NameKind:
+    lower = name.lower()
+    if b"_" in lower:  # the name an upstream WSGI/CGI server would read
+        lower = lower.replace(b"_", b"-")
+        if lower in FORWARDING:  # never the gateway's own, nor a trusted proxy's: dropped
+            return _DROP, "", lower
+    if lower in _REQUEST_DROP:
+        return (_CONNECTION if lower == b"connection" else _DROP), "", lower
+    if lower.startswith(IDENTITY_PREFIX):
+        return _DROP, "", lower
+    if lower in FORWARDING:
+        return _FORWARDING_KIND[lower], "", lower
+    return (_HOST if lower == b"host" else _PASS), name.decode("latin-1"), lower
+
+
+def _remembered_kind(name: bytes) -> _NameKind:
+    kind = _name_kind(name)
+    if len(name) <= _NAME_KINDS_LENGTH:
+        if len(_NAME_KINDS) >= _NAME_KINDS_MAX:
+            del _NAME_KINDS[next(iter(_NAME_KINDS))]  # the oldest: one at a time
+        _NAME_KINDS[name] = kind
+    return kind
+
+
+def _request_headers(raw: RawHeaders, named: frozenset[bytes] | None, peer: str | None, trusted_peer: bool,
+                     scheme: str, request_id: str, identity: Iterable[tuple[str, str]]) -> Headers | None:
+    """`upstream_request_headers`, also dropping the headers a Connection header `named`; None (with `named`
+    None) if a Connection header names a header not dropped anyway (possibly one already passed), so that
+    the caller starts over with those names."""
     out: Headers = []
     xff: list[str] = []
     forwarded: list[str] = []
     client_proto = client_host = host = None
+    kinds = _NAME_KINDS
     for name, value in raw:
-        lower = name.lower()
-        if b"_" in lower:  # the name an upstream WSGI/CGI server would read
-            lower = lower.replace(b"_", b"-")
-            if lower in FORWARDING:  # never the gateway's own, nor a trusted proxy's: dropped
-                continue
-        if lower in drop:
-            if lower == b"connection" and not connection_tokens(((name, value),)) <= drop:
-                return None
+        kind, text, lower = kinds.get(name) or _remembered_kind(name)
+        if kind == _DROP or (named is not None and lower in named):
             continue
-        if lower.startswith(IDENTITY_PREFIX):
-            continue
-        if lower in FORWARDING:
-            if trusted_peer:
-                text = value.decode("latin-1")
-                if lower == b"x-forwarded-for":
-                    xff.append(text)
-                elif lower == b"forwarded":
-                    forwarded.append(text)
-                elif lower == b"x-forwarded-proto":
-                    client_proto = text
-                else:
-                    client_host = text
-            continue
-        if lower == b"host":
+        if kind == _PASS:
+            out.append((text, value.decode("latin-1")))
+        elif kind == _HOST:
             host = value.decode("latin-1")
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+            out.append((text, host))
+        elif kind == _CONNECTION:
+            if named is None and not connection_tokens(((name, value),)) <= _REQUEST_DROP:
+                return None
+        elif trusted_peer:  # a forwarding header: kept in front of ours only from a trusted proxy
+            if kind == _XFF:
+                xff.append(value.decode("latin-1"))
+            elif kind == _FORWARDED:
+                forwarded.append(value.decode("latin-1"))
+            elif kind == _XF_PROTO:
+                client_proto = value.decode("latin-1")
+            else:
+                client_host = value.decode("latin-1")
     peer = peer or "unknown"
     xff.append(peer)
     proto = client_proto or scheme

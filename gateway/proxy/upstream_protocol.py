@@ -3,6 +3,10 @@
 A connection carries one exchange at a time. The pool writes the request head (with a bytes
 body), a sender task streams an iterable body, httptools parses the response, and the body
 flows to the reader through a bounded buffer on the `UpstreamResponse`.
+
+Per exchange the connection makes as few objects as it can: one parser serves every response of
+a connection (a fresh one only after a HEAD response or an error, which leave it mid-message), and
+one timer per connection watches `read_timeout`, moved forward by each request rather than made anew.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ BUFFER_LOW = 64 * 1024
 # or with more header lines, is refused: the upstream is trusted for its answers, not its size.
 MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 256
+# The read_timeout timer counts a deadline this close as reached (uvloop's clock ticks in milliseconds).
+_TIMER_SLACK = 0.001
 
 
 class UpstreamError(Exception):
@@ -76,6 +82,14 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body."""
+        if self._done:  # all of it is here already, as for most small responses: no iteration
+            chunks = self._chunks
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
+            if self._paused:
+                self._resume()
+            return data
         parts = [chunk async for chunk in self]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -176,8 +190,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._request_sent = False
         self._is_head = False
         self._parser: httptools.HttpResponseParser | None = None  # set while a response is due
+        # The parser between responses: llhttp starts the next message where the last one ended.
+        self._spare_parser: httptools.HttpResponseParser | None = None
         self._response: UpstreamResponse | None = None  # set from the final head to the body's end
         self._head: asyncio.Future[UpstreamResponse] | None = None
+        # read_timeout for a response head: the deadline of the request in flight, and one timer that
+        # is moved on to it when it fires early (cheaper than a timer per request on a busy connection).
+        self._head_deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._sender: asyncio.Task[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -201,7 +220,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = self.body_started = self._request_sent = False
         self._head_fed = 0
         self._is_head = is_head
-        self._parser = httptools.HttpResponseParser(self)
+        parser, self._spare_parser = self._spare_parser, None
+        self._parser = parser if parser is not None else httptools.HttpResponseParser(self)
         head = self._head = self.loop.create_future()
         self.written = True
         self.transport.write(data)
@@ -213,7 +233,7 @@ class UpstreamConnection(asyncio.Protocol):
             return await head
         finally:
             self._head = None
-            self._cancel_timer()
+            self._head_deadline = None  # the timer, if any, stays armed for the next request
 
     def release(self, response: UpstreamResponse) -> None:
         # Reusable only when both messages are complete and nothing stray arrived.
@@ -283,8 +303,22 @@ class UpstreamConnection(asyncio.Protocol):
         self._request_sent = True
         head = self._head
         if head is not None and not head.done():
-            self._timer = self.loop.call_at(self.loop.time() + self.read_timeout, _expire, head,
-                                            "no response head within read_timeout")
+            deadline = self._head_deadline = self.loop.time() + self.read_timeout
+            if self._timer is None:
+                self._timer = self.loop.call_at(deadline, self._head_timer)
+
+    def _head_timer(self) -> None:
+        """The read_timeout timer: fails the awaited head at its deadline, or waits on for a later one."""
+        self._timer = None
+        deadline = self._head_deadline
+        head = self._head
+        if deadline is None or head is None or head.done():
+            return  # no head is awaited: the next request arms the timer again
+        if self.loop.time() + _TIMER_SLACK >= deadline:
+            self._head_deadline = None
+            head.set_exception(UpstreamTimeout("no response head within read_timeout"))
+        else:  # set by an earlier request: on to this one's deadline
+            self._timer = self.loop.call_at(deadline, self._head_timer)
 
     # ------------------------------------------------------------------------ asyncio.Protocol
 
@@ -323,6 +357,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(exc)
         except httptools.HttpParserError as exc:
             self.broken = True
+            self._spare_parser = None  # llhttp stays in its error state
             if self._parser is not None:  # else: stray bytes after a complete response
                 cause = exc.__context__
                 self._fail(cause if isinstance(cause, UpstreamError)
@@ -333,6 +368,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.broken = True
+        self._spare_parser = None
+        self._cancel_timer()
         if self._sender is not None:
             self._sender.cancel()
             self._sender = None
@@ -398,7 +435,7 @@ class UpstreamConnection(asyncio.Protocol):
             # the connection is then not reused.
             self._sender.cancel()
             self._sender = None
-        self._cancel_timer()
+        self._head_deadline = None
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
@@ -420,6 +457,8 @@ class UpstreamConnection(asyncio.Protocol):
     def _complete(self) -> None:
         response = self._response
         assert response is not None
+        if not self._is_head and not self.broken:  # after a HEAD, llhttp would still wait for its body
+            self._spare_parser = self._parser
         self._parser = self._response = None
         response._finish()
 

@@ -34,7 +34,7 @@ def sample(text: str, name: str, **labels: str) -> float:
 async def process_factory(upstream: Upstream, redis_server: RedisProcess, tmp_path: Path):
     started: list[GatewayProcess] = []
 
-    def make(workers: int = 1, **overrides: object) -> GatewayProcess:
+    def make(workers: int | str = 1, **overrides: object) -> GatewayProcess:
         config = config_dict(upstream.url, redis_server.url, f"sqlite+aiosqlite:///{tmp_path}/gw.db", **overrides)
         gateway = GatewayProcess(config, tmp_path, workers=workers)
         started.append(gateway)
@@ -142,6 +142,28 @@ async def test_100_mib_each_way_with_flat_memory(process_factory) -> None:
         await watcher
     assert received == size
     assert peak - baseline < 64 * MiB, f"gateway RSS grew by {(peak - baseline) / MiB:.1f} MiB"
+
+
+async def test_workers_auto_starts_one_worker_per_core(process_factory) -> None:
+    from gateway.server import worker_count
+
+    # At most two cores for the gateway (it inherits this affinity), however many this machine has.
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(allowed)[:2])
+    try:
+        expected = worker_count("auto")
+        gateway = process_factory(workers="auto")
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert 1 <= expected <= 2
+    assert gateway.process is not None
+    # One worker runs in the process itself; more are forked by a supervisor.
+    assert len(child_pids(gateway.process.pid)) == (expected if expected > 1 else 0)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.url + "/api/chains", headers=bearer()) as response:
+            assert response.status == 200
+    assert gateway.terminate() == 0
+    assert f"server.workers auto: {expected} worker" in gateway.log()
 
 
 async def test_workers_exit_when_the_supervisor_is_killed(process_factory) -> None:

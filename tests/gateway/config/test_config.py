@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import jwt
@@ -57,6 +59,10 @@ def test_defaults_and_env_overrides(tmp_path: Path) -> None:
     ({"auth": {"algorithms": ["HS256"], "hs256_secret": SECRET, "public_paths": ["health"]}},
      "auth.public_paths[0]"),
     ({"server": {"workers": 0}}, "server.workers"),
+    ({"server": {"workers": 257}}, "server.workers: must be <= 256"),
+    ({"server": {"workers": "many"}}, "server.workers: expected an integer or auto"),
+    ({"server": {"workers": True}}, "server.workers: expected an integer or auto"),
+    ({"server": {"workers": 1.5}}, "server.workers: expected an integer or auto"),
     ({"server": {"access_log": "yes"}}, "server.access_log"),
     ({"admin": {"tokens": "no-colon"}}, "GATEWAY_ADMIN_TOKENS[0]"),
     ({"plans": ["starter"]}, "plans"),
@@ -258,3 +264,86 @@ def test_effective_config_reads_back_as_the_same_policy(tmp_path: Path) -> None:
     again = parse_settings({**KEYED, "meters": shown["meters"], "plans": shown["plans"]})
     assert again.policy.meters == settings.policy.meters
     assert again.policy.plans == settings.policy.plans
+
+
+# ------------------------------------------------------------------------------ server.workers: auto
+
+
+def test_workers_auto_in_the_file_and_the_environment(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_settings({**KEYED, "server": {"workers": "auto"}}).server.workers == "auto"
+    assert parse_settings({**KEYED, "server": {"workers": 3}}).server.workers == 3
+    assert parse_settings(KEYED).server.workers == 1
+    path = write(tmp_path, "auth: {algorithms: [HS256]}\n")
+    env = {"GATEWAY_JWT_HS256_SECRET": SECRET, "GATEWAY__SERVER__WORKERS": "auto"}
+    assert load_settings(path, env=env).server.workers == "auto"
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    monkeypatch.setenv("GATEWAY__SERVER__WORKERS", "auto")
+    assert main(["check-config", "--config", str(path)]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["server"]["workers"] == "auto"
+
+
+@pytest.mark.parametrize(("argument", "expected"), [("auto", "auto"), ("3", 3), (None, "from-config")])
+def test_serve_takes_workers_auto_or_a_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             argument: str | None, expected: object) -> None:
+    import gateway.cli.devservices
+    import gateway.server
+
+    seen: list[object] = []
+    monkeypatch.setattr(gateway.server, "serve", lambda settings, workers: seen.append(workers) or 0)
+    monkeypatch.setattr(gateway.cli.devservices, "resolved", contextlib.nullcontext)
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    path = write(tmp_path, "auth: {algorithms: [HS256]}\nserver: {workers: auto}\n")
+    assert main(["serve", "--config", str(path), *(["--workers", argument] if argument else [])]) == 0
+    assert seen == ["auto" if expected == "from-config" else expected]
+
+
+@pytest.mark.parametrize("argument", ["0", "-1", "two", "Auto", ""])
+def test_serve_refuses_other_worker_counts(argument: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--workers", argument])
+    assert info.value.code == 2
+    assert "--workers: expected a positive integer or auto" in capsys.readouterr().err
+
+
+def _cgroups(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
+    root = tmp_path / "sys-fs-cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    proc_cgroup = tmp_path / "proc-self-cgroup"
+    proc_cgroup.write_text(proc)
+    return root, proc_cgroup
+
+
+@pytest.mark.parametrize(("proc", "files", "limit"), [
+    # cgroup v2 in a container (its own cgroup is the root it sees): 1.5 CPUs are 2 workers
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 2),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    ("0::/\n", {}, None),
+    # v2 on a host: the quota of the own cgroup or of one above it, whichever is smaller
+    ("0::/system.slice/gw.service\n", {"system.slice/gw.service/cpu.max": "max 100000",
+                                        "system.slice/cpu.max": "100000 100000"}, 1),
+    ("0::/a/b\n", {"a/b/cpu.max": "300000 100000", "a/cpu.max": "max 100000"}, 3),
+    # v1 (the cpu controller's own hierarchy), also when the path is not visible inside a container
+    ("4:memory:/x\n2:cpu,cpuacct:/docker/abc\n", {"cpu/cpu.cfs_quota_us": "250000\n",
+                                                   "cpu/cpu.cfs_period_us": "100000\n"}, 3),
+    ("2:cpu,cpuacct:/\n", {"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ("garbage\n", {"cpu.max": "100000 100000"}, None),
+])
+def test_workers_auto_is_one_per_core_within_the_cgroup_cpu_quota(
+        tmp_path: Path, proc: str, files: dict[str, str], limit: int | None) -> None:
+    from gateway.server import worker_count
+
+    root, proc_cgroup = _cgroups(tmp_path, proc, files)
+    cores = len(os.sched_getaffinity(0))
+    expected = cores if limit is None else min(cores, limit)
+    assert worker_count("auto", cgroup_root=root, proc_cgroup=proc_cgroup) == expected
+    assert worker_count(5, cgroup_root=root, proc_cgroup=proc_cgroup) == 5  # a count is taken as it is
+
+
+def test_workers_auto_without_cgroup_files_is_the_cpu_affinity(tmp_path: Path) -> None:
+    from gateway.server import worker_count
+
+    assert worker_count("auto", cgroup_root=tmp_path / "none", proc_cgroup=tmp_path / "none") == \
+        len(os.sched_getaffinity(0))

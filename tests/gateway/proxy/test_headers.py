@@ -140,3 +140,32 @@ def test_forwarded_host_is_quoted_safely_and_the_cache_stays_small() -> None:
 
 def test_request_id_with_a_trailing_newline_is_not_sane() -> None:
     assert request_id([(b"X-Request-Id", b"abc\n")]) != "abc\n"
+
+
+def test_the_header_name_cache_is_bounded_and_answers_as_the_rules_do() -> None:
+    """What each request header name is (passed, dropped, forwarding, Host) is remembered per name as sent:
+    bounded in entries and name length, evicting one at a time, and the same answer cached or not."""
+    from gateway.proxy import headers
+
+    raw = [(b"Host", b"h"), (b"X_Forwarded_For", b"6.6.6.6"), (b"X-Cosmos-Tenant", b"evil"), (b"Accept", b"*/*"),
+           (b"Connection", b"x-private"), (b"X-Private", b"p"), (b"Forwarded", b"for=1.1.1.1")]
+
+    def forwarded(trusted: bool) -> list[tuple[str, str]]:
+        return upstream_request_headers(raw, peer="10.0.0.9", trusted_peer=trusted, scheme="http", request_id="r")
+
+    headers._NAME_KINDS.clear()
+    cold = forwarded(True), forwarded(False)
+    assert len(headers._NAME_KINDS) == len(raw)
+    assert (forwarded(True), forwarded(False)) == cold  # from the cache now
+    assert [name for name, _ in cold[1]] == ["Host", "Accept", "X-Forwarded-For", "X-Forwarded-Proto",
+                                             "X-Forwarded-Host", "Forwarded", "X-Request-Id"]
+    assert dict(cold[0])["Forwarded"] == "for=1.1.1.1, for=10.0.0.9;proto=http;host=h"
+    # A flood of names: the oldest go first, one at a time; long names are never kept.
+    for i in range(headers._NAME_KINDS_MAX + 500):
+        upstream_request_headers([(b"X-Flood-%d" % i, b"v"), (b"Y" * 65 + b"%d" % i, b"v")], peer="10.0.0.9",
+                                 trusted_peer=False, scheme="http", request_id="r")
+    assert len(headers._NAME_KINDS) == headers._NAME_KINDS_MAX
+    assert b"X-Flood-0" not in headers._NAME_KINDS and b"X-Flood-%d" % (headers._NAME_KINDS_MAX + 499) in \
+        headers._NAME_KINDS
+    assert all(len(name) <= headers._NAME_KINDS_LENGTH for name in headers._NAME_KINDS)
+    assert (forwarded(True), forwarded(False)) == cold  # evicted or not, the same answer

@@ -216,6 +216,65 @@ async def test_interim_responses_are_skipped(raw_server: StartServer,
     assert server.accepted == 1
 
 
+async def test_one_connection_parses_every_kind_of_response_in_turn(raw_server: StartServer,
+                                                                     make_pool: MakePool) -> None:
+    """The connection keeps its parser from one response to the next: each kind still reads right."""
+    answers = [
+        reply(b"first"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nX-N: 3\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n",  # to a HEAD
+        b"HTTP/1.1 100 Continue\r\n\r\n" + reply(b"after-interim", "201 Created"),
+        reply(b"", "200 OK"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        reply(b"last"),
+    ]
+
+    async def handler(conn: Conn) -> None:
+        for answer in answers:
+            await conn.read_request()
+            await conn.send(answer)
+        await conn.wait_closed_by_peer()
+
+    server = await raw_server(handler)
+    pool = make_pool(server.url, max_connections=1)
+    got = []
+    for method in ("GET", "GET", "GET", "HEAD", "POST", "GET", "GET", "GET"):
+        response = await pool.request(method, "/x", [], b"data" if method == "POST" else None)
+        got.append((response.status, await body_of(response)))
+    assert got == [(200, b"first"), (200, b"abcde"), (204, b""), (200, b""), (201, b"after-interim"),
+                   (200, b""), (200, b""), (200, b"last")]
+    assert server.accepted == 1
+
+
+async def test_read_timeout_counts_from_each_request_on_a_kept_alive_connection(
+        raw_server: StartServer, make_pool: MakePool) -> None:
+    """One timer per connection watches the response heads: it fires for the request in flight, and
+    a deadline left by an earlier request never cuts a later one short."""
+    read_timeout = 2.0
+    release_second = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        await conn.read_request()
+        await conn.send(reply(b"one"))
+        await conn.read_request()
+        await release_second.wait()  # answered after the first request's deadline, before its own
+        await conn.send(reply(b"two"))
+        await conn.read_request()  # never answered
+        await conn.wait_closed_by_peer()
+
+    server = await raw_server(handler)
+    pool = make_pool(server.url, read_timeout=read_timeout, max_connections=1)
+    assert await body_of(await pool.request("GET", "/1", [])) == b"one"
+    await asyncio.sleep(read_timeout * 0.6)
+    loop = asyncio.get_running_loop()
+    loop.call_later(read_timeout * 0.6, release_second.set)
+    assert await body_of(await pool.request("GET", "/2", [])) == b"two"
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("GET", "/3", [])
+    assert server.accepted == 1 and pool.stats["open"] == 0
+
+
 async def test_101_is_a_protocol_error(raw_server: StartServer,
                                        make_pool: MakePool) -> None:
     async def handler(conn: Conn) -> None:
