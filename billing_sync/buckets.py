@@ -9,6 +9,7 @@ so every retry and every worker names a bucket the same way and Stripe deduplica
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from datetime import datetime
@@ -39,7 +40,9 @@ def parse_bucket_key(key: str | bytes) -> tuple[str, int] | None:
         return None
     tag, epoch = match.groups()
     tenant = unquote(tag, errors="strict") if "%" in tag else tag
-    if keys.bucket_key(tenant, int(epoch)) != text:  # not our encoding: someone else's key
+    # Not our encoding: someone else's key. Built as keys.bucket_key builds it, without its per-tenant cache,
+    # which a pass over many tenants would only fill.
+    if f"{keys.PREFIX}:{keys.tenant_slot_tag(tenant)}:b:{int(epoch)}" != text:
         return None
     return tenant, int(epoch)
 
@@ -61,8 +64,10 @@ def leftover_identifier(tenant: str, meter: str, bucket_start: int, slot: int) -
     return f"{IDENTIFIER_VERSION}l_{meter[:24]}_{bucket_start}_{slot}_{digest}"
 
 
+@functools.lru_cache(maxsize=4096)
 def bucket_datetime(bucket_start: int) -> datetime:
-    """The bucket start as the ledger stores it (`usage_ledger.bucket_start`, UTC)."""
+    """The bucket start as the ledger stores it (`usage_ledger.bucket_start`, UTC); cached: every tenant of a
+    pass shares the few bucket starts, and datetimes are immutable."""
     return utc(bucket_start)
 
 

@@ -14,6 +14,9 @@ so nothing doubles and nothing vanishes. Leftovers (refunds that arrived after t
 late units) are netted in a later bucket of the same billing period only; at the period's end they
 become rows of their own: late units are billed, refunds that could not be netted are parked.
 
+Buckets move in groups (`MOVE_GROUP`) as the scan finds them: each step above is one batch of Redis
+commands for the whole group (`billing_sync.redis_batches`) and the group's rows one transaction
+(`billing_sync.staged`, the SQL side), while each bucket still goes through the steps in this order.
 Bucket keys, identifiers and carry targets are pure functions: `billing_sync.buckets`.
 """
 
@@ -21,38 +24,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
-from sqlalchemy import insert as generic_insert
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.buckets import (
-    BUCKET_PATTERN,
-    bucket_datetime,
-    bucket_identifier,
-    carry_target,
-    leftover_identifier,
-    parse_bucket_key,
-    parse_bucket_value,
-)
-from metering import keys
+from billing_sync.buckets import BUCKET_PATTERN, parse_bucket_key
+from billing_sync.redis_batches import RedisBatches, as_hash
+from billing_sync.staged import Plan, Staged, commit_rows, plan_moves, split_rows
 from metering.clock import utc
 from metering.errors import REDIS_ERRORS
 from metering.meters import Meter
-from metering.models import LedgerEntry, Tenant
 from metering.tasks import cancel_and_wait
 
 log = logging.getLogger("cosmos_gateway.billing_sync")
@@ -61,10 +50,9 @@ _SCAN_COUNT = 1000
 STAGING_SUFFIX = ":moving"  # same hash tag as the bucket: one slot, so RENAME works in a cluster
 LOCK_SUFFIX = ":lock"
 PLAN_FIELD = "~plan"  # never a meter name ([a-z0-9_]): the mover's decisions, kept inside the staged hash
-MOVE_GROUP = 200  # buckets per ledger transaction
+MOVE_GROUP = 500  # buckets per ledger transaction, and per Redis pipeline of each step of a move
 BUCKET_LOCK_MS = 60_000  # a mover that dies holding it is replaced after this; a live one renews it
 CARRY_TTL_SECONDS = 604_800
-REFUND_NOT_NETTED = "refund_not_netted"
 # Compare-and-delete / compare-and-extend: only the holder's token touches the lock (the bucket locks here,
 # the worker's leader lock too).
 RELEASE_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -97,189 +85,25 @@ async def scan_bucket_keys(redis: Redis | RedisCluster) -> AsyncIterator[str]:
         yield key.decode() if isinstance(key, bytes) else key
 
 
-def _insert_ignoring_conflicts(session: AsyncSession, rows: list[dict[str, Any]]) -> Any:
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        return pg_insert(LedgerEntry).values(rows).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        return sqlite_insert(LedgerEntry).values(rows).on_conflict_do_nothing()
-    return generic_insert(LedgerEntry).values(rows)  # other backends: a repeat raises instead
-
-
 @dataclass(frozen=True)
 class MoveResult:
     moved: int = 0  # buckets moved into the ledger (deleted from Redis)
     held: int = 0  # closed buckets left in Redis: another mover holds their lock
 
 
-@dataclass
-class _Plan:
-    """What a mover decided for one staged bucket, stored with it before the ledger commit.
-
-    A pass interrupted after the commit finds the plan and repeats exactly the same work: the rows are
-    inserted ignoring conflicts, the leftovers go where they were meant to go, nothing vanishes or doubles.
-    """
-
-    billed: list[str]  # meters whose row was in the ledger before this staging: their units are late
-    target: int | None  # bucket the leftovers are carried into; None: the period ends, they become rows
-    slot: int  # microsecond offset of the leftover rows from the bucket start (never a real bucket's start)
-
-    def dump(self) -> str:
-        return json.dumps({"billed": self.billed, "target": self.target, "slot": self.slot})
-
-    @classmethod
-    def load(cls, raw: Any) -> _Plan | None:
-        try:
-            data = json.loads(raw)
-            return cls(list(data["billed"]), data["target"], int(data["slot"]))
-        except (TypeError, ValueError, KeyError):
-            return None
-
-
-@dataclass
-class _Staged:
-    """One staged bucket on its way into the ledger."""
-
-    staging: str
-    lock: str
-    token: str
-    tenant: str
-    bucket_start: int
-    raw: dict[str, Any]
-    plan: _Plan | None = None
-
-
-def _fields(staged: _Staged, meters: Mapping[str, Meter]) -> list[tuple[str, Meter | None, Decimal]]:
-    """(meter name, meter, value) of the staged bucket's fields that may be billed."""
-    out = []
-    for field, raw_value in staged.raw.items():
-        name = field.decode() if isinstance(field, bytes) else str(field)
-        if name.startswith("~"):
-            continue
-        meter = meters.get(name)
-        if meter is not None and meter.stripe_event is None:
-            continue  # not billed: leaves with the bucket, refunds included
-        value = parse_bucket_value(raw_value)
-        if value is None:
-            log.error("bucket %s: meter %s holds %r, not a number; not billed", staged.staging, name, raw_value)
-            continue
-        out.append((name, meter, value))
-    return out
-
-
-def _split(staged: _Staged, meters: Mapping[str, Meter],
-           created_at: datetime) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The staged bucket's new ledger rows, and its leftovers (meter -> units) to net in a later bucket."""
-    assert staged.plan is not None
-    rows: list[dict[str, Any]] = []
-    leftovers: dict[str, int] = {}
-    for name, meter, value in _fields(staged, meters):
-        kind = meter.kind if meter is not None else "counter"
-        if value < 0:
-            # A refund that arrived after its own bucket closed: netted against a later bucket.
-            leftovers[name] = leftovers.get(name, 0) + int(value)
-            continue
-        if name in staged.plan.billed:
-            if kind == "counter" and value:
-                leftovers[name] = leftovers.get(name, 0) + int(value)  # late units: with a later bucket
-            log.warning("bucket %s of %s: %s %s arrived after it was billed; %s", staged.bucket_start, staged.tenant,
-                        value, name, "carried" if kind == "counter" else "a gauge keeps its billed value")
-            continue
-        # A counter's empty bucket is not sent. A gauge field exists only when the upstream reported it,
-        # and its Stripe meter keeps the last value: a drop to 0 must reach Stripe too.
-        if value == 0 and kind == "counter":
-            continue
-        rows.append({
-            "tenant_id": staged.tenant, "meter": name, "bucket_start": bucket_datetime(staged.bucket_start),
-            "value": value, "kind": kind, "state": "pending",
-            "identifier": bucket_identifier(staged.tenant, name, staged.bucket_start), "attempts": 0,
-            "created_at": created_at, "last_error": None,  # every row names the same columns: one multi-row INSERT
-        })
-    return rows, {name: units for name, units in leftovers.items() if units}
-
-
-def _leftover_rows(staged: _Staged, leftovers: Mapping[str, int], created_at: datetime) -> list[dict[str, Any]]:
-    """Leftovers the period could not net, as rows of that period: late units are billed, refunds parked."""
-    assert staged.plan is not None and staged.plan.target is None
-    at = bucket_datetime(staged.bucket_start) + timedelta(microseconds=staged.plan.slot)
-    rows = []
-    for name, units in leftovers.items():
-        refund = units < 0
-        rows.append({
-            "tenant_id": staged.tenant, "meter": name, "bucket_start": at, "value": Decimal(units),
-            "kind": "counter", "state": "parked" if refund else "pending",
-            "identifier": leftover_identifier(staged.tenant, name, staged.bucket_start, staged.plan.slot),
-            "attempts": 0, "created_at": created_at,
-            "last_error": f"{REFUND_NOT_NETTED}: {-units} refunded after the period's usage was billed; "
-                          "Stripe takes no negative usage (credit the customer)" if refund else None,
-        })
-        log.warning("bucket %s of %s: %s %s left at the end of the billing period: %s", staged.bucket_start,
-                    staged.tenant, units, name, "parked" if refund else "billed on its own")
-    return rows
-
-
-async def _plan(sessions: async_sessionmaker[AsyncSession], items: list[_Staged], meters: Mapping[str, Meter],
-                now: float, bucket_seconds: int) -> None:
-    """Decide, for the items without a plan, which units are late and where leftovers go (one read)."""
-    todo = [item for item in items if item.plan is None]
-    if not todo:
-        return
-    wanted = {bucket_identifier(item.tenant, name, item.bucket_start): item
-              for item in todo for name, _, _ in _fields(item, meters)}
-    async with sessions() as session:
-        billed: set[str] = set()
-        ids = list(wanted)
-        for i in range(0, len(ids), 500):
-            billed |= set((await session.scalars(select(LedgerEntry.identifier).where(
-                LedgerEntry.identifier.in_(ids[i : i + 500])))).all())
-        tenants = list({item.tenant for item in todo})
-        anchors = dict((await session.execute(select(Tenant.id, Tenant.billing_anchor_day).where(
-            Tenant.id.in_(tenants)))).tuples().all())
-        for item in todo:
-            names = [name for name, _, _ in _fields(item, meters)]
-            target = carry_target(item.bucket_start, bucket_seconds, now, anchors.get(item.tenant))
-            slot = 1 if target is not None else await _free_slot(session, item)
-            item.plan = _Plan([n for n in names if bucket_identifier(item.tenant, n, item.bucket_start) in billed],
-                              target, slot)
-
-
-async def _free_slot(session: AsyncSession, item: _Staged) -> int:
-    """A microsecond offset within the bucket's first second that no leftover row of the tenant uses yet."""
-    start = bucket_datetime(item.bucket_start)
-    taken = (await session.scalars(select(LedgerEntry.bucket_start).where(
-        LedgerEntry.tenant_id == item.tenant, LedgerEntry.bucket_start > start,
-        LedgerEntry.bucket_start < start + timedelta(seconds=1)))).all()
-    return 1 + max((at.microsecond for at in taken), default=0)
-
-
-async def _commit(sessions: async_sessionmaker[AsyncSession], items: list[_Staged], meters: Mapping[str, Meter],
-                  created_at: datetime) -> None:
-    """The items' ledger rows in one transaction (one fsync for many buckets), ignoring rows already there.
-
-    Every decision was taken by the plan, so committing again after an interruption adds nothing.
-    """
-    rows: list[dict[str, Any]] = []
-    for item in items:
-        new, leftovers = _split(item, meters, created_at)
-        rows += new
-        if item.plan is not None and item.plan.target is None:
-            rows += _leftover_rows(item, leftovers, created_at)
-    if not rows:
-        return
-    async with sessions() as session, session.begin():
-        for i in range(0, len(rows), 500):
-            await session.execute(_insert_ignoring_conflicts(session, rows[i : i + 500]))
-
-
-async def _store_plans(redis: Redis | RedisCluster, items: list[_Staged]) -> list[_Staged]:
-    """Write the plans into the staged hashes; returns the items this mover still owns."""
-    owned = []
+async def _store_plans(batches: RedisBatches, items: list[Staged]) -> list[Staged]:
+    """Write the plans into the staged hashes (one batch); returns the items this mover still owns."""
+    owned, storing = [], []
     for item in items:
         assert item.plan is not None
         if PLAN_FIELD.encode() in item.raw or PLAN_FIELD in item.raw:
             owned.append(item)
-            continue
-        if await redis.eval(_SET_PLAN, 2, item.staging, item.lock, item.token, PLAN_FIELD, item.plan.dump()):
+        else:
+            storing.append(item)
+    replies = await batches.run_checked([("EVAL", _SET_PLAN, 2, item.staging, item.lock, item.token, PLAN_FIELD,
+                                          item.plan.dump()) for item in storing if item.plan is not None])
+    for item, stored in zip(storing, replies, strict=True):
+        if stored:
             owned.append(item)
         else:
             log.warning("bucket %s of %s: lock lost before the plan was stored; left to its new mover",
@@ -287,22 +111,36 @@ async def _store_plans(redis: Redis | RedisCluster, items: list[_Staged]) -> lis
     return owned
 
 
-async def _carry_and_delete(redis: Redis | RedisCluster, item: _Staged, meters: Mapping[str, Meter],
-                            created_at: datetime) -> bool:
-    """Forget the staged bucket, carrying its leftovers when the plan says so; False if the lock was lost."""
-    assert item.plan is not None
-    _, leftovers = _split(item, meters, created_at)
-    carried: list[Any] = []
-    target = keys.bucket_key(item.tenant, item.plan.target if item.plan.target is not None else item.bucket_start)
-    if item.plan.target is not None:
-        for name, units in leftovers.items():
-            carried += [name, units]
-    done = await redis.eval(_CARRY_AND_DELETE, 3, item.staging, target, item.lock, item.token, CARRY_TTL_SECONDS,
-                            *carried)
-    if not done:
-        log.warning("bucket %s of %s: lock lost before the move finished; left to its new mover",
-                    item.bucket_start, item.tenant)
-    return bool(done)
+async def _carry_and_delete(batches: RedisBatches, items: list[Staged], meters: Mapping[str, Meter],
+                            created_at: datetime) -> list[Staged]:
+    """Forget the staged buckets, carrying their leftovers where the plans say so (one batch, a script per
+    bucket); returns those forgotten, not those whose lock was lost."""
+    commands = []
+    for item in items:
+        assert item.plan is not None
+        _, leftovers = split_rows(item, meters, created_at)
+        carried: list[Any] = []
+        if item.plan.target is not None:
+            for name, units in leftovers.items():
+                carried += [name, units]
+        target = _sibling(item.staging, item.plan.target if item.plan.target is not None else item.bucket_start)
+        commands.append(("EVAL", _CARRY_AND_DELETE, 3, item.staging, target, item.lock, item.token,
+                         CARRY_TTL_SECONDS, *carried))
+    done = []
+    for item, forgotten in zip(items, await batches.run_checked(commands), strict=True):
+        if forgotten:
+            done.append(item)
+        else:
+            log.warning("bucket %s of %s: lock lost before the move finished; left to its new mover",
+                        item.bucket_start, item.tenant)
+    return done
+
+
+def _sibling(staging: str, bucket_start: int) -> str:
+    """The key of the tenant's bucket at `bucket_start`, from a staged key of the tenant: the same string as
+    `keys.bucket_key`, without filling its per-tenant cache with every tenant of a large pass."""
+    live = staging[: -len(STAGING_SUFFIX)]
+    return f"{live[: live.rindex(':b:') + 3]}{bucket_start}"
 
 
 async def move_closed_buckets(
@@ -321,8 +159,27 @@ async def move_closed_buckets(
     Meters without a `stripe_event`, and counters at 0, are not billed: they leave with the bucket.
     Fields of meters no longer configured are kept as pending rows and parked at send time, so a
     configuration slip is visible rather than dropped. `limit` caps the buckets moved in one call.
+
+    Buckets are moved in groups as the scan finds them, so memory stays flat however many tenants there
+    are: no list of every closed bucket is built. SCAN may name a key twice, and names a bucket once as
+    itself and once as its staged copy: a bucket met again finds nothing left to move (RENAME fails), or
+    only a late write, which is moved as it should be.
     """
-    closed: dict[str, tuple[str, int]] = {}
+    if limit is not None and limit <= 0:
+        return MoveResult()
+    batches = RedisBatches(redis)
+    try:
+        return await _move_all(redis, _Mover(batches, sessions, meters, now, bucket_seconds, lock_ms), now=now,
+                               bucket_seconds=bucket_seconds, grace_seconds=grace_seconds, limit=limit)
+    finally:
+        batches.close()
+
+
+async def _move_all(redis: Redis | RedisCluster, mover: _Mover, *, now: float, bucket_seconds: int,
+                    grace_seconds: int, limit: int | None) -> MoveResult:
+    moved = held = 0
+    left = limit  # None: no cap
+    group: dict[str, tuple[str, int]] = {}  # live key -> (tenant, bucket start)
     async for key in scan_bucket_keys(redis):
         staged = key.endswith(STAGING_SUFFIX)
         live_key = key[: -len(STAGING_SUFFIX)] if staged else key
@@ -332,89 +189,125 @@ async def move_closed_buckets(
         tenant, bucket_start = parsed
         # A staged bucket was being moved when a pass stopped: finish it whatever the time.
         if staged or now >= bucket_start + bucket_seconds + grace_seconds:
-            closed[live_key] = (tenant, bucket_start)
-    ordered = sorted(closed.items(), key=lambda item: item[1][1])  # oldest first: a capped pass drains in order
-    if limit is not None:
-        ordered = ordered[:limit]
-
-    moved = held = 0
-    mover = _Mover(redis, sessions, meters, now, bucket_seconds, lock_ms)
-    for first in range(0, len(ordered), MOVE_GROUP):
-        group_moved, group_held = await mover.move_group(ordered[first : first + MOVE_GROUP])
-        moved += group_moved
-        held += group_held
+            group[live_key] = (tenant, bucket_start)
+        if len(group) >= MOVE_GROUP or (left is not None and len(group) >= left):
+            group_moved, group_held = await mover.move_group(sorted(group.items(), key=_by_start))
+            moved, held = moved + group_moved, held + group_held
+            if left is not None:
+                left -= len(group)
+                if left <= 0:
+                    return MoveResult(moved, held)
+            group = {}
+    if group:
+        group_moved, group_held = await mover.move_group(sorted(group.items(), key=_by_start))
+        moved, held = moved + group_moved, held + group_held
     return MoveResult(moved, held)
 
 
-class _Mover:
-    """One pass's mover: takes the bucket locks (and keeps them renewed), stages, plans, commits, forgets."""
+def _by_start(item: tuple[str, tuple[str, int]]) -> int:
+    return item[1][1]
 
-    def __init__(self, redis: Redis | RedisCluster, sessions: async_sessionmaker[AsyncSession],
+
+class _Mover:
+    """One pass's mover: takes the bucket locks (and keeps them renewed), stages, plans, commits, forgets.
+
+    Each step is one batch of Redis commands for the whole group, so a group of buckets costs a handful of
+    round trips, not several per bucket; every bucket still goes through the same commands in the same order.
+    """
+
+    def __init__(self, batches: RedisBatches, sessions: async_sessionmaker[AsyncSession],
                  meters: Mapping[str, Meter], now: float, bucket_seconds: int, lock_ms: int) -> None:
-        self._redis = redis
+        self._batches = batches
         self._sessions = sessions
         self._meters = meters
         self._now = now
         self._bucket_seconds = bucket_seconds
         self._lock_ms = lock_ms
         self._created_at = utc(now)
-        self._locks: dict[str, str] = {}
 
     async def move_group(self, group: list[tuple[str, tuple[str, int]]]) -> tuple[int, int]:
-        renewer = asyncio.create_task(self._renew())
+        locks: dict[str, str] = {}  # this group's bucket locks: lock key -> token
+        renewer = asyncio.create_task(self._renew(locks))
         try:
-            return await self._move_group(group)
+            return await self._move_group(group, locks)
         finally:
             await cancel_and_wait([renewer])
-            for lock, token in self._locks.items():
-                with contextlib.suppress(*REDIS_ERRORS):
-                    await self._redis.eval(RELEASE_LOCK, 1, lock, token)
-            self._locks.clear()
+            with contextlib.suppress(*REDIS_ERRORS):  # a lock not released expires on its own
+                await self._batches.run([("EVAL", RELEASE_LOCK, 1, lock, token) for lock, token in locks.items()])
 
-    async def _move_group(self, group: list[tuple[str, tuple[str, int]]]) -> tuple[int, int]:
-        staged: list[_Staged] = []
-        moved = held = 0
-        for key, (tenant, bucket_start) in group:
-            # One mover per bucket at a time, even with two workers and no leader lock: the "already
-            # billed" test of the plan must not see the other mover's rows.
-            lock, token = key + LOCK_SUFFIX, secrets.token_hex(8)
-            if not await self._redis.set(lock, token, nx=True, px=self._lock_ms):
+    async def _move_group(self, group: list[tuple[str, tuple[str, int]]],
+                          locks: dict[str, str]) -> tuple[int, int]:
+        # One mover per bucket at a time, even with two workers and no leader lock: the "already billed"
+        # test of the plan must not see the other mover's rows. EXISTS runs after the SET on the same
+        # connection, so when the lock is ours it says whether an interrupted pass left the bucket staged.
+        tokens = [secrets.token_hex(8) for _ in group]
+        commands: list[tuple[Any, ...]] = []
+        for (key, _), token in zip(group, tokens, strict=True):
+            commands += [("SET", key + LOCK_SUFFIX, token, "NX", "PX", self._lock_ms), ("EXISTS", key + STAGING_SUFFIX)]
+        replies = await self._batches.run_checked(commands)
+        locked: list[Staged] = []
+        leftovers: list[Staged] = []
+        held = 0
+        for i, (key, (tenant, bucket_start)) in enumerate(group):
+            if not replies[2 * i]:
                 held += 1
                 continue
-            self._locks[lock] = token
-            staging = key + STAGING_SUFFIX
-            if await self._redis.exists(staging):  # left by an interrupted pass: RENAME would overwrite it
-                leftover = _Staged(staging, lock, token, tenant, bucket_start, await self._redis.hgetall(staging))
-                leftover.plan = _Plan.load(leftover.raw.get(PLAN_FIELD.encode(), leftover.raw.get(PLAN_FIELD)))
-                moved += await self._finish([leftover])
-            try:
-                # RENAME first: a write racing the move (a late record, a spool replay) then creates a new
-                # key that the next pass moves, instead of being deleted with this one unseen.
-                await self._redis.rename(key, staging)
-            except ResponseError:  # no such key: it was only staged, or another mover took it
-                continue
-            staged.append(_Staged(staging, lock, token, tenant, bucket_start, await self._redis.hgetall(staging)))
-        return moved + await self._finish(staged), held
-
-    async def _finish(self, items: list[_Staged]) -> int:
-        """Plan, store the plans, commit the rows, then forget the staged hashes: durable first."""
-        if not items:
-            return 0
-        await _plan(self._sessions, items, self._meters, self._now, self._bucket_seconds)
-        owned = await _store_plans(self._redis, items)
-        await _commit(self._sessions, owned, self._meters, self._created_at)
+            item = Staged(key + STAGING_SUFFIX, key + LOCK_SUFFIX, tokens[i], tenant, bucket_start, {})
+            locks[item.lock] = item.token
+            locked.append(item)
+            if replies[2 * i + 1]:
+                leftovers.append(item)
         moved = 0
-        for item in owned:
-            moved += await _carry_and_delete(self._redis, item, self._meters, self._created_at)
-        return moved
+        if leftovers:  # left by an interrupted pass: finished first, as RENAME would overwrite them
+            hashes = await self._batches.run_checked([("HGETALL", item.staging) for item in leftovers])
+            for item, raw in zip(leftovers, hashes, strict=True):
+                item.raw = as_hash(raw)
+                item.plan = Plan.load(item.raw.get(PLAN_FIELD.encode(), item.raw.get(PLAN_FIELD)))
+            finished = await self._finish(leftovers)
+            moved += len(finished)
+            lost = {id(item) for item in leftovers} - {id(item) for item in finished}
+            locked = [item for item in locked if id(item) not in lost]  # no longer ours to stage
 
-    async def _renew(self) -> None:
-        """Keep this mover's bucket locks while a slow group (a slow database) is still being moved."""
+        # RENAME first: a write racing the move (a late record, a spool replay) then creates a new key that
+        # the next pass moves, instead of being deleted with this one unseen.
+        commands = []
+        for item in locked:
+            commands += [("RENAME", item.staging[: -len(STAGING_SUFFIX)], item.staging), ("HGETALL", item.staging)]
+        replies = await self._batches.run(commands)
+        staged = []
+        for i, item in enumerate(locked):
+            renamed, raw = replies[2 * i], replies[2 * i + 1]
+            if isinstance(renamed, ResponseError):  # no such key: it was only staged, or another mover took it
+                continue
+            if isinstance(raw, ResponseError):
+                raise raw
+            staged.append(Staged(item.staging, item.lock, item.token, item.tenant, item.bucket_start, as_hash(raw)))
+        return moved + len(await self._finish(staged)), held
+
+    async def _finish(self, items: list[Staged]) -> list[Staged]:
+        """Plan, store the plans, commit the rows, then forget the staged hashes: durable first.
+
+        Returns the items forgotten; the others' locks were lost, and their buckets with them."""
+        if not items:
+            return []
+        await plan_moves(self._sessions, items, self._meters, self._now, self._bucket_seconds)
+        owned = await _store_plans(self._batches, items)
+        await commit_rows(self._sessions, owned, self._meters, self._created_at)
+        return await _carry_and_delete(self._batches, owned, self._meters, self._created_at)
+
+    async def _renew(self, held: dict[str, str]) -> None:
+        """Keep a group's bucket locks while it is still being moved (a slow database)."""
         while True:
             await asyncio.sleep(self._lock_ms / 3000)
-            for lock, token in list(self._locks.items()):
-                try:
-                    if not await self._redis.eval(RENEW_LOCK, 1, lock, token, self._lock_ms):
-                        log.warning("bucket lock %s lost during a move", lock)
-                except REDIS_ERRORS as exc:
-                    log.warning("cannot renew bucket lock %s: %r", lock, exc)
+            locks = list(held.items())
+            if not locks:
+                continue
+            try:
+                renewed = await self._batches.run_checked(
+                    [("EVAL", RENEW_LOCK, 1, lock, token, self._lock_ms) for lock, token in locks])
+            except REDIS_ERRORS as exc:
+                log.warning("cannot renew %d bucket locks: %r", len(locks), exc)
+                continue
+            for (lock, _), ok in zip(locks, renewed, strict=True):
+                if not ok:
+                    log.warning("bucket lock %s lost during a move", lock)

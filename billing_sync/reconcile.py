@@ -229,8 +229,10 @@ class WindowCheck:
         self._bucket_seconds = bucket_seconds
         self._meters: dict[str, Any] | None = None
 
-    async def unaccounted(self, row: LedgerEntry, event_name: str, customer: str) -> Decimal | None:
-        """Stripe's sum in the bucket's window minus the ledger's sent rows there; None: no such Stripe meter."""
+    async def unaccounted(self, row: Any, event_name: str, customer: str) -> Decimal | None:
+        """Stripe's sum in the bucket's window minus the ledger's sent rows there; None: no such Stripe meter.
+
+        `row` is a ledger row, or a result row with its `tenant_id`, `meter` and `bucket_start`."""
         if self._meters is None or event_name not in self._meters:
             self._meters = await _stripe_meters(self._client, PAGE_SIZE)
         remote = self._meters.get(event_name)

@@ -30,12 +30,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from sqlalchemy import select, true, tuple_, update
+from sqlalchemy import Row, bindparam, select, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from billing_sync.ledger import REFUND_NOT_NETTED, RELEASE_LOCK, RENEW_LOCK, MoveResult, move_closed_buckets
+from billing_sync.ledger import RELEASE_LOCK, RENEW_LOCK, MoveResult, move_closed_buckets
 from billing_sync.metrics import SyncMetrics
 from billing_sync.pacing import StripePacer
+from billing_sync.queries import IN_CHUNK, among, planned_per_run
 from billing_sync.reconcile import WindowCheck
 from billing_sync.sender import (
     DryRunSender,
@@ -47,6 +48,7 @@ from billing_sync.sender import (
     classify,
 )
 from billing_sync.settings import StripeSettings
+from billing_sync.staged import REFUND_NOT_NETTED
 from billing_sync.state import LAST_RUN_KEY, ledger_counts, requeue_with_customer
 from metering.clock import Clock, system_clock, utc
 from metering.errors import REDIS_ERRORS
@@ -59,7 +61,13 @@ log = logging.getLogger("cosmos_gateway.billing_sync")
 LEADER_KEY = "gw:sync:leader"
 MAX_EVENT_AGE = 35 * 86_400  # Stripe refuses meter events older than 35 days
 CONFIRM_AFTER = 23 * 3600  # first sent longer ago: Stripe may have forgotten the identifier (24 h window)
-ROWS_PER_QUERY = 1000
+# Pending rows per page. A page's sends run `concurrency` at a time, and its outcomes are one transaction; no
+# index serves the page order, so each page sorts the pending rows: fewer pages, fewer sorts.
+ROWS_PER_QUERY = 5000
+# The columns of a pending row that its send needs, as plain result rows: no ORM object and state per row.
+_DUE_COLUMNS = (LedgerEntry.identifier, LedgerEntry.tenant_id, LedgerEntry.meter, LedgerEntry.bucket_start,
+                LedgerEntry.value, LedgerEntry.kind, LedgerEntry.attempts, LedgerEntry.first_attempt_at)
+Due = Row[Any]  # a row of _DUE_COLUMNS
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,12 +183,10 @@ class SyncWorker:
     async def _send_due(self, now: float, tally: _Tally) -> None:
         """Every pending row due at `now`, oldest first, each looked at once (keyset pages)."""
         due_at = utc(now)
-        customers: dict[str, str | None] = {}
         after: tuple[datetime, str, str] | None = None
-        semaphore = asyncio.Semaphore(self._settings.concurrency)
         while True:
             query = (
-                select(LedgerEntry)
+                select(*_DUE_COLUMNS)
                 .where(LedgerEntry.state == "pending")
                 .where((LedgerEntry.next_attempt_at.is_(None)) | (LedgerEntry.next_attempt_at <= due_at))
                 # A dry run shows each row once; it stays pending for the live mode to send.
@@ -192,14 +198,16 @@ class SyncWorker:
                 query = query.where(
                     tuple_(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter) > tuple_(*after))
             async with self._sessions() as session:
-                rows = list((await session.scalars(query)).all())
+                await planned_per_run(session)
+                rows = list((await session.execute(query)).all())
             if not rows:
                 return
             after = (rows[-1].bucket_start, rows[-1].tenant_id, rows[-1].meter)
-            await self._load_customers(customers, {row.tenant_id for row in rows})
+            # Looked up page by page, not kept for the pass: memory stays flat however many tenants.
+            customers = await self._load_customers({row.tenant_id for row in rows})
 
-            ready: list[tuple[LedgerEntry, MeterEvent]] = []
-            local: list[tuple[LedgerEntry, SendResult]] = []
+            ready: list[tuple[Due, MeterEvent]] = []
+            local: list[tuple[Due, SendResult]] = []
             for row in rows:
                 meter = self._meters.get(row.meter)
                 customer = customers.get(row.tenant_id)
@@ -220,31 +228,29 @@ class SyncWorker:
             if not self._dry_run:
                 await self._mark_attempted([row for row, _ in ready], now)
 
-            size = max(1, self.sender.max_batch)
-            groups = [ready[i : i + size] for i in range(0, len(ready), size)]
-            async with asyncio.TaskGroup() as group_tasks:
-                tasks = [group_tasks.create_task(self._send_group(group, semaphore)) for group in groups]
+            outcomes = await self._send(ready)
             # One transaction for the page's outcomes, not one per event: with SQLite each commit is an
             # fsync, which would cap the pass far below what Stripe accepts. A crash before this commit
             # only means those rows are sent again, and Stripe answers "duplicate" for them.
-            outcomes = [outcome for task in tasks for outcome in task.result()]
-            customers = {row.identifier: event.customer for row, event in ready}
             if outcomes:
-                await self._record(outcomes, customers, tally)
+                await self._record(outcomes, {row.identifier: event.customer for row, event in ready}, tally)
 
-    async def _mark_attempted(self, rows: Sequence[LedgerEntry], now: float) -> None:
+    async def _mark_attempted(self, rows: Sequence[Due], now: float) -> None:
         """Stamp the first send of each row before it leaves: a crash right after the send still leaves the
         time from which Stripe's 24 h identifier window runs out."""
         first = [row.identifier for row in rows if row.first_attempt_at is None]
+        if not first:
+            return
         at = utc(now)
         async with self._sessions() as session, session.begin():
-            for i in range(0, len(first), 500):
+            dialect = await planned_per_run(session)
+            for i in range(0, len(first), IN_CHUNK):
                 await session.execute(update(LedgerEntry).where(
-                    LedgerEntry.identifier.in_(first[i : i + 500]), LedgerEntry.first_attempt_at.is_(None))
-                    .values(first_attempt_at=at))
+                    among(LedgerEntry.identifier, first[i : i + IN_CHUNK], dialect),
+                    LedgerEntry.first_attempt_at.is_(None)).values(first_attempt_at=at))
 
-    async def _confirm_beyond_window(self, ready: list[tuple[LedgerEntry, MeterEvent]], now: float,
-                                     tally: _Tally) -> list[tuple[LedgerEntry, MeterEvent]]:
+    async def _confirm_beyond_window(self, ready: list[tuple[Due, MeterEvent]], now: float,
+                                     tally: _Tally) -> list[tuple[Due, MeterEvent]]:
         """Rows first sent more than 23 h ago may be held by Stripe with an identifier it no longer remembers:
         ask its event summaries before sending them again (PRODUCT.md §8).
 
@@ -276,43 +282,60 @@ class SyncWorker:
             await self._record(decided, {row.identifier: event.customer for row, event in ready}, tally)
         return to_send
 
-    async def _send_group(self, group: list[tuple[LedgerEntry, MeterEvent]],
-                          semaphore: asyncio.Semaphore) -> list[tuple[LedgerEntry, SendResult]]:
-        async with semaphore:
-            await self._pacer.acquire(len(group))
-            results = await self.sender.send([event for _, event in group])
-        return list(zip([row for row, _ in group], results, strict=True))
+    async def _send(self, ready: list[tuple[Due, MeterEvent]]) -> list[tuple[Due, SendResult]]:
+        """Send a page in requests of up to `sender.max_batch` events, `concurrency` requests at a time, paced;
+        the outcomes in the page's order."""
+        size = max(1, self.sender.max_batch)
+        groups = [ready[i : i + size] for i in range(0, len(ready), size)]
+        results: list[list[SendResult]] = [[] for _ in groups]
+        pending = iter(range(len(groups)))
 
-    async def _record(self, outcomes: Sequence[tuple[LedgerEntry, SendResult]], customers: Mapping[str, str],
+        async def sender() -> None:  # one of `concurrency`, each taking the next request (a task each: no more)
+            for i in pending:
+                await self._pacer.acquire(len(groups[i]))
+                results[i] = await self.sender.send([event for _, event in groups[i]])
+
+        async with asyncio.TaskGroup() as senders:
+            for _ in range(min(self._settings.concurrency, len(groups))):
+                senders.create_task(sender())
+        return [(row, result) for group, sent in zip(groups, results, strict=True)
+                for (row, _), result in zip(group, sent, strict=True)]
+
+    async def _record(self, outcomes: Sequence[tuple[Due, SendResult]], customers: Mapping[str, str],
                       tally: _Tally) -> None:
-        """Write the outcomes in one transaction; a row another worker already sent is left alone."""
+        """Write the outcomes in one transaction; a row another worker already sent is left alone.
+
+        Outcomes of a kind share one UPDATE run for all their rows (executemany), not a statement each.
+        """
         at = self._clock()
         at_dt = utc(at)
+        previewed: list[dict[str, Any]] = []
+        delivered: list[dict[str, Any]] = []
+        retried: list[dict[str, Any]] = []
+        parked: list[dict[str, Any]] = []
+        for row, result in outcomes:
+            if result.delivered and self._dry_run:  # shown, not sent: the live mode sends it
+                previewed.append({"b_id": row.identifier, "b_customer": customers.get(row.identifier)})
+            elif result.delivered:
+                note = (f"duplicate: {result.detail or 'Stripe already held it'}"
+                        if result.outcome is Outcome.DUPLICATE else None)
+                delivered.append({"b_id": row.identifier, "b_customer": customers.get(row.identifier),
+                                  "b_error": note})
+            elif result.outcome is Outcome.RETRY:
+                cap = min(self._backoff_max, self._backoff_base * 2 ** min(row.attempts, 32))
+                retried.append({"b_id": row.identifier, "b_error": f"{result.reason}: {(result.detail or '')[:500]}",
+                                "b_retry_at": utc(at + self._jitter() * cap)})
+            else:
+                parked.append({"b_id": row.identifier, "b_error": f"{result.reason}: {(result.detail or '')[:500]}"})
         async with self._sessions() as session, session.begin():
-            for row, result in outcomes:
-                match = LedgerEntry.identifier == row.identifier
-                if result.delivered and self._dry_run:  # shown, not sent: the live mode sends it
-                    await session.execute(update(LedgerEntry).where(match, LedgerEntry.state == "pending").values(
-                        previewed_at=at_dt, stripe_customer_id=customers.get(row.identifier)))
-                    continue
-                if result.delivered:
-                    note = (f"duplicate: {result.detail or 'Stripe already held it'}"
-                            if result.outcome is Outcome.DUPLICATE else None)
-                    values: dict[str, Any] = {
-                        "state": "sent", "sent_at": at_dt, "attempts": LedgerEntry.attempts + 1,
-                        "last_error": note, "next_attempt_at": None,
-                        "stripe_customer_id": customers.get(row.identifier),
-                    }
-                    await session.execute(update(LedgerEntry).where(match, LedgerEntry.state != "sent").values(values))
-                    continue
-                text = f"{result.reason}: {(result.detail or '')[:500]}"
-                if result.outcome is Outcome.RETRY:
-                    cap = min(self._backoff_max, self._backoff_base * 2 ** min(row.attempts, 32))
-                    retry_at = utc(at + self._jitter() * cap)
-                    values = {"attempts": LedgerEntry.attempts + 1, "last_error": text, "next_attempt_at": retry_at}
-                else:
-                    values = {"state": "parked", "attempts": LedgerEntry.attempts + 1, "last_error": text}
-                await session.execute(update(LedgerEntry).where(match, LedgerEntry.state == "pending").values(values))
+            for statement, params in (
+                (_PREVIEW.values(previewed_at=at_dt), previewed),
+                (_DELIVER.values(sent_at=at_dt), delivered),
+                (_RETRY, retried),
+                (_PARK, parked),
+            ):
+                if params:
+                    await session.execute(statement, params)
         for row, result in outcomes:
             if result.delivered and self._dry_run:
                 tally.previewed += 1
@@ -331,15 +354,16 @@ class SyncWorker:
                     tally.parked += 1
                     log.warning("billing sync: %s parked (%s): %s", row.identifier, result.reason, result.detail)
 
-    async def _load_customers(self, cache: dict[str, str | None], tenants: set[str]) -> None:
-        missing = [t for t in tenants if t not in cache]
-        if not missing:
-            return
+    async def _load_customers(self, tenants: set[str]) -> dict[str, str | None]:
+        """The Stripe customer of each tenant of a page (None: it has none)."""
+        found: dict[str, str | None] = {}
+        wanted = list(tenants)
         async with self._sessions() as session:
-            found = dict((await session.execute(
-                select(Tenant.id, Tenant.stripe_customer_id).where(Tenant.id.in_(missing)))).tuples().all())
-        for tenant in missing:
-            cache[tenant] = found.get(tenant) or None
+            dialect = await planned_per_run(session)
+            for i in range(0, len(wanted), IN_CHUNK):
+                found.update((await session.execute(select(Tenant.id, Tenant.stripe_customer_id).where(
+                    among(Tenant.id, wanted[i : i + IN_CHUNK], dialect)))).tuples().all())
+        return {tenant: found.get(tenant) or None for tenant in tenants}
 
     # -- the leader lock -----------------------------------------------------------------------------
 
@@ -382,6 +406,21 @@ class SyncWorker:
 
     async def aclose(self) -> None:
         await self.sender.aclose()
+
+
+# The outcome updates, each run for many rows at once (executemany), so on the table, not the ORM entity
+# (whose list-of-parameters form is a bulk update by primary key). A row is matched by its identifier.
+_LEDGER = LedgerEntry.__table__
+_BY_IDENTIFIER = _LEDGER.c.identifier == bindparam("b_id")
+_PREVIEW = update(_LEDGER).where(_BY_IDENTIFIER, _LEDGER.c.state == "pending").values(
+    stripe_customer_id=bindparam("b_customer"))
+_DELIVER = update(_LEDGER).where(_BY_IDENTIFIER, _LEDGER.c.state != "sent").values(
+    state="sent", attempts=_LEDGER.c.attempts + 1, last_error=bindparam("b_error"), next_attempt_at=None,
+    stripe_customer_id=bindparam("b_customer"))
+_RETRY = update(_LEDGER).where(_BY_IDENTIFIER, _LEDGER.c.state == "pending").values(
+    attempts=_LEDGER.c.attempts + 1, last_error=bindparam("b_error"), next_attempt_at=bindparam("b_retry_at"))
+_PARK = update(_LEDGER).where(_BY_IDENTIFIER, _LEDGER.c.state == "pending").values(
+    state="parked", attempts=_LEDGER.c.attempts + 1, last_error=bindparam("b_error"))
 
 
 @dataclass(slots=True)

@@ -671,40 +671,36 @@ class StripeEmulator:
                 param="events",
             )
         accepted: list[tuple[Meter, str, Decimal, str, int, dict[str, str]]] = []
+        # An identifier repeated within the batch is a duplicate of the earlier one. Nothing is taken before the
+        # whole batch is validated (sync validation refuses it whole), so no copy of the taken identifiers is
+        # needed to undo: a batch costs what it holds, not what the emulator has seen.
         batch_identifiers: set[str] = set()
-        snapshot = dict(self._identifiers)
-        try:
-            for i, event in enumerate(events):
-                try:
-                    if not isinstance(event, dict):
-                        raise _StripeError(400, "Each event must be an object.", param=f"events[{i}]")
-                    payload = event.get("payload") or {}
-                    if not isinstance(payload, dict) or not all(isinstance(v, str) for v in payload.values()):
-                        raise _StripeError(
-                            400,
-                            "payload must be a map of strings.",
-                            code="parameter_invalid",
-                            param=f"events[{i}].payload",
-                        )
-                    timestamp = (
-                        _parse_rfc3339(event.get("timestamp"), i) if event.get("timestamp") else int(self.clock())
+        for i, event in enumerate(events):
+            try:
+                if not isinstance(event, dict):
+                    raise _StripeError(400, "Each event must be an object.", param=f"events[{i}]")
+                payload = event.get("payload") or {}
+                if not isinstance(payload, dict) or not all(isinstance(v, str) for v in payload.values()):
+                    raise _StripeError(
+                        400,
+                        "payload must be a map of strings.",
+                        code="parameter_invalid",
+                        param=f"events[{i}].payload",
                     )
-                    meter, customer, value, ident = self._validate_event(
-                        event.get("event_name"), payload, event.get("identifier"), timestamp, "v2"
-                    )
-                    if ident in batch_identifiers:
-                        raise _duplicate_identifier(ident)
-                    batch_identifiers.add(ident)
-                    self._identifiers[ident] = self.clock()  # so later events in the batch see it
-                    accepted.append((meter, customer, value, ident, timestamp, payload))
-                except _StripeError as err:
-                    if self.stream_validation == "sync":
-                        if err.body.get("param") and not err.body["param"].startswith("events"):
-                            err.body["param"] = f"events[{i}].{err.body['param']}"
-                        raise
-                    self.rejected.append({"via": "v2", "event": event, "status": err.status, "error": err.body})
-        finally:
-            self._identifiers = snapshot
+                timestamp = _parse_rfc3339(event.get("timestamp"), i) if event.get("timestamp") else int(self.clock())
+                meter, customer, value, ident = self._validate_event(
+                    event.get("event_name"), payload, event.get("identifier"), timestamp, "v2"
+                )
+                if ident in batch_identifiers:
+                    raise _duplicate_identifier(ident)
+                batch_identifiers.add(ident)
+                accepted.append((meter, customer, value, ident, timestamp, payload))
+            except _StripeError as err:
+                if self.stream_validation == "sync":
+                    if err.body.get("param") and not err.body["param"].startswith("events"):
+                        err.body["param"] = f"events[{i}].{err.body['param']}"
+                    raise
+                self.rejected.append({"via": "v2", "event": event, "status": err.status, "error": err.body})
         for meter, customer, value, ident, timestamp, payload in accepted:
             self._accept(meter.event_name, ident, customer, value, timestamp, payload, "v2")
         return 200, {}

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from billing_sync import ledger as ledger_module
 from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
 from billing_sync.state import sync_state
 from gateway.cli.devservices import RedisProcess
@@ -21,18 +26,24 @@ from metering.meters import DEFAULT_METERS
 from metering.migrate import upgrade_async
 from metering.models import LedgerEntry, Tenant
 from tests.metering.conftest import db_url, postgres_database  # noqa: F401  (fixtures: SQLite and PostgreSQL)
+from tests.metering.redis_cluster import RedisClusterProcess
 
 METERS = {m.name: m for m in DEFAULT_METERS}
 BUCKET = 1_796_000_100 // 300 * 300
 NOW = BUCKET + 300 + 20  # the bucket is closed (300 s + 10 s grace)
 
 
-@pytest.fixture
-async def stores(redis_server: RedisProcess,
+class PipelinedRedis(Redis):
+    """A plain client but for its type: the mover sends its batches to it as redis-py pipelines, as it does to a
+    Redis Cluster or over TLS, instead of on its lean hiredis connection (billing_sync.redis_batches)."""
+
+
+@pytest.fixture(params=["lean", "pipelined"])
+async def stores(request: pytest.FixtureRequest, redis_server: RedisProcess,
                  db_url: str) -> AsyncIterator[tuple[Redis, async_sessionmaker[AsyncSession]]]:  # noqa: F811
     engine = db.create_engine(db_url)
     await upgrade_async(engine)
-    client = Redis.from_url(redis_server.url)
+    client = (Redis if request.param == "lean" else PipelinedRedis).from_url(redis_server.url)
     yield client, db.session_factory(engine)
     await client.aclose()
     await engine.dispose()
@@ -119,6 +130,89 @@ async def test_a_staged_late_write_found_after_a_crash_is_carried(stores) -> Non
     await move(client, sessions)
     assert (await ledger(sessions))[("acme", "api_calls", BUCKET)] == 7
     assert await client.hgetall(keys.bucket_key("acme", BUCKET + 300)) == {b"api_calls": b"3"}
+
+
+# -- a pass in groups ----------------------------------------------------------------------------------------
+
+
+async def test_groups_of_a_large_pass_move_every_bucket_once(stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, sessions = stores
+    monkeypatch.setattr(ledger_module, "MOVE_GROUP", 4)  # many groups, and a bucket's two names in two of them
+    expected: dict[tuple[str, str, int], Decimal] = {}
+    for t in range(6):
+        for b in range(3):
+            start = BUCKET - b * 300
+            await client.hset(keys.bucket_key(f"t{t}", start), mapping={"api_calls": t + b + 1, "chains": 2})
+            expected[(f"t{t}", "api_calls", start)] = Decimal(t + b + 1)
+    staged = keys.bucket_key("staged", BUCKET)
+    await client.hset(staged + STAGING_SUFFIX, mapping={"api_calls": 7})  # a pass stopped after staging it...
+    await client.hset(staged, mapping={"api_calls": 1})  # ...and a late write recreated the live key
+    expected[("staged", "api_calls", BUCKET)] = Decimal(7)
+    held = keys.bucket_key("held", BUCKET)
+    await client.hset(held, mapping={"api_calls": 5})
+    await client.set(held + LOCK_SUFFIX, "another-mover", px=60_000)
+
+    result = await move_closed_buckets(client, sessions, METERS, now=NOW, bucket_seconds=300, grace_seconds=10)
+    assert (result.moved, result.held) == (18 + 2, 1)  # the staged bucket counts twice: its leftover, its late write
+    assert await ledger(sessions) == expected
+    left = sorted([k.decode() async for k in client.scan_iter(match="gw:{t:*}:b:*")])
+    assert left == sorted([held, held + LOCK_SUFFIX, keys.bucket_key("staged", BUCKET + 300)])
+    assert await client.hgetall(keys.bucket_key("staged", BUCKET + 300)) == {b"api_calls": b"1"}  # carried
+
+    await client.delete(held + LOCK_SUFFIX)
+    again = await move_closed_buckets(client, sessions, METERS, now=NOW, bucket_seconds=300, grace_seconds=10)
+    assert (again.moved, again.held) == (1, 0)
+    assert (await ledger(sessions))[("held", "api_calls", BUCKET)] == 5
+
+
+async def test_limit_caps_the_buckets_a_call_moves(stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, sessions = stores
+    monkeypatch.setattr(ledger_module, "MOVE_GROUP", 3)
+    for t in range(10):
+        await client.hset(keys.bucket_key(f"t{t}", BUCKET), mapping={"api_calls": 1})
+    moves = {"limit": 4, "now": NOW, "bucket_seconds": 300, "grace_seconds": 10}
+    assert (await move_closed_buckets(client, sessions, METERS, **moves)).moved == 4
+    assert len(await ledger(sessions)) == 4
+    assert (await move_closed_buckets(client, sessions, METERS, **moves | {"limit": 0})).moved == 0
+    assert await move(client, sessions) == 6
+    assert len(await ledger(sessions)) == 10
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    if shutil.which("redis-cli") is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-cli/redis-server not installed: cannot build a Redis Cluster")
+    cluster = RedisClusterProcess().start()
+    yield cluster
+    cluster.close()
+
+
+async def test_moves_on_a_redis_cluster(redis_cluster: RedisClusterProcess, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each step's batch spans every master (a pipeline split by slot); each bucket's keys share one slot."""
+    monkeypatch.setattr(ledger_module, "MOVE_GROUP", 16)
+    client = RedisCluster.from_url(redis_cluster.url)
+    await client.initialize()
+    engine = db.create_engine(f"sqlite+aiosqlite:///{tmp_path}/gw.db")
+    await upgrade_async(engine)
+    sessions = db.session_factory(engine)
+    try:
+        tenants = [f"c{i}" for i in range(40)]
+        assert len({client.get_node_from_key(keys.bucket_key(t, BUCKET)).name for t in tenants}) >= 2
+        for i, tenant in enumerate(tenants):
+            await client.hset(keys.bucket_key(tenant, BUCKET), mapping={"api_calls": i + 1})
+        await client.hset(keys.bucket_key("c0", BUCKET - 300), mapping={"api_calls": 3})
+        assert await move(client, sessions) == 41
+        await client.hset(keys.bucket_key("c1", BUCKET), mapping={"api_calls": 4})  # late: carried
+        assert await move(client, sessions) == 1
+        rows = await ledger(sessions)
+        assert rows == {**{(t, "api_calls", BUCKET): Decimal(i + 1) for i, t in enumerate(tenants)},
+                        ("c0", "api_calls", BUCKET - 300): Decimal(3)}
+        assert await client.hgetall(keys.bucket_key("c1", BUCKET + 300)) == {b"api_calls": b"4"}
+    finally:
+        await client.flushall()
+        await client.aclose()
+        await engine.dispose()
 
 
 # -- refunds stay in their billing period ------------------------------------------------------------------
@@ -232,17 +326,33 @@ def _url(client: Redis) -> str:
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
 
 
-def _is_carry(script: str) -> bool:
-    return "HINCRBY" in script
+def _is_carry(script: Any) -> bool:
+    return isinstance(script, str) and "HINCRBY" in script
+
+
+def _carries(pipe: Pipeline) -> bool:
+    return any(args[0] == "EVAL" and _is_carry(args[1]) for args, _ in pipe.command_stack)
 
 
 class CrashBeforeCarry(Redis):
-    """A real Redis client whose process "dies" when it would carry and delete a staged bucket."""
+    """A real Redis client whose process "dies" when it would carry and delete a staged bucket, whether the
+    mover sends the carry on its own or in a pipeline."""
 
     async def eval(self, script: str, numkeys: int, *args: Any) -> Any:  # type: ignore[override]
         if _is_carry(script):
             raise ConnectionError("crashed before carrying")
         return await super().eval(script, numkeys, *args)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        return _CrashingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+
+
+class _CrashingPipeline(Pipeline):
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if _carries(self):
+            await self.reset()
+            raise ConnectionError("crashed before carrying")
+        return await super().execute(raise_on_error)
 
 
 class StallBeforeCarry(Redis):
@@ -253,8 +363,26 @@ class StallBeforeCarry(Redis):
         self.stalled = asyncio.Event()
         self.resume = asyncio.Event()
 
-    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:  # type: ignore[override]
+    async def stall_if_carry(self, script: Any) -> None:
         if _is_carry(script) and not self.stalled.is_set():
             self.stalled.set()
             await self.resume.wait()
+
+    async def eval(self, script: str, numkeys: int, *args: Any) -> Any:  # type: ignore[override]
+        await self.stall_if_carry(script)
         return await super().eval(script, numkeys, *args)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Pipeline:
+        pipe = _StallingPipeline(self.connection_pool, self.response_callbacks, transaction, shard_hint)
+        pipe.client = self
+        return pipe
+
+
+class _StallingPipeline(Pipeline):
+    client: StallBeforeCarry
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        for args, _ in self.command_stack:
+            if args[0] == "EVAL":
+                await self.client.stall_if_carry(args[1])
+        return await super().execute(raise_on_error)

@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from billing_sync import worker as worker_module
 from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
 from billing_sync.sender import DryRunSender, Outcome, StripeV2StreamSender, classify
 from billing_sync.settings import StripeSettings
@@ -372,6 +373,28 @@ async def test_resend_beyond_the_identifier_window_asks_stripe_first(env: Env) -
     confirmed = [r for r in await env.rows() if r.last_error and "event summary" in r.last_error]
     assert len(confirmed) == 2 and all(r.state == "sent" for r in confirmed)
     assert env.emulator.requests["event_summaries"] == 3
+
+
+@pytest.mark.parametrize("transport", ["v1", "v2_stream"])
+async def test_pages_of_mixed_outcomes_send_each_bucket_once(env: Env, monkeypatch: pytest.MonkeyPatch,
+                                                             transport: str) -> None:
+    """Pages smaller than the backlog, each with rows sent, retried and parked, recorded a kind at a time."""
+    monkeypatch.setattr(worker_module, "ROWS_PER_QUERY", 7)
+    async with env.sessions() as session, session.begin():
+        session.add(Tenant(id="newco", plan="starter"))  # no Stripe customer: its rows park
+    await env.usage(buckets=6)
+    await env.bill("newco", NOW - 2 * BUCKET, "api_calls", 5)
+    await env.bill("newco", NOW - 5 * BUCKET, "chain_deployments", 1)
+    env.emulator.fail_next(3, 500)
+    worker = env.worker(transport=transport, concurrency=3)
+    first = await worker.run_once()
+    assert first.retried > 0 and first.parked == 2 and first.sent > 0
+    assert first.sent + first.retried == len([r for r in await env.rows() if r.tenant_id != "newco"])
+    await env.settle(worker, after=301)
+    rows = await env.rows()
+    assert {r.state for r in rows if r.tenant_id != "newco"} == {"sent"}
+    assert sorted((r.meter, r.state, r.last_error.split(":")[0]) for r in rows if r.tenant_id == "newco") == [
+        ("api_calls", "parked", "no_customer"), ("chain_deployments", "parked", "no_customer")]
 
 
 # -- parking ----------------------------------------------------------------------------------------------
