@@ -41,7 +41,8 @@ class RedisBatches:
             pipe = self._redis.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
-            return list(await pipe.execute(raise_on_error=False))
+            async with asyncio.timeout(self._timeout):  # the same deadline as the single-node path
+                return list(await pipe.execute(raise_on_error=False))
         try:
             async with asyncio.timeout(self._timeout):
                 replies = await self._resp.execute(commands)
