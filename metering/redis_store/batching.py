@@ -47,6 +47,11 @@ MAX_PIPELINES_IN_FLIGHT = 2  # more calls wait for the next pipeline instead of 
 # together after it: fewer, larger batches. Only a pipeline still out after 10 ms lets a second one
 # go, so a stalled Redis delays new calls by about its timeout (+10 ms), not by two timeouts.
 SECOND_PIPELINE_AFTER = 0.01
+# The request path's merged records (byte counts, refunds) wait this long at most for a pipeline that goes
+# out anyway (the next checks) instead of making one of their own: at one connection that halves the round
+# trips per request, and under load they already share the checks' pipelines. Within PRODUCT.md §5's bound
+# of what a SIGKILL may lose (the byte records of the last 100 ms).
+RECORD_WAIT = 0.01
 LATE_REPLY_SECONDS = 5.0  # how long a timed-out batch's replies are awaited before the connection is dropped
 _SEEN_MEMORY = 100_000  # tenants whose last write is remembered (the oldest entry is dropped first)
 
@@ -76,6 +81,7 @@ class _Batcher:
         self._seen_at: dict[str, float] = {}
         self._flushes: set[asyncio.Future[None]] = set()  # batches in flight: tasks, or futures of _send_now
         self._flush_handle: asyncio.Handle | None = None  # the scheduled _start_flush
+        self._records_handle: asyncio.TimerHandle | None = None  # when waiting records go out on their own
         self._sent_at = 0.0  # loop time the newest pipeline was sent
         self._pending_records: dict[RecordKey, _RecordGroup] = {}
         # Replies of timed-out batches still awaited (LATE_REPLY_SECONDS at most): what they decide (count,
@@ -125,6 +131,17 @@ class _Batcher:
             self._flush_handle = loop.call_at(self._sent_at + SECOND_PIPELINE_AFTER, self._start_flush)
         # else: the next pipeline goes out when one in flight is done (_flush_done)
 
+    def _schedule_records(self) -> None:
+        """Merged records are waiting: they go with the next pipeline, or on their own after RECORD_WAIT."""
+        if self._flush_handle is not None or self._records_handle is not None:
+            return
+        loop = self._running_loop()
+        self._records_handle = loop.call_at(loop.time() + RECORD_WAIT, self._records_due)
+
+    def _records_due(self) -> None:
+        self._records_handle = None
+        self._schedule_flush()
+
     def _start_flush(self) -> None:
         """Send everything pending as one pipeline.
 
@@ -158,6 +175,9 @@ class _Batcher:
         self._pending_checks = {}
         if self._pending_records:
             batch += self._record_groups()
+        if self._records_handle is not None:
+            self._records_handle.cancel()
+            self._records_handle = None
         seen, self._pending_seen = self._pending_seen, set()
         if not batch and not seen:
             return
@@ -228,7 +248,8 @@ class _Batcher:
 
     def _flush_done(self, task: asyncio.Future[None]) -> None:
         self._flushes.discard(task)
-        if self._pending or self._pending_records:
+        # Records wait for the next checks or their own time, unless that time came while pipelines were out.
+        if self._pending or (self._pending_records and self._records_handle is None):
             if self._flush_handle is not None:  # a second pipeline was due later: send now instead
                 self._flush_handle.cancel()
             self._flush_handle = self._running_loop().call_soon(self._start_flush)

@@ -139,16 +139,17 @@ class RedisUsageStore(_Batcher):
 
         Records of one tenant and bucket that wait for the same pipeline are folded into one script
         call (byte counts and refunds add up, gauges keep the last value); on failure, `on_failure` gets
-        the folded record. Nothing is delayed by this: the merged call goes out in the pipeline the parts
-        would have taken.
+        the folded record. The merged call goes out with the next pipeline, RECORD_WAIT (10 ms) later at most.
         """
         if record.is_empty():
             return
         if record.record_id is not None or record.check_call is not None:  # replays and conditions: a call each
+            marker_ttl = LIVE_RECORD_MARKER_TTL
             if record.record_id is None:  # an id, so that a spooled copy after a lost reply applies once
                 self._record_ids += 1
                 record = dataclasses.replace(record, record_id=f"{self._id_prefix}{self._record_ids:x}")
-            call = self._record_call(record, awaited=False, marker_ttl=LIVE_RECORD_MARKER_TTL)
+                marker_ttl = -marker_ttl  # its first send: nothing to look up (record.lua)
+            call = self._record_call(record, awaited=False, marker_ttl=marker_ttl)
             call.on_failure = lambda error: on_failure(record, error)
             self._enqueue(call, record.tenant)
             return
@@ -167,7 +168,7 @@ class RedisUsageStore(_Batcher):
         group = self._pending_records.get(where)
         if group is None:
             group = self._pending_records[where] = _RecordGroup(where)
-            self._schedule_flush()
+            self._schedule_records()
         callbacks = group.on_failure
         if not callbacks or (callbacks[-1] is not on_failure and on_failure not in callbacks):
             callbacks.append(on_failure)
@@ -212,7 +213,7 @@ class RedisUsageStore(_Batcher):
             merged = group.record(f"{self._id_prefix}{self._record_ids:x}")
             if merged.is_empty():
                 continue
-            call = self._record_call(merged, awaited=False, marker_ttl=LIVE_RECORD_MARKER_TTL)
+            call = self._record_call(merged, awaited=False, marker_ttl=-LIVE_RECORD_MARKER_TTL)  # a first send
             callbacks = group.on_failure
             call.on_failure = lambda error, merged=merged, callbacks=callbacks: [  # type: ignore[misc]
                 callback(merged, error) for callback in callbacks]

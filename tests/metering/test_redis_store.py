@@ -15,6 +15,8 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.cli.devservices import RedisProcess
 from metering import keys
 from metering.redis_store import MAX_CHECKS_PER_CALL, PERIOD_KEY_GRACE, RedisUsageStore
+from metering.redis_store.batching import RECORD_WAIT
+from metering.redis_store.scripts import LIVE_RECORD_MARKER_TTL
 from metering.store import Check, CounterRule, GuardRule, RateRule, Record, StoreUnavailable
 from tests.faultproxy import FaultProxy
 from tests.metering.redis_cluster import RedisClusterProcess
@@ -279,6 +281,59 @@ async def test_concurrent_calls_share_one_pipeline(store: RedisUsageStore, clien
     assert await store.usage(t, PERIOD_START, ["chain_deployments", "bandwidth_bytes"]) == {
         "chain_deployments": 200.0, "bandwidth_bytes": 1000.0,
     }
+
+
+async def test_byte_counts_ride_with_the_next_checks_instead_of_a_pipeline_of_their_own(
+        store: RedisUsageStore, client: Redis) -> None:
+    """At one connection a request's byte record goes out with the next request's check: one round trip per
+    request, not two; with nothing else to ride with, it goes out on its own within RECORD_WAIT."""
+    await store.load_scripts()
+    t = tenant()
+    await store.check(make_check(t, counters=deployments(None, False)))
+    before = store.round_trips
+    for _ in range(5):
+        store.add_later((t, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL), [("bandwidth_bytes", 100)],
+                        lambda record, error: None)
+        await asyncio.sleep(RECORD_WAIT / 10)  # the next request comes a moment later
+        await store.check(make_check(t, counters=deployments(None, False)))
+    assert store.round_trips - before == 5
+    assert await store.usage(t, PERIOD_START, ["bandwidth_bytes"]) == {"bandwidth_bytes": 500.0}
+    store.add_later((t, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL), [("bandwidth_bytes", 7)],
+                    lambda record, error: None)
+    await asyncio.sleep(RECORD_WAIT + 0.5)  # generous: this asserts that it goes at all, not how fast
+    assert await store.usage(t, PERIOD_START, ["bandwidth_bytes"]) == {"bandwidth_bytes": 507.0}
+
+
+async def test_records_set_expiries_only_on_the_keys_and_fields_they_create(
+        store: RedisUsageStore, client: Redis) -> None:
+    t = tenant()
+    counter, bucket = keys.quota_key(t, "bandwidth_bytes", PERIOD_START), keys.bucket_key(t, BUCKET)
+    await store.record(make_record(t, add=(("bandwidth_bytes", 100),)))
+    assert await client.expiretime(counter) == PERIOD_END + PERIOD_KEY_GRACE
+    assert 0 < await client.ttl(bucket) <= BUCKET_TTL
+    await client.expire(bucket, 10)  # as if created a while ago: adding to its fields keeps its expiry
+    await store.record(make_record(t, add=(("bandwidth_bytes", 50),), refund=(("bandwidth_bytes", 20),)))
+    assert await client.ttl(bucket) <= 10
+    await store.record(make_record(t, gauges=(("storage_gb", 3.0),)))  # a new field (re)sets the bucket's
+    assert await client.ttl(bucket) > 10
+    assert await store.usage(t, PERIOD_START, ["bandwidth_bytes"]) == {"bandwidth_bytes": 130.0}
+    assert await store.bucket(t, BUCKET) == {"bandwidth_bytes": 130.0, "storage_gb": 3.0}
+
+
+async def test_a_first_send_records_its_marker_without_looking_it_up(store: RedisUsageStore,
+                                                                     client: Redis) -> None:
+    """The request path's record is sent once with an id just made: the marker is set (a replay of its
+    spooled copy finds it) but not read first."""
+    await store.load_scripts()
+    t = tenant()
+    store.add_later((t, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL), [("bandwidth_bytes", 100)],
+                    lambda record, error: None)
+    await client.config_resetstat()
+    await store.flush()
+    stats = await client.info("commandstats")
+    assert "cmdstat_exists" not in stats
+    markers = [key async for key in client.scan_iter(match=keys.record_key(t, "x")[:-1] + "*")]
+    assert len(markers) == 1 and 0 < await client.ttl(markers[0]) <= LIVE_RECORD_MARKER_TTL
 
 
 async def test_checks_sharing_rules_are_decided_one_by_one_in_one_call(store: RedisUsageStore,

@@ -2,7 +2,7 @@
 --
 -- All keys belong to one tenant (hash tag {t:<tenant>}), so the script touches one cluster slot.
 -- KEYS[1]   billing bucket hash (meter -> billable value)
--- KEYS[2]   idempotency marker (only used when marker_ttl > 0: spool replay)
+-- KEYS[2]   idempotency marker (only used when marker_ttl is not 0)
 -- KEYS[3..] one key per refund, add and count entry (period counter) and per gauge entry (gauge key)
 -- ARGV: expire_at (period keys), bucket_ttl, marker_ttl, n_refund, n_add, n_count, n_bill, n_gauge,
 --       then the entries in that order, each (meter, value):
@@ -23,7 +23,9 @@ local bucket_ttl = tonumber(ARGV[2])
 local marker_ttl = tonumber(ARGV[3])
 
 -- Scripts do not roll back: the marker is checked first but set last, after every write succeeded,
--- so a replay that failed halfway is not taken for done the next time.
+-- so a replay that failed halfway is not taken for done the next time. A negative marker_ttl is a
+-- record's first send (the request path's, with an id of this process just made): it cannot have been
+-- applied yet, so the marker is only set, for a replay of a spooled copy to find.
 if marker_ttl > 0 and redis.call('EXISTS', KEYS[2]) == 1 then
   return 0
 end
@@ -49,7 +51,10 @@ if #ARGV > 8 + 2 * n_entries then
 end
 
 local bucket = KEYS[1]
-local touched = false
+-- Expiries are set when a key or a bucket field is created, as check_and_count.lua does: only these two
+-- scripts create them, each setting the expiry in the same atomic call, so a key whose value is just what
+-- was added is new.
+local fresh = false
 local k = 3
 local a = 9
 
@@ -72,20 +77,25 @@ each(tonumber(ARGV[4]), function(meter, value)
   -- The bucket is not clamped: a refund arriving after the admission's bucket closed lands in the
   -- current one and may take it below 0; the sync worker carries such a debit into the next bucket,
   -- so the tenant's billed total is right either way.
-  redis.call('HINCRBY', bucket, meter, -units)
-  touched = true
+  if redis.call('HINCRBY', bucket, meter, -units) == -units then
+    fresh = true
+  end
 end)
 
 local function count(meter, value)
   local key = KEYS[k]
   k = k + 1
-  redis.call('INCRBY', key, value)
-  redis.call('EXPIREAT', key, expire_at)
+  local units = tonumber(value)
+  if redis.call('INCRBY', key, units) == units then
+    redis.call('EXPIREAT', key, expire_at)
+  end
 end
 
 local function bill(meter, value)
-  redis.call('HINCRBY', bucket, meter, value)
-  touched = true
+  local units = tonumber(value)
+  if redis.call('HINCRBY', bucket, meter, units) == units then
+    fresh = true
+  end
 end
 
 each(tonumber(ARGV[5]), function(meter, value)
@@ -97,14 +107,15 @@ each(tonumber(ARGV[7]), bill)
 each(tonumber(ARGV[8]), function(meter, value)
   redis.call('SET', KEYS[k], value)
   k = k + 1
-  redis.call('HSET', bucket, meter, value)
-  touched = true
+  if redis.call('HSET', bucket, meter, value) == 1 then
+    fresh = true
+  end
 end)
 
-if touched then
+if fresh then
   redis.call('EXPIRE', bucket, bucket_ttl)
 end
-if marker_ttl > 0 then
-  redis.call('SET', KEYS[2], '1', 'EX', marker_ttl)
+if marker_ttl ~= 0 then
+  redis.call('SET', KEYS[2], '1', 'EX', math.abs(marker_ttl))
 end
 return 1
