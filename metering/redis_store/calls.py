@@ -84,6 +84,10 @@ class _RecordGroup:
                 totals[meter] = totals.get(meter, 0) + int(n)
         self.gauges.update(record.gauges)
 
+    def adds_only(self) -> bool:
+        """Only byte counts: a response's, the common case (`RedisUsageStore._add_call`)."""
+        return bool(self.add) and not (self.refund or self.count or self.bill or self.gauges)
+
     def record(self, record_id: str | None = None) -> Record:
         tenant, period_start, period_end, bucket_start, bucket_ttl = self.key
         return Record(tenant, period_start, period_end, bucket_start, bucket_ttl,

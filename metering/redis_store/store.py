@@ -44,6 +44,8 @@ from metering.store import Check, Decision, OnAbandoned, OnFailure, Record, Reco
 # A tenant that sent no traffic for this long leaves the index (its usage keys are gone by then: two
 # periods and PERIOD_KEY_GRACE), and the index never holds more than SEEN_MAX tenants (the least
 # recently seen go first), so neither a long life nor a flood of tenant ids grows it without bound.
+# Byte-count records packed ahead (`_add_call`), kept per tenant, period and bucket: bounded, oldest first.
+_PACKED_ADDS = 10_000
 SEEN_RETENTION = 70 * 86_400
 SEEN_MAX = 1_000_000
 _SEEN_TRIM_BATCH = 1000
@@ -67,6 +69,7 @@ class RedisUsageStore(_Batcher):
     ) -> None:
         super().__init__(client, timeout=timeout, clock=clock)  # the batching state, and the hot path's timeout
         self._read_timeout = read_timeout  # usage views and billing reads
+        self._packed_adds: dict[tuple[RecordKey, tuple[str, ...]], tuple[bytes, bytes, list[bytes], str]] = {}
 
     # -- the hot path -------------------------------------------------------------------------------
 
@@ -210,16 +213,45 @@ class RedisUsageStore(_Batcher):
         calls = []
         for group in self._pending_records.values():
             self._record_ids += 1
-            merged = group.record(f"{self._id_prefix}{self._record_ids:x}")
-            if merged.is_empty():
-                continue
-            call = self._record_call(merged, awaited=False, marker_ttl=-LIVE_RECORD_MARKER_TTL)  # a first send
-            callbacks = group.on_failure
-            call.on_failure = lambda error, merged=merged, callbacks=callbacks: [  # type: ignore[misc]
-                callback(merged, error) for callback in callbacks]
+            record_id = f"{self._id_prefix}{self._record_ids:x}"
+            if self._resp is not None and group.adds_only():  # the common case: a response's byte counts
+                call = self._add_call(group, record_id)
+            else:
+                merged = group.record(record_id)
+                if merged.is_empty():
+                    continue
+                call = self._record_call(merged, awaited=False, marker_ttl=-LIVE_RECORD_MARKER_TTL)  # a first send
+            # The Record is built only if it has to be spooled.
+            call.on_failure = lambda error, group=group, record_id=record_id: [  # type: ignore[misc]
+                callback(group.record(record_id), error) for callback in group.on_failure]
             calls.append(call)
         self._pending_records = {}
         return calls
+
+    def _add_call(self, group: _RecordGroup, record_id: str) -> _Call:
+        """`_record_call` of a group holding byte counts only, in RESP already: what does not change between
+        a tenant's responses in one bucket (keys, expiries, meter names) is packed once and kept."""
+        meters = tuple(group.add)
+        cache = self._packed_adds
+        packed = cache.get((group.key, meters))
+        if packed is None:
+            tenant, period_start, period_end, _, bucket_ttl = group.key
+            counters = [keys.quota_key(tenant, meter, period_start) for meter in meters]  # validates the names
+            head = b"*%d\r\n%s%s%s%s" % (13 + 3 * len(meters), _bulk(b"EVALSHA"), _bulk(RECORD_SCRIPT.sha),
+                                         _bulk(2 + len(meters)), _bulk(keys.bucket_key(tenant, group.key[3])))
+            fixed = (period_end + PERIOD_KEY_GRACE, bucket_ttl, -LIVE_RECORD_MARKER_TTL, 0, len(meters), 0, 0, 0)
+            middle = b"".join([*map(_bulk, counters), *map(_bulk, fixed)])
+            if len(cache) >= _PACKED_ADDS:
+                del cache[next(iter(cache))]  # the oldest: a tenant that has moved on to a later bucket
+            packed = cache[(group.key, meters)] = (head, middle, [_bulk(meter) for meter in meters],
+                                                   f"{keys.tenant_prefix(tenant)}r:")
+        head, middle, names, marker = packed
+        parts = [head, _bulk(marker + record_id), middle]
+        for name, units in zip(names, group.add.values(), strict=True):
+            parts += (name, b"$%d\r\n%d\r\n" % (len(str(units)), units))
+        call = _Call(RECORD_SCRIPT, [], [], _applied, None)
+        call.packed = b"".join(parts)
+        return call
 
     # -- reads (admin, usage view, billing) ----------------------------------------------------------
 

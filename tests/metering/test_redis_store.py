@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -16,6 +17,7 @@ from gateway.cli.devservices import RedisProcess
 from metering import keys
 from metering.redis_store import MAX_CHECKS_PER_CALL, PERIOD_KEY_GRACE, RedisUsageStore
 from metering.redis_store.batching import RECORD_WAIT
+from metering.redis_store.calls import _RecordGroup
 from metering.redis_store.scripts import LIVE_RECORD_MARKER_TTL
 from metering.store import Check, CounterRule, GuardRule, RateRule, Record, StoreUnavailable
 from tests.faultproxy import FaultProxy
@@ -334,6 +336,20 @@ async def test_a_first_send_records_its_marker_without_looking_it_up(store: Redi
     assert "cmdstat_exists" not in stats
     markers = [key async for key in client.scan_iter(match=keys.record_key(t, "x")[:-1] + "*")]
     assert len(markers) == 1 and 0 < await client.ttl(markers[0]) <= LIVE_RECORD_MARKER_TTL
+
+
+async def test_byte_counts_packed_ahead_are_the_command_a_record_would_be(store: RedisUsageStore) -> None:
+    """`_add_call` packs a group of byte counts from a kept prefix: byte for byte what `_record_call` and
+    hiredis would send for the same record."""
+    t = tenant()
+    group = _RecordGroup((t, PERIOD_START, PERIOD_END, BUCKET, BUCKET_TTL))
+    for add in ({"bandwidth_bytes": 1234}, {"bandwidth_bytes": 5, "egress_bytes": 99}):
+        group.add = add
+        for record_id in ("l1-a", "l1-b"):  # the second from the kept prefix
+            generic = store._record_call(group.record(record_id), awaited=False, marker_ttl=-LIVE_RECORD_MARKER_TTL)
+            expected = hiredis.pack_command(("EVALSHA", generic.script.sha, len(generic.keys), *generic.keys,
+                                             *generic.args))
+            assert store._add_call(group, record_id).packed == expected
 
 
 async def test_checks_sharing_rules_are_decided_one_by_one_in_one_call(store: RedisUsageStore,
