@@ -96,7 +96,10 @@ async def _store_plans(batches: RedisBatches, items: list[Staged]) -> list[Stage
     owned, storing = [], []
     for item in items:
         assert item.plan is not None
-        if PLAN_FIELD.encode() in item.raw or PLAN_FIELD in item.raw:
+        # A plan read back from the staged hash is the one an interrupted pass may have committed by: kept. Any
+        # other is stored (over an unreadable one too), or a crash after the commit would plan again and take
+        # the committed rows for billed ones: their units would be carried, billed twice.
+        if item.plan_stored:
             owned.append(item)
         else:
             storing.append(item)
@@ -118,7 +121,7 @@ async def _carry_and_delete(batches: RedisBatches, items: list[Staged], meters: 
     commands = []
     for item in items:
         assert item.plan is not None
-        _, leftovers = split_rows(item, meters, created_at)
+        _, leftovers = split_rows(item, meters, created_at)  # as the commit split it (kept with the item)
         carried: list[Any] = []
         if item.plan.target is not None:
             for name, units in leftovers.items():
@@ -134,6 +137,11 @@ async def _carry_and_delete(batches: RedisBatches, items: list[Staged], meters: 
             log.warning("bucket %s of %s: lock lost before the move finished; left to its new mover",
                         item.bucket_start, item.tenant)
     return done
+
+
+def _no_such_key(error: ResponseError) -> bool:
+    """RENAME's answer for a missing source key ("ERR no such key"; redis-py drops the "ERR ")."""
+    return str(error).removeprefix("ERR ").startswith("no such key")
 
 
 def _sibling(staging: str, bucket_start: int) -> str:
@@ -263,6 +271,7 @@ class _Mover:
             for item, raw in zip(leftovers, hashes, strict=True):
                 item.raw = as_hash(raw)
                 item.plan = Plan.load(item.raw.get(PLAN_FIELD.encode(), item.raw.get(PLAN_FIELD)))
+                item.plan_stored = item.plan is not None  # an unreadable plan is replaced, before the commit
             finished = await self._finish(leftovers)
             moved += len(finished)
             lost = {id(item) for item in leftovers} - {id(item) for item in finished}
@@ -277,8 +286,12 @@ class _Mover:
         staged = []
         for i, item in enumerate(locked):
             renamed, raw = replies[2 * i], replies[2 * i + 1]
-            if isinstance(renamed, ResponseError):  # no such key: it was only staged, or another mover took it
-                continue
+            if isinstance(renamed, ResponseError):
+                if _no_such_key(renamed):  # it was only staged, or another mover took it
+                    continue
+                # Refused (READONLY after a failover, an ACL, ...): the bucket is still in Redis, and the pass
+                # must not report it moved or absent.
+                raise renamed
             if isinstance(raw, ResponseError):
                 raise raw
             staged.append(Staged(item.staging, item.lock, item.token, item.tenant, item.bucket_start, as_hash(raw)))

@@ -19,6 +19,7 @@ import enum
 import hashlib
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,7 @@ DUPLICATE_CODE = "duplicate_meter_event"
 DUPLICATE_MESSAGE_PREFIX = "An event already exists with identifier"
 MAX_STREAM_EVENTS = 100
 SESSION_RENEW_BEFORE = 60.0  # seconds before a v2 session's expiry at which a new one is made
+DRY_RUN_KEPT = 10_000  # events a dry run keeps in memory (the newest)
 
 # Stripe error codes that park a bucket, to a bounded reason (the metric label).
 _PARK_REASONS = {
@@ -271,16 +273,17 @@ def _epoch(value: Any) -> float:
 
 
 class DryRunSender:
-    """Sends nothing: records each event it would have sent (`self.events`) and logs it.
+    """Sends nothing: logs each event it would have sent and keeps the last `kept` of them (`self.events`).
 
-    Its SENT means "would be sent": the worker marks such rows previewed, never sent.
+    Its SENT means "would be sent": the worker marks such rows previewed, never sent. A dry-run `sync` runs for
+    as long as there is no API key, so what it keeps is bounded; the log has every event.
     """
 
     max_batch = MAX_STREAM_EVENTS
     client = None
 
-    def __init__(self) -> None:
-        self.events: list[MeterEvent] = []
+    def __init__(self, kept: int = DRY_RUN_KEPT) -> None:
+        self.events: deque[MeterEvent] = deque(maxlen=kept)
 
     async def send(self, events: Sequence[MeterEvent]) -> list[SendResult]:
         for event in events:

@@ -98,7 +98,9 @@ class Staged:
     bucket_start: int
     raw: dict[str, Any]
     plan: Plan | None = None
+    plan_stored: bool = False  # `plan` was read from the staged hash, where an earlier pass stored it
     fields: list[tuple[str, Meter | None, Decimal, str]] | None = None  # `billable_fields`, read once
+    split: tuple[list[dict[str, Any]], dict[str, int]] | None = None  # `split_rows`, made once under the plan
 
 
 def billable_fields(staged: Staged, meters: Mapping[str, Meter]) -> list[tuple[str, Meter | None, Decimal, str]]:
@@ -124,8 +126,12 @@ def billable_fields(staged: Staged, meters: Mapping[str, Meter]) -> list[tuple[s
 
 def split_rows(staged: Staged, meters: Mapping[str, Meter],
            created_at: datetime) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """The staged bucket's new ledger rows, and its leftovers (meter -> units) to net in a later bucket."""
+    """The staged bucket's new ledger rows, and its leftovers (meter -> units) to net in a later bucket.
+
+    Made once per bucket (the commit and the carry both ask): the plan is fixed by then."""
     assert staged.plan is not None
+    if staged.split is not None:
+        return staged.split
     rows: list[dict[str, Any]] = []
     leftovers: dict[str, int] = {}
     for name, meter, value, identifier in billable_fields(staged, meters):
@@ -149,7 +155,16 @@ def split_rows(staged: Staged, meters: Mapping[str, Meter],
             "value": value, "kind": kind, "state": "pending", "identifier": identifier, "attempts": 0,
             "created_at": created_at, "last_error": None,  # every row names the same columns (_ROW_COLUMNS)
         })
-    return rows, {name: units for name, units in leftovers.items() if units}
+    staged.split = rows, {name: units for name, units in leftovers.items() if units}
+    return staged.split
+
+
+def _leftover_meters(staged: Staged, meters: Mapping[str, Meter]) -> list[str]:
+    """The meters whose units `split_rows` will leave over under the plan: refunds, late units of a counter."""
+    assert staged.plan is not None
+    return [name for name, meter, value, _ in billable_fields(staged, meters)
+            if int(value) and (value < 0 or (name in staged.plan.billed
+                                             and (meter is None or meter.kind == "counter")))]
 
 
 def leftover_rows(staged: Staged, leftovers: Mapping[str, int], created_at: datetime) -> list[dict[str, Any]]:
@@ -196,16 +211,20 @@ async def plan_moves(sessions: async_sessionmaker[AsyncSession], items: list[Sta
             if (item.bucket_start, anchor) not in targets:
                 targets[(item.bucket_start, anchor)] = carry_target(item.bucket_start, bucket_seconds, now, anchor)
             target = targets[(item.bucket_start, anchor)]
-            slot = 1 if target is not None else await _free_slot(session, item)
             item.plan = Plan([name for name, _, _, identifier in billable_fields(item, meters) if identifier in billed],
-                              target, slot)
+                              target, 1)
+            # Leftover rows need a free slot only when the period ends and there are leftovers: at a period's
+            # end that is a few buckets, not every tenant's last one.
+            if target is None and (names := _leftover_meters(item, meters)):
+                item.plan.slot = await _free_slot(session, item, names)
 
 
-async def _free_slot(session: AsyncSession, item: Staged) -> int:
-    """A microsecond offset within the bucket's first second that no leftover row of the tenant uses yet."""
+async def _free_slot(session: AsyncSession, item: Staged, names: list[str]) -> int:
+    """A microsecond offset within the bucket's first second that no leftover row of the tenant's meters `names`
+    uses yet (a leftover row's key and identifier hold its meter). Read along the primary key."""
     start = bucket_datetime(item.bucket_start)
     taken = (await session.scalars(select(LedgerEntry.bucket_start).where(
-        LedgerEntry.tenant_id == item.tenant, LedgerEntry.bucket_start > start,
+        LedgerEntry.tenant_id == item.tenant, LedgerEntry.meter.in_(names), LedgerEntry.bucket_start > start,
         LedgerEntry.bucket_start < start + timedelta(seconds=1)))).all()
     return 1 + max((at.microsecond for at in taken), default=0)
 

@@ -30,13 +30,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from sqlalchemy import Row, bindparam, select, true, tuple_, update
+from sqlalchemy import Row, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.ledger import RELEASE_LOCK, RENEW_LOCK, MoveResult, move_closed_buckets
 from billing_sync.metrics import SyncMetrics
 from billing_sync.pacing import StripePacer
-from billing_sync.queries import IN_CHUNK, among, planned_per_run
+from billing_sync.queries import IN_CHUNK, among, due_page, planned_per_run
 from billing_sync.reconcile import WindowCheck
 from billing_sync.sender import (
     DryRunSender,
@@ -61,13 +61,10 @@ log = logging.getLogger("cosmos_gateway.billing_sync")
 LEADER_KEY = "gw:sync:leader"
 MAX_EVENT_AGE = 35 * 86_400  # Stripe refuses meter events older than 35 days
 CONFIRM_AFTER = 23 * 3600  # first sent longer ago: Stripe may have forgotten the identifier (24 h window)
-# Pending rows per page. A page's sends run `concurrency` at a time, and its outcomes are one transaction; no
-# index serves the page order, so each page sorts the pending rows: fewer pages, fewer sorts.
+# Pending rows per page (`queries.due_page`, read along an index). A page's sends run `concurrency` at a time,
+# and its outcomes are one transaction.
 ROWS_PER_QUERY = 5000
-# The columns of a pending row that its send needs, as plain result rows: no ORM object and state per row.
-_DUE_COLUMNS = (LedgerEntry.identifier, LedgerEntry.tenant_id, LedgerEntry.meter, LedgerEntry.bucket_start,
-                LedgerEntry.value, LedgerEntry.kind, LedgerEntry.attempts, LedgerEntry.first_attempt_at)
-Due = Row[Any]  # a row of _DUE_COLUMNS
+Due = Row[Any]  # a row of queries.DUE_COLUMNS
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,18 +182,8 @@ class SyncWorker:
         due_at = utc(now)
         after: tuple[datetime, str, str] | None = None
         while True:
-            query = (
-                select(*_DUE_COLUMNS)
-                .where(LedgerEntry.state == "pending")
-                .where((LedgerEntry.next_attempt_at.is_(None)) | (LedgerEntry.next_attempt_at <= due_at))
-                # A dry run shows each row once; it stays pending for the live mode to send.
-                .where(LedgerEntry.previewed_at.is_(None) if self._dry_run else true())
-                .order_by(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter)
-                .limit(ROWS_PER_QUERY)
-            )
-            if after is not None:
-                query = query.where(
-                    tuple_(LedgerEntry.bucket_start, LedgerEntry.tenant_id, LedgerEntry.meter) > tuple_(*after))
+            # A dry run shows each row once; it stays pending for the live mode to send.
+            query = due_page(due_at, after=after, previewed=not self._dry_run, size=ROWS_PER_QUERY)
             async with self._sessions() as session:
                 await planned_per_run(session)
                 rows = list((await session.execute(query)).all())

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync import ledger as ledger_module
+from billing_sync import staged as staged_module
 from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
 from billing_sync.state import sync_state
 from gateway.cli.devservices import RedisProcess
@@ -132,6 +133,22 @@ async def test_a_staged_late_write_found_after_a_crash_is_carried(stores) -> Non
     assert await client.hgetall(keys.bucket_key("acme", BUCKET + 300)) == {b"api_calls": b"3"}
 
 
+async def test_an_unreadable_plan_is_replaced_before_the_commit(stores) -> None:
+    """A staged bucket whose plan cannot be read (torn, or written by another version) is planned again; that plan
+    must be stored before the commit, or a crash after the commit plans a third time, finds the committed row and
+    takes the bucket's own units for late ones: carried, billed twice."""
+    client, sessions = stores
+    key = keys.bucket_key("acme", BUCKET)
+    await client.hset(key + STAGING_SUFFIX, mapping={"api_calls": 7, "~plan": "not a plan"})
+    crashing = CrashBeforeCarry.from_url(_url(client))
+    with pytest.raises(ConnectionError):  # planned, committed, then died before carrying and deleting
+        await move(crashing, sessions)
+    await crashing.aclose()
+    assert await move(client, sessions) == 1
+    assert await ledger(sessions) == {("acme", "api_calls", BUCKET): Decimal(7)}
+    assert await client.exists(keys.bucket_key("acme", BUCKET + 300), key + STAGING_SUFFIX) == 0  # nothing carried
+
+
 # -- a pass in groups ----------------------------------------------------------------------------------------
 
 
@@ -244,6 +261,32 @@ async def test_a_refund_is_not_carried_into_the_next_month(stores) -> None:
     await client.hset(keys.bucket_key("acme", MONTH_END), mapping={"api_calls": 5})
     await move(client, sessions, now=MONTH_END + 320)
     assert (await ledger(sessions))[("acme", "api_calls", MONTH_END)] == 5
+
+
+async def test_a_period_end_asks_for_leftover_slots_only_where_there_are_leftovers(
+        stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a period's end every tenant's last bucket has nowhere to carry to; only those with leftovers need a slot
+    for their leftover rows (one query each, over the tenant's ledger): 100,000 queries at each month's end before."""
+    client, sessions = stores
+    asked: list[str] = []
+    free_slot = staged_module._free_slot
+
+    async def counted(session: AsyncSession, item: Any, *args: Any) -> int:
+        asked.append(item.tenant)
+        return await free_slot(session, item, *args)
+
+    monkeypatch.setattr(staged_module, "_free_slot", counted)
+    for t in range(20):
+        await client.hset(keys.bucket_key(f"t{t}", LAST), mapping={"api_calls": 3, "chain_deployments": 1})
+    await client.hset(keys.bucket_key("refunded", LAST), mapping={"api_calls": -2})
+    await move(client, sessions, now=MONTH_END + 20)
+    assert asked == ["refunded"]
+    assert await parked(sessions) == [("refunded", "api_calls", LAST, Decimal(-2), "refund_not_netted")]
+    assert len(await ledger(sessions)) == 41
+    await client.hset(keys.bucket_key("refunded", LAST), mapping={"api_calls": -1})  # later still: the next slot
+    await move(client, sessions, now=MONTH_END + 40)
+    assert sorted(await parked(sessions)) == [("refunded", "api_calls", LAST, Decimal(-2), "refund_not_netted"),
+                                              ("refunded", "api_calls", LAST, Decimal(-1), "refund_not_netted")]
 
 
 async def test_a_refund_is_netted_within_the_month_even_across_idle_time(stores) -> None:

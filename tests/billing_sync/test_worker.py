@@ -23,7 +23,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from billing_sync import worker as worker_module
 from billing_sync.ledger import LOCK_SUFFIX, STAGING_SUFFIX, move_closed_buckets
-from billing_sync.sender import DryRunSender, Outcome, StripeV2StreamSender, classify
+from billing_sync.sender import (
+    DRY_RUN_KEPT,
+    SENT,
+    DryRunSender,
+    MeterEvent,
+    Outcome,
+    StripeV2StreamSender,
+    classify,
+)
 from billing_sync.settings import StripeSettings
 from billing_sync.state import requeue_parked, sync_state
 from billing_sync.worker import LEADER_KEY, SyncWorker, build_worker
@@ -354,6 +362,27 @@ async def test_bucket_held_by_another_mover_is_not_complete(env: Env) -> None:
     env.assert_exact()
 
 
+async def test_a_bucket_redis_refuses_to_stage_is_not_complete(env: Env) -> None:
+    """A RENAME Redis refuses for another reason than a missing key (READONLY on a demoted primary, an ACL) leaves
+    the bucket in Redis: the pass is not complete, and `sync --once` must not exit 0 with the bucket left behind."""
+    await env.usage(buckets=1)
+    await env.redis.execute_command("ACL", "SETUSER", "mover", "on", ">mover-pw", "~*", "&*", "+@all", "-rename")
+    restricted = aioredis.Redis.from_url(env.redis_process.url.replace("redis://", "redis://mover:mover-pw@", 1))
+    try:
+        worker = build_worker(redis=restricted, sessions=env.sessions, meters=DEFAULT_METERS, stripe=env.settings(),
+                              bucket_seconds=BUCKET, grace_seconds=GRACE, clock=env.clock)
+        result = await worker.run_once()
+        await worker.aclose()
+        assert result.store_error is not None and not result.complete
+        assert (result.moved, result.pending) == (0, 0)
+        assert len(await env.bucket_keys()) == len(TENANTS)  # still there, not staged, not lost
+    finally:
+        await restricted.aclose()
+        await env.redis.execute_command("ACL", "DELUSER", "mover")
+    env.clock.advance(301)
+    await env.settle(env.worker())
+
+
 async def test_resend_beyond_the_identifier_window_asks_stripe_first(env: Env) -> None:
     await env.usage(buckets=2)
     env.emulator.drop_next(2, after_accept=True)  # Stripe holds these two; the worker never hears it
@@ -487,6 +516,16 @@ async def test_dry_run_previews_and_live_sends_later(env: Env) -> None:
     env.assert_exact()
     assert (await sync_state(env.redis, env.sessions, now=env.clock()))["sent_total"] == len(rows)
     assert _sample("billing_sync_events_sent_total", meter="api_calls") - sent_before == 2 * len(TENANTS)
+
+
+async def test_a_dry_run_keeps_a_bounded_preview_in_memory() -> None:
+    """A dry-run `sync` runs for as long as there is no API key: what it keeps of the events it shows is bounded."""
+    sender = DryRunSender()
+    for batch in range(30):
+        events = [MeterEvent(f"id-{batch}-{i}", "api_calls", "cus_x", Decimal(1), NOW) for i in range(500)]
+        assert await sender.send(events) == [SENT] * 500
+    assert len(sender.events) == DRY_RUN_KEPT < 30 * 500
+    assert sender.events[-1].identifier == "id-29-499"  # the newest are kept
 
 
 async def test_dry_run_then_live_parks_buckets_stripe_no_longer_takes(env: Env) -> None:

@@ -53,15 +53,15 @@ async def test_upgrade_twice_is_idempotent(db_url: str, engine: AsyncEngine) -> 
     await upgrade_async(db_url)
     await upgrade_async(db_url)
     assert await table_names(engine) == TABLES | {"alembic_version"}
-    assert await current_revision_async(db_url) == head_revision() == "0002"
+    assert await current_revision_async(db_url) == head_revision() == "0003"
 
 
 async def test_current_revision(db_url: str) -> None:
     assert await current_revision_async(db_url) is None
     await upgrade_async(db_url)
-    assert await current_revision_async(db_url) == "0002" == head_revision()
+    assert await current_revision_async(db_url) == "0003" == head_revision()
     # The sync helper needs a thread without a running loop.
-    assert await asyncio.to_thread(current_revision, db_url) == "0002"
+    assert await asyncio.to_thread(current_revision, db_url) == "0003"
 
 
 async def test_sync_upgrade_from_thread_without_loop(db_url: str, engine: AsyncEngine) -> None:
@@ -228,3 +228,40 @@ async def test_upgrade_from_the_first_revision_keeps_the_rows(db_url: str, engin
         row = (await connection.execute(text("SELECT id, past_due_since FROM tenants"))).one()
     assert tuple(row) == ("kept", None)
     assert await current_revision_async(db_url) == head_revision()
+
+
+async def test_the_ledger_page_index_upgrades_and_downgrades(db_url: str, engine: AsyncEngine) -> None:
+    """0003 replaces the index on `state` with the sender's page order, and its downgrade puts it back."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from metering.migrate import alembic_config
+
+    async def indexes() -> dict[str, list[str]]:
+        async with engine.connect() as connection:
+            found = await connection.run_sync(lambda sync: inspect(sync).get_indexes("usage_ledger"))
+        return {index["name"]: index["column_names"] for index in found if index["name"].startswith("ix_")}
+
+    await upgrade_async(db_url, "0002")
+    async with engine.begin() as connection:
+        await connection.execute(text(
+            "INSERT INTO usage_ledger (tenant_id, meter, bucket_start, value, kind, state, identifier, attempts, "
+            "created_at) VALUES ('kept', 'api_calls', :t, 5, 'counter', 'pending', 'id-kept', 0, :t)"),
+            {"t": datetime(2026, 12, 1, tzinfo=UTC)})
+    assert (await indexes()) == {"ix_usage_ledger_state": ["state"]}
+    await upgrade_async(db_url)
+    assert (await indexes()) == {"ix_usage_ledger_pending_order": ["state", "bucket_start", "tenant_id", "meter"]}
+
+    def downgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0002")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(downgrade)
+    assert (await indexes()) == {"ix_usage_ledger_state": ["state"]}
+    assert await current_revision_async(db_url) == "0002"
+    await upgrade_async(db_url)
+    async with engine.connect() as connection:
+        kept = (await connection.execute(text("SELECT identifier, state FROM usage_ledger"))).all()
+    assert [tuple(row) for row in kept] == [("id-kept", "pending")]
