@@ -24,6 +24,7 @@ from gateway.admin.health import admin_app
 from gateway.admin.sync import SyncAdmin
 from gateway.auth.tokens import Authenticator
 from gateway.config.settings import Settings
+from gateway.console import add_console
 from gateway.metrics import RequestMetrics
 from gateway.proxy.accesslog import AccessLog
 from gateway.proxy.handler import ProxyHandler
@@ -39,6 +40,7 @@ from metering.redis_store.client import is_cluster_url, redis_client
 from metering.spool import Spool
 from metering.store import StoreUnavailable
 from metering.tasks import cancel_and_wait
+from metering.usage_history import UsageHistory
 from quota.alerts import Alerts
 from quota.limiter import Limiter, LimiterSettings
 from quota.metrics import QuotaMetrics
@@ -96,6 +98,8 @@ class Worker:
         )
         self.sync_admin = SyncAdmin(redis=self.redis, sessions=self.sessions, worker_factory=self._sync_worker,
                                     clock=clock)
+        self.usage_history = UsageHistory(self.sessions, self.redis, self.policy.meters,
+                                          bucket_seconds=settings.billing.bucket_seconds, clock=clock)
         self._sync_metrics_at = float("-inf")
         self._period_starts: dict[int, datetime] = {}
         self.access_log = AccessLog(enabled=settings.server.access_log)
@@ -139,7 +143,7 @@ class Worker:
                                 problem_type_base=settings.server.problem_type_base)
         own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
                            meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts,
-                           stripe_webhook=webhook.handle, clock=self.clock)
+                           stripe_webhook=webhook.handle, history=self.usage_history, clock=self.clock)
         handler = ProxyHandler(settings, self.authenticator, self.pool, self.websockets, self.metrics,
                                self.access_log, limiter=self.limiter, own=own)
         http_limits = {
@@ -177,7 +181,12 @@ class Worker:
     def _add_admin_api(self, app: web.Application) -> None:
         add_admin_api(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
                       authenticator=self.authenticator, usage_reader=self.store,
-                      plans=self.policy.plans, meters=self.policy.meters, clock=self.clock, sync=self.sync_admin)
+                      plans=self.policy.plans, meters=self.policy.meters, clock=self.clock, sync=self.sync_admin,
+                      history=self.usage_history)
+        # The operator console at /admin/ui: the longer prefix, so it resolves before the API's /admin.
+        add_console(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
+                    authenticator=self.authenticator, usage_reader=self.store,
+                    plans=self.policy.plans, meters=self.policy.meters, clock=self.clock, sync=self.sync_admin)
 
     def _sync_worker(self) -> SyncWorker:
         billing = self.settings.billing

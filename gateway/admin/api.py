@@ -27,6 +27,7 @@ from gateway.admin.input import Errors, invalid, limit_param
 from gateway.admin.openapi import admin_openapi
 from gateway.admin.sync import SyncAdmin
 from gateway.admin.tenants import ACTOR, TenantHandlers, UsageReader, json_response, seen
+from gateway.admin.usage_history import UsageHistoryAdmin
 from gateway.auth.tokens import Authenticator
 from gateway.config.settings import Settings
 from gateway.errors import (
@@ -43,6 +44,7 @@ from metering.keys import TENANT_ID
 from metering.meters import Meter
 from metering.models import AuditEntry, Tenant
 from metering.sql_errors import store_unavailable
+from metering.usage_history import UsageHistory
 from quota.plans import Plan
 from quota.tenants import TenantDirectory
 from quota.usage_view import plan_catalog_view
@@ -64,10 +66,11 @@ def add_admin_api(app: web.Application, **dependencies: Any) -> web.Application:
 def admin_api_app(*, settings: Settings, sessions: async_sessionmaker[AsyncSession],
                   directory: TenantDirectory, authenticator: Authenticator, usage_reader: UsageReader,
                   plans: Mapping[str, Plan], meters: Sequence[Meter],
-                  clock: Clock = system_clock, sync: SyncAdmin | None = None) -> web.Application:
+                  clock: Clock = system_clock, sync: SyncAdmin | None = None,
+                  history: UsageHistory | None = None) -> web.Application:
     """The /admin sub-application (mount it with `app.add_subapp("/admin", ...)`); `clock`: epoch seconds."""
     auth = AdminAuth(settings.admin.tokens, settings.admin.scope, authenticator)
-    lists = _Lists(settings, sessions, usage_reader, plans, sync=sync is not None)
+    lists = _Lists(settings, sessions, usage_reader, plans, sync=sync is not None, history=history is not None)
     tenants = TenantHandlers(sessions=sessions, directory=directory, usage_reader=usage_reader, plans=plans,
                              meters=meters, default_plan=settings.default_plan, clock=clock)
     api = web.Application(middlewares=[_problems(auth, settings.server.problem_type_base)])
@@ -83,6 +86,8 @@ def admin_api_app(*, settings: Settings, sessions: async_sessionmaker[AsyncSessi
     ]
     if sync is not None:
         routes += sync.routes()
+    if history is not None:
+        routes += UsageHistoryAdmin(history, directory=directory, usage_reader=usage_reader, clock=clock).routes()
     api.add_routes(routes)
     # Last: anything else under /admin gets a problem+json 404/405 instead of aiohttp's text page.
     api.router.add_route("*", "/{tail:.*}", _unmatched(api))
@@ -161,12 +166,12 @@ def _decode_cursor(request: web.Request, kind: str, value_type: type) -> Any:
 
 class _Lists:
     def __init__(self, settings: Settings, sessions: async_sessionmaker[AsyncSession], usage_reader: UsageReader,
-                 plans: Mapping[str, Plan], *, sync: bool = False) -> None:
+                 plans: Mapping[str, Plan], *, sync: bool = False, history: bool = False) -> None:
         self._default_plan = settings.default_plan
         self._sessions = sessions
         self._usage = usage_reader
         self._plans = plans
-        self._openapi = admin_openapi(settings.server.problem_type_base, sync=sync)
+        self._openapi = admin_openapi(settings.server.problem_type_base, sync=sync, history=history)
 
     async def openapi(self, _: web.Request) -> web.Response:
         return json_response(self._openapi)

@@ -176,12 +176,65 @@ _SYNC_STATE = {
 }
 
 
-def admin_openapi(type_base: str, *, sync: bool = False) -> dict[str, Any]:
-    """The document; `type_base` is where the problem `type` URIs point; `sync` adds /admin/sync."""
+_HISTORY_QUERY = [
+    {"name": "meter", "in": "query", "description": "billed meters (repeated or comma-separated); default: all",
+     "schema": {"type": "string"}},
+    {"name": "step", "in": "query", "description": "UTC hours or days", "schema": {"enum": ["hour", "day"],
+                                                                                    "default": "day"}},
+    {"name": "from", "in": "query", "description": "RFC 3339 (or a date), rounded down to the step; default: the "
+     "start of the current billing period (the tenant's anchor day), at most 400 steps before `to`",
+     "schema": _INSTANT},
+    {"name": "to", "in": "query", "description": "RFC 3339 (or a date), rounded up to the step, after `from`; "
+     "default: the end of the current step. At most 400 steps from `from`", "schema": _INSTANT},
+]
+_HISTORY_ANSWER = {"description": "every step of the range per meter; `Accept: text/csv` gives `start,meter,value` "
+                                  "rows (RFC 4180, empty where JSON has null)",
+                   "content": {"application/json": {"schema": _ref("UsageHistory")},
+                               "text/csv": {"schema": {"type": "string"}}}}
+_UNAVAILABLE = _problem("limiter-unavailable / database-unavailable: a store is down; overloaded: too many history "
+                        "reads at once (Retry-After)")
+_HISTORY_PATHS: dict[str, Any] = {
+    "/admin/tenants/{tenant}/usage": {
+        "parameters": [_TENANT],
+        "get": {"summary": "Usage history: a series per billed meter from the ledger and the open buckets",
+                "operationId": "getTenantUsageHistory", "parameters": _HISTORY_QUERY,
+                "responses": {"200": _HISTORY_ANSWER, **_ERRORS, "404": _problem("never seen"),
+                              "503": _UNAVAILABLE}}},
+    "/_gateway/usage/history": {
+        "servers": [{"url": "/", "description": "the proxy listener (not the admin listener)"}],
+        "get": {"summary": "The caller's own usage history (as getTenantUsageHistory, for the token's tenant)",
+                "operationId": "getOwnUsageHistory", "parameters": _HISTORY_QUERY,
+                "security": [{"tenant_jwt": []}],
+                "responses": {"200": _HISTORY_ANSWER, "400": _ERRORS["400"], "401": _ERRORS["401"],
+                              "503": _UNAVAILABLE}}},
+}
+_USAGE_HISTORY = {
+    "type": "object", "required": ["tenant", "step", "from", "to", "series"],
+    "properties": {
+        "tenant": {"type": "string"}, "step": {"enum": ["hour", "day"]}, "from": _INSTANT, "to": _INSTANT,
+        "series": {"type": "object", "additionalProperties": {"type": "array", "items": {
+            "type": "object", "required": ["start", "value"],
+            "properties": {"start": _INSTANT, "value": {
+                **_NULLABLE_NUMBER, "description": "a counter: the step's sum (exact; refunds may make it "
+                                                   "negative); a gauge: its last value in the step, null if none"}}}}},
+    },
+}
+
+
+def admin_openapi(type_base: str, *, sync: bool = False, history: bool = False) -> dict[str, Any]:
+    """The document; `type_base` is where the problem `type` URIs point; `sync` adds /admin/sync, `history` the
+    usage history (the admin API's and the tenant's own, which the proxy listener answers)."""
     doc = _document(type_base)
     if sync:
         doc["paths"].update(_SYNC_PATHS)
         doc["components"]["schemas"] = {**doc["components"]["schemas"], "SyncState": _SYNC_STATE}
+    if history:
+        doc["paths"].update(_HISTORY_PATHS)
+        doc["components"]["schemas"] = {**doc["components"]["schemas"], "UsageHistory": _USAGE_HISTORY}
+        doc["components"]["securitySchemes"] = {
+            **doc["components"]["securitySchemes"],
+            "tenant_jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                           "description": "the tenant's own JWT (proxy listener)"}}
     return doc
 
 

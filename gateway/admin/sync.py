@@ -3,6 +3,9 @@
 The state is shared (SQL ledger and Redis), so any gateway instance answers for the sync workers. A
 run started here is one ordinary pass: it takes the same leader lock as `cosmos-gateway sync`, so it
 never sends alongside a running worker (and identifiers would make that harmless anyway).
+
+`requeue(identifier, actor)` makes one parked ledger row pending again, with its audit entry in the same
+transaction: the operation behind the console's "retry now" (an operator fixed the cause first).
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ from typing import Any
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from billing_sync.metrics import SyncMetrics
-from billing_sync.state import sync_state
+from billing_sync.state import reason_of, sync_state
 from billing_sync.worker import SyncWorker
-from metering.clock import rfc3339
+from gateway.errors import NotFound
+from metering.clock import rfc3339, utcnow
+from metering.models import AuditEntry, LedgerEntry
 
 
 class SyncAdmin:
@@ -39,6 +45,26 @@ class SyncAdmin:
         parked = [{**p, "bucket_start": rfc3339(p["bucket_start"], whole_seconds=True)} for p in state["parked"]]
         SyncMetrics.state(pending=state["pending"], parked=len(state["parked"]), lag_seconds=state["lag_seconds"])
         return {**state, "last_run_at": rfc3339(state["last_run_at"], whole_seconds=True), "parked": parked}
+
+    async def requeue(self, identifier: str, actor: str) -> dict[str, Any]:
+        """One parked row (by its meter event identifier) pending again, due now; audited as `sync.requeue`.
+
+        NotFound when no parked row has that identifier (never parked, already requeued or sent). The row is
+        locked while it changes, so two operators retrying it at once write one change and one audit entry.
+        """
+        async with self._sessions() as session, session.begin():
+            row = await session.scalar(select(LedgerEntry).where(LedgerEntry.identifier == identifier,
+                                                                 LedgerEntry.state == "parked").with_for_update())
+            if row is None:
+                raise NotFound("no parked ledger row has this identifier", identifier=identifier[:100])
+            before = {"identifier": row.identifier, "meter": row.meter,
+                      "bucket_start": rfc3339(row.bucket_start, whole_seconds=True), "state": row.state,
+                      "reason": reason_of(row.last_error), "attempts": row.attempts}
+            row.state = "pending"
+            row.next_attempt_at = None
+            session.add(AuditEntry(at=utcnow(self._clock), actor=actor, tenant_id=row.tenant_id,
+                                   action="sync.requeue", before=before, after={**before, "state": "pending"}))
+        return {**before, "state": "pending", "tenant": row.tenant_id}
 
     async def state(self, _: web.Request) -> web.Response:
         return _json(await self.snapshot())

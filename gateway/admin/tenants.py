@@ -1,6 +1,10 @@
 """The admin API's tenant and override handlers (PRODUCT.md §6): the tenant view, PUT of a tenant, PUT and
 DELETE of an override.
 
+Each is an operation (`view`, `update_tenant`, `set_override`, `remove_override`) that the admin API's
+handlers and the operator console (gateway/console) both call, so a change made either way is validated,
+written and audited the same way; the caller names the actor.
+
 Every change is written with its audit entry in one transaction (the tenant row through
 metering.tenant_rows, like the Stripe webhooks), then announced through the TenantDirectory, so it is
 effective on this instance before the answer and on the others within seconds.
@@ -75,19 +79,20 @@ class TenantHandlers:
         self._default_plan = default_plan
         self._clock = clock
 
-    # ---- reads
+    # ---- the operations: the admin API's handlers below and the operator console both call these
 
-    async def get_tenant(self, request: web.Request) -> web.Response:
-        tenant = tenant_param(request)
+    async def find(self, tenant: str) -> TenantRecord | None:
+        """The tenant's record; NotFound when it has none and has sent no traffic."""
         record = self._directory.get(tenant)
         if record is None:
             # Created on another instance moments ago, or never: ask the store (admin path, not per request).
             record = await self._directory.reload(tenant)
         if record is None and not await seen(self._usage.tenant_seen(tenant)):
             raise NotFound(f"tenant {tenant!r} has no record and has sent no traffic", tenant=tenant)
-        return json_response(await self._view(tenant, record))
+        return record
 
-    async def _view(self, tenant: str, record: TenantRecord | None) -> dict[str, Any]:
+    async def view(self, tenant: str, record: TenantRecord | None, *, alerts: bool = True) -> dict[str, Any]:
+        """The tenant view (PRODUCT.md §6); `alerts=False` skips the SQL read of this period's alerts."""
         now = utcnow(self._clock)
         start, _ = period_bounds(now, record.billing_anchor_day if record is not None else None)
         names = sorted(self._meter_names)
@@ -96,36 +101,32 @@ class TenantHandlers:
         except Exception as exc:
             log.warning("admin API: usage of %s unavailable: %r", tenant, exc)
             raise LimiterUnavailable("the usage store is unavailable; try again shortly") from None
-        async with self._sessions() as session:
-            rows = (await session.scalars(
-                select(AlertEvent).where(AlertEvent.tenant_id == tenant, AlertEvent.period_start == start)
-                .order_by(AlertEvent.meter, AlertEvent.threshold))).all()
-        alerts = [{"meter": a.meter, "threshold": a.threshold, "at": rfc3339(a.at)} for a in rows]
+        shown: list[dict[str, Any]] = []
+        if alerts:
+            async with self._sessions() as session:
+                rows = (await session.scalars(
+                    select(AlertEvent).where(AlertEvent.tenant_id == tenant, AlertEvent.period_start == start)
+                    .order_by(AlertEvent.meter, AlertEvent.threshold))).all()
+            shown = [{"meter": a.meter, "threshold": a.threshold, "at": rfc3339(a.at)} for a in rows]
         return tenant_view(tenant_id=tenant, record=record, plans=self._plans, default_plan=self._default_plan,
-                           meters=self._meters, usage=usage, now=now, alerts=alerts)
+                           meters=self._meters, usage=usage, now=now, alerts=shown)
 
-    # ---- changes
-
-    async def put_tenant(self, request: web.Request) -> web.Response:
-        tenant = tenant_param(request)
-        body = tenant_body(await read_object(request), self._plans)
-        actor = request[ACTOR]
+    async def update_tenant(self, tenant: str, body: Mapping[str, Any], actor: str) -> tuple[dict[str, Any], bool]:
+        """PUT of a tenant: `body` as the API takes it (validated here); returns (view, created)."""
+        values = tenant_body(body, self._plans)
 
         async def write() -> TenantChange:
             async with self._sessions() as session, session.begin():
-                return await self._write_tenant(session, tenant, body, actor, utcnow())
+                return await self._write_tenant(session, tenant, values, actor, utcnow())
 
         change = await _with_retry(write)
         if change.changed:
             await self._directory.announce(tenant)
-        return json_response(await self._view(tenant, self._directory.get(tenant)),
-                             status=201 if change.created else 200)
+        return await self.view(tenant, self._directory.get(tenant)), change.created
 
-    async def put_override(self, request: web.Request) -> web.Response:
-        tenant = tenant_param(request)
-        meter = meter_param(request, self._meter_names)
-        values = overrides_body(await read_object(request), meter, utcnow(self._clock))
-        actor = request[ACTOR]
+    async def set_override(self, tenant: str, meter: str, body: Mapping[str, Any], actor: str) -> dict[str, Any]:
+        """PUT of an override: `meter` already checked (`meter_param`), `body` validated here; returns the view."""
+        values = overrides_body(body, meter, utcnow(self._clock))
 
         async def write() -> None:
             async with self._sessions() as session, session.begin():
@@ -144,12 +145,10 @@ class TenantHandlers:
 
         await _with_retry(write)
         await self._directory.announce(tenant)
-        return json_response(await self._view(tenant, self._directory.get(tenant)))
+        return await self.view(tenant, self._directory.get(tenant))
 
-    async def delete_override(self, request: web.Request) -> web.Response:
-        tenant = tenant_param(request)
-        meter = meter_param(request, self._meter_names)
-        actor = request[ACTOR]
+    async def remove_override(self, tenant: str, meter: str, actor: str) -> None:
+        """DELETE of an override (back to the plan's limit); NotFound when there is none."""
         async with self._sessions() as session, session.begin():
             row = await session.get(Tenant, tenant, with_for_update=True)
             override = None if row is None else await session.get(TenantOverride, (tenant, meter))
@@ -160,6 +159,31 @@ class TenantHandlers:
             row.updated_at = utcnow()
             session.add(self._audit(actor, tenant, "override.delete", before, None))
         await self._directory.announce(tenant)
+
+    @property
+    def meter_names(self) -> frozenset[str]:
+        return self._meter_names
+
+    # ---- the admin API's handlers
+
+    async def get_tenant(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        return json_response(await self.view(tenant, await self.find(tenant)))
+
+    async def put_tenant(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        view, created = await self.update_tenant(tenant, await read_object(request), request[ACTOR])
+        return json_response(view, status=201 if created else 200)
+
+    async def put_override(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        meter = meter_param(request, self._meter_names)
+        return json_response(await self.set_override(tenant, meter, await read_object(request), request[ACTOR]))
+
+    async def delete_override(self, request: web.Request) -> web.Response:
+        tenant = tenant_param(request)
+        meter = meter_param(request, self._meter_names)
+        await self.remove_override(tenant, meter, request[ACTOR])
         return web.Response(status=204)
 
     async def _write_tenant(self, session: AsyncSession, tenant: str, values: Mapping[str, Any], actor: str,

@@ -1,7 +1,9 @@
 """Endpoints the gateway answers itself on the proxy listener, under `/_gateway/` (PRODUCT.md §6).
 
 `GET /_gateway/usage` shows the caller's own tenant: usage, limits, remaining and reset times, from
-the same view the admin API serves. Nothing under `/_gateway/` is ever forwarded upstream.
+the same view the admin API serves; `GET /_gateway/usage/history` its usage history, as the admin API's
+`/admin/tenants/{tenant}/usage` (gateway/admin/usage_history.py). Nothing under `/_gateway/` is ever forwarded
+upstream.
 A store that is down is a 503 (`limiter-unavailable` for Redis, `database-unavailable` for SQL), never a 500.
 """
 
@@ -16,11 +18,13 @@ from datetime import UTC, datetime
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.admin.usage_history import history_response
 from gateway.auth.tokens import Identity
 from gateway.errors import DatabaseUnavailable, LimiterUnavailable, NotFound
 from metering.meters import Meter
 from metering.sql_errors import store_unavailable
 from metering.store import StoreUnavailable
+from metering.usage_history import UsageHistory
 from quota.alerts import Alerts
 from quota.limiter import Limiter
 from quota.plans import Plan
@@ -36,7 +40,7 @@ WebhookHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class OwnEndpoints:
     def __init__(self, *, limiter: Limiter, directory: TenantDirectory, plans: Mapping[str, Plan],
                  meters: Sequence[Meter], default_plan: str | None, alerts: Alerts | None = None,
-                 stripe_webhook: WebhookHandler | None = None,
+                 stripe_webhook: WebhookHandler | None = None, history: UsageHistory | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._limiter = limiter
         self._directory = directory
@@ -46,12 +50,18 @@ class OwnEndpoints:
         self._default_plan = default_plan
         self._alerts = alerts
         self._stripe_webhook = stripe_webhook
+        self._history = history
         self._clock = clock
 
     async def handle(self, request: web.BaseRequest, path: str, authenticate: Authenticate) -> web.StreamResponse:
         if path == "/_gateway/usage" and request.method in ("GET", "HEAD"):
             identity = await authenticate(request)
             return await self._usage(identity)
+        if path == "/_gateway/usage/history" and request.method in ("GET", "HEAD") and self._history is not None:
+            identity = await authenticate(request)
+            record = self._directory.get(identity.tenant)
+            return await history_response(self._history, request, identity.tenant,
+                                          record.billing_anchor_day if record is not None else None, self._clock)
         if path == "/_gateway/webhooks/stripe" and request.method == "POST" and self._stripe_webhook is not None:
             return await self._stripe_webhook(request)
         raise NotFound("no such gateway endpoint")
