@@ -163,6 +163,15 @@ _SYNC_PATHS: dict[str, Any] = {
         "responses": {"200": _json("the pass and the state after it", {
             "type": "object", "properties": {"pass": {"type": "object"}, "state": _ref("SyncState")}}),
             **_ERRORS}}},
+    "/admin/sync/parked/{identifier}/requeue": {"post": {
+        "summary": "Make one parked ledger row pending again (after fixing its cause); audited as sync.requeue",
+        "operationId": "requeueParked",
+        "parameters": [{"name": "identifier", "in": "path", "required": True,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 100}}],
+        "responses": {"200": _json("the row, now pending", {"type": "object", "properties": {
+            "identifier": {"type": "string"}, "tenant": {"type": "string"}, "meter": {"type": "string"},
+            "bucket_start": {"type": "string", "format": "date-time"}, "state": {"type": "string"},
+            "reason": {"type": ["string", "null"]}, "attempts": {"type": "integer"}}}), **_ERRORS}}},
 }
 _SYNC_STATE = {
     "type": "object", "required": ["last_run_at", "lag_seconds", "pending", "sent_total", "parked"],

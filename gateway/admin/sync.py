@@ -1,4 +1,5 @@
-"""`GET /admin/sync` and `POST /admin/sync/run` (PRODUCT.md §6): the billing sync seen from the admin API.
+"""`GET /admin/sync`, `POST /admin/sync/run` (PRODUCT.md §6) and `POST /admin/sync/parked/{identifier}/requeue`:
+the billing sync seen from the admin API.
 
 The state is shared (SQL ledger and Redis), so any gateway instance answers for the sync workers. A
 run started here is one ordinary pass: it takes the same leader lock as `cosmos-gateway sync`, so it
@@ -24,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from billing_sync.metrics import SyncMetrics
 from billing_sync.state import reason_of, sync_state
 from billing_sync.worker import SyncWorker
-from gateway.errors import NotFound
+from gateway.admin.tenants import ACTOR
+from gateway.errors import InvalidRequest, NotFound
 from metering.clock import rfc3339, utcnow
 from metering.models import AuditEntry, LedgerEntry
 
@@ -38,7 +40,8 @@ class SyncAdmin:
         self._clock = clock
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/sync", self.state, allow_head=False), web.post("/sync/run", self.run)]
+        return [web.get("/sync", self.state, allow_head=False), web.post("/sync/run", self.run),
+                web.post("/sync/parked/{identifier}/requeue", self.requeue_route)]
 
     async def snapshot(self) -> dict[str, Any]:
         state = await sync_state(self._redis, self._sessions, now=self._clock())
@@ -65,6 +68,13 @@ class SyncAdmin:
             session.add(AuditEntry(at=utcnow(self._clock), actor=actor, tenant_id=row.tenant_id,
                                    action="sync.requeue", before=before, after={**before, "state": "pending"}))
         return {**before, "state": "pending", "tenant": row.tenant_id}
+
+    async def requeue_route(self, request: web.Request) -> web.Response:
+        identifier = request.match_info["identifier"]
+        if not 1 <= len(identifier) <= 100:  # the ledger's identifier column
+            raise InvalidRequest("not a meter event identifier", [{"field": "identifier",
+                                                                  "message": "1 to 100 characters"}])
+        return _json(await self.requeue(identifier, request[ACTOR]))
 
     async def state(self, _: web.Request) -> web.Response:
         return _json(await self.snapshot())
