@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -264,7 +265,8 @@ GATEWAYS = (
 
 
 def start_gateway(spec: GatewaySpec, workdir: Path, upstream: int, redis_url: str, workers: int,
-                  tree: Path | None) -> Server:
+                  tree: Path | None, *, wrap: Sequence[str] = (), start_timeout: float = 30) -> Server:
+    """A gateway target; `wrap` prefixes its command (bench/instructions.py runs it under valgrind)."""
     port, admin = free_port(), free_port()
     name = f"{spec.key}{'-baseline' if spec.baseline else ''}-{workers}"
     config = {
@@ -283,9 +285,9 @@ def start_gateway(spec: GatewaySpec, workdir: Path, upstream: int, redis_url: st
     # The access log goes to a file (a pipe nobody reads would block the gateway once full).
     access_log = workdir / f"gateway-{name}-access.log" if spec.access_log else Path(os.devnull)
     with open(access_log, "wb") as stdout, open(log, "wb") as stderr:  # the child keeps its own copies
-        process = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
+        process = subprocess.Popen([*wrap, sys.executable, "-m", "gateway.cli", "serve", "--config", str(path)],
                                    env=env, cwd=cwd, stdout=stdout, stderr=stderr)
-    _listening(process, port, log, timeout=30)
+    _listening(process, port, log, timeout=start_timeout)
     return Server(spec.key, spec.label, port, process, authenticates=True, metered=spec.metered, workers=workers,
                   baseline=spec.baseline)
 
