@@ -26,6 +26,9 @@ from gateway.auth.tokens import Authenticator
 from gateway.config.settings import Settings
 from gateway.console import add_console
 from gateway.metrics import RequestMetrics
+from gateway.portal.endpoints import TenantPortal
+from gateway.portal.stripe_portal import StripePortal
+from gateway.portal.tokens import PortalTokens, portal_key
 from gateway.proxy.accesslog import AccessLog
 from gateway.proxy.handler import ProxyHandler
 from gateway.proxy.listener import LimitedSockSite, ProblemServer, bind
@@ -108,6 +111,7 @@ class Worker:
         self._admin_runner: web.AppRunner | None = None
         self._replayer: asyncio.Task[None] | None = None
         self._event_fetcher: StripeEventFetcher | None = None
+        self.portal: TenantPortal | None = None
         self.proxy_port = 0
         self.admin_port = 0
 
@@ -141,9 +145,11 @@ class Worker:
             event_fetcher=self._event_fetcher, meters_by_event_name=meters_by_event)
         webhook = StripeWebhook(events, directory=self.directory,
                                 problem_type_base=settings.server.problem_type_base)
+        self.portal = self._tenant_portal()
         own = OwnEndpoints(limiter=self.limiter, directory=self.directory, plans=self.policy.plans,
                            meters=self.policy.meters, default_plan=settings.default_plan, alerts=self.alerts,
-                           stripe_webhook=webhook.handle, history=self.usage_history, clock=self.clock)
+                           stripe_webhook=webhook.handle, history=self.usage_history, portal=self.portal,
+                           clock=self.clock)
         handler = ProxyHandler(settings, self.authenticator, self.pool, self.websockets, self.metrics,
                                self.access_log, limiter=self.limiter, own=own)
         http_limits = {
@@ -178,6 +184,18 @@ class Worker:
         await web.SockSite(self._admin_runner, admin_sock).start()
         self.admin_port = admin_sock.getsockname()[1]
 
+    def _tenant_portal(self) -> TenantPortal:
+        """The usage page and Stripe's portal; their signing key comes from the configured secrets, so every
+        worker process of this configuration reads the links and cookies of the others."""
+        settings = self.settings
+        secrets = [f"admin:{name}:{token}" for name, token in settings.admin.tokens]
+        secrets += [settings.auth.hs256_secret, settings.billing.stripe_api_key, settings.billing.stripe_webhook_secret]
+        return TenantPortal(
+            tokens=PortalTokens(portal_key(secrets)), redis=self.redis,
+            stripe=StripePortal(self.policy.stripe, settings.billing.portal_return_url), directory=self.directory,
+            meters=self.policy.meters, history=self.usage_history, trusted_proxies=settings.listen.trusted_proxies,
+            body_timeout=settings.listen.body_timeout, type_base=settings.server.problem_type_base, clock=self.clock)
+
     def _add_admin_api(self, app: web.Application) -> None:
         add_admin_api(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
                       authenticator=self.authenticator, usage_reader=self.store,
@@ -186,7 +204,8 @@ class Worker:
         # The operator console at /admin/ui: the longer prefix, so it resolves before the API's /admin.
         add_console(app, settings=self.settings, sessions=self.sessions, directory=self.directory,
                     authenticator=self.authenticator, usage_reader=self.store,
-                    plans=self.policy.plans, meters=self.policy.meters, clock=self.clock, sync=self.sync_admin)
+                    plans=self.policy.plans, meters=self.policy.meters, clock=self.clock, sync=self.sync_admin,
+                    history=self.usage_history)
 
     def _sync_worker(self) -> SyncWorker:
         billing = self.settings.billing
@@ -262,6 +281,8 @@ class Worker:
         await self.authenticator.close()
         if self._event_fetcher is not None:
             await self._event_fetcher.aclose()
+        if self.portal is not None:
+            await self.portal.aclose()
         await self.store.aclose()
         await self.redis.aclose()
         if self._pubsub is not None:

@@ -9,6 +9,8 @@ GatewayError              500 internal                (itself: a fault of the ga
 ├── NotFound              404 not-found
 ├── MethodNotAllowed      405 method-not-allowed      (admin API)
 ├── RequestTimeout        408 request-timeout         (a request body paused longer than listen.body_timeout)
+├── NoStripeCustomer      409 no-stripe-customer      (Stripe's billing portal: the tenant has no Stripe customer)
+├── LinkGone              410 link-gone               (the usage page: a link used already, or expired)
 ├── PayloadTooLarge       413 payload-too-large       (admin API, Stripe webhooks)
 ├── RateLimited           429 rate-limited
 ├── QuotaExceeded         429 quota-exceeded
@@ -18,7 +20,9 @@ GatewayError              500 internal                (itself: a fault of the ga
 ├── Overloaded            503 overloaded              (a connection beyond listen.max_connections)
 ├── UpstreamBusy          503 upstream-busy           (no upstream connection free within pool_timeout)
 ├── WebhooksNotConfigured 503 webhooks-not-configured (Stripe webhooks: no secret, or no API key for a thin event)
-├── StripeUnavailable     503 stripe-unavailable      (Stripe webhooks: a thin event's data could not be read)
+├── StripeUnavailable     503 stripe-unavailable      (Stripe webhooks: a thin event's data could not be read;
+│                                                      the billing portal: Stripe unreachable, late or failing)
+├── StripeDryRun          503 stripe-dry-run          (the billing portal while billing.stripe.mode is dry_run)
 └── GatewayTimeout        504 gateway-timeout
 """
 
@@ -89,6 +93,14 @@ class RequestTimeout(GatewayError):
     status, suffix, title = 408, "request-timeout", "Request timeout"
 
 
+class NoStripeCustomer(GatewayError):
+    status, suffix, title = 409, "no-stripe-customer", "No Stripe customer"
+
+
+class LinkGone(GatewayError):
+    status, suffix, title = 410, "link-gone", "Link expired or used"
+
+
 class PayloadTooLarge(GatewayError):
     status, suffix, title = 413, "payload-too-large", "Payload too large"
 
@@ -135,6 +147,10 @@ class WebhooksNotConfigured(GatewayError):
 
 class StripeUnavailable(GatewayError):
     status, suffix, title = 503, "stripe-unavailable", "Stripe unavailable"
+
+
+class StripeDryRun(GatewayError):
+    status, suffix, title = 503, "stripe-dry-run", "Stripe is in dry run"
 
 
 class GatewayTimeout(GatewayError):

@@ -4,9 +4,12 @@ Redis Cluster hashes only what is inside the first `{...}`, so all of a tenant's
 and one script can touch them atomically.
 
     gw:{t:acme}:rate                     GCRA theoretical arrival time
+    gw:{t:acme}:rate:s                   the same of the tenant's shadow rate (reports, never refuses)
     gw:{t:acme}:q:<meter>:<period_start>  period counter
     gw:{t:acme}:g:<meter>                 gauge, last reported value
     gw:{t:acme}:b:<bucket_start>          hash meter -> billable value in that billing bucket
+    gw:{t:acme}:sh:<period_start>         hash "<reason>:<meter>" -> admitted requests a shadow limit
+                                          would have refused this period
     gw:{t:acme}:seen                      marker: the tenant has sent traffic
     gw:tenants:index                      sorted set of tenants that sent traffic, all scored 0 (read in
                                           id order, a page at a time: ZRANGEBYLEX)
@@ -74,6 +77,14 @@ def _epoch(value: int) -> int:
 
 def rate_key(tenant: str) -> str:
     return f"{tenant_prefix(tenant)}rate"
+
+
+def shadow_rate_key(tenant: str) -> str:
+    return f"{tenant_prefix(tenant)}rate:s"
+
+
+def shadow_hits_key(tenant: str, period_start: int) -> str:
+    return f"{tenant_prefix(tenant)}sh:{_epoch(period_start)}"
 
 
 def quota_key(tenant: str, meter: str, period_start: int) -> str:

@@ -2,7 +2,7 @@
 
     upgrade(url)                  # plain sync code: `cosmos-gateway db upgrade`
     await upgrade_async(url)      # inside a running event loop: start-up, tests
-    current_revision(url)         # "0003", or None for an empty database
+    current_revision(url)         # "0004", or None for an empty database
 
 The Alembic configuration is built in code, pointing at the migrations shipped inside this package,
 so an installed gateway can migrate without any file next to it.

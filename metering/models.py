@@ -117,6 +117,8 @@ class TenantOverride(Base):
     expires_at: Mapped[datetime | None] = mapped_column()
     reason: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # "on" or "shadow" (the limit only reports what it would refuse); NULL, in rows older than it, is "on".
+    enforce: Mapped[str | None] = mapped_column(String(16))
 
 
 class AuditEntry(Base):

@@ -1,7 +1,9 @@
 """The usage store's contract: what the limiter asks of a store, and the types it speaks in.
 
     UsageStore        the Protocol `quota` depends on; `metering.redis_store.RedisUsageStore` implements it
-    Check, Decision   one request's rules (rate, counter quotas, gauge guards, billable units) and the answer
+    Check, Decision   one request's rules (rate, counter quotas, gauge guards, billable units) and the answer;
+                      shadow rules (`enforce: shadow`) never refuse, the first one a request runs into is
+                      reported in `Decision.shadow`
     Record            what is known after the response (refunds, byte counts, gauges), also the spooled form
     StoreUnavailable  the one error a store raises: Redis down, slow or failing (the caller fails open/closed)
 
@@ -64,12 +66,16 @@ class CounterRule:
     units: int
     limit: int | None
     enforce: bool  # False: overage, count past the limit
+    # A limit that only reports (never refuses) an admitted request that would pass it; kept beside `limit`,
+    # so that a lower limit can be tried out while the enforced one still holds.
+    shadow_limit: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class GuardRule:
     meter: str
     limit: float  # reject while the gauge is >= limit
+    shadow: bool = False  # only report an admitted request that this guard would have refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,14 @@ class Check:
     counters: tuple[CounterRule, ...]
     guards: tuple[GuardRule, ...]
     billable: Units  # (meter, units) added to the billing bucket when admitted
+    # A rate that only reports: its own GCRA state, which moves on when it would have admitted the request.
+    shadow_rate: RateRule | None = None
+
+    @property
+    def has_shadow(self) -> bool:
+        """Whether any rule only reports: the store then evaluates and counts shadow hits."""
+        return (self.shadow_rate is not None or any(c.shadow_limit is not None for c in self.counters)
+                or any(g.shadow for g in self.guards))
 
 
 @dataclass(slots=True)  # not frozen: one per request, and a frozen __init__ costs three times as much
@@ -94,6 +108,9 @@ class Decision:
     retry_after: float  # seconds: rate until a token frees, quota until the period ends, guard 0
     used: dict[str, float]  # per counter/guard meter, after counting (or current when rejected)
     rate_remaining: int | None
+    # An admitted request that a shadow rule would have refused: (reason, meter), the first such rule in the
+    # order the enforced ones are decided (rate, counters, guards); the meter of the rate is "rate".
+    shadow: tuple[Reason, str] | None = None
 
 
 @dataclass(slots=True)  # not frozen, as Decision
@@ -153,5 +170,7 @@ class UsageStore(Protocol):
     def add_later(self, where: RecordKey, add: Sequence[tuple[str, int]], on_failure: OnFailure) -> None: ...
 
     async def usage(self, tenant: str, period_start: int, meters: Sequence[str]) -> dict[str, float]: ...
+
+    async def shadow_hits(self, tenant: str, period_start: int) -> dict[tuple[str, str], int]: ...
 
     async def flush(self) -> None: ...

@@ -6,7 +6,9 @@ is passed in), so it is tested without Redis (tests/quota/test_compile.py). `quo
 `compile_check` returns per tenant and route and adds the per-request values (`ratelimit_values`).
 
 The RateLimit / RateLimit-Policy texts (draft-ietf-httpapi-ratelimit-headers) are built here, once per
-compiled check; where else a response's headers are touched: the map in gateway/proxy/headers.py.
+compiled check; where else a response's headers are touched: the map in gateway/proxy/headers.py. They
+advertise the enforced limits only: a shadow limit (`enforce: shadow`) never refuses, so a client has
+nothing to pace itself by.
 """
 
 from __future__ import annotations
@@ -71,18 +73,21 @@ def compile_check(tenant: str, plan: Plan, record: TenantRecord | None, counted:
     period_start, period_end = period
     bucket = bucket_start(now, bucket_seconds)
     overrides = record.overrides if record is not None else ()
+    quotas: Mapping[str, Quota]
     if overrides:
-        rate, quotas, _ = effective(plan, overrides, datetime.fromtimestamp(now, UTC))
+        rate, quotas, _, shadow_rate = effective(plan, overrides, datetime.fromtimestamp(now, UTC))
     else:
-        rate, quotas = plan.rate, plan.quotas
+        rate, quotas, shadow_rate = plan.rate, plan.quotas, plan.shadow_rate
     counters = tuple(_counter_rule(m, quotas.get(m.name)) for m in counted)
     guards = _guard_rules(quotas, hits)
     check = Check(
         tenant=tenant, now=now, period_start=period_start, period_end=period_end, bucket_start=bucket,
         bucket_ttl=BUCKET_TTL, rate=RateRule(rate.per_second, rate.burst) if rate else None,
         counters=counters, guards=guards, billable=tuple((m.name, 1) for m in counted),
+        shadow_rate=RateRule(shadow_rate.per_second, shadow_rate.burst) if shadow_rate else None,
     )
-    prepared = None if rate is None and not counters and not guards else prepare(check)
+    nothing = rate is None and shadow_rate is None and not counters and not guards
+    prepared = None if nothing else prepare(check)
     policy, limited, ratelimit = _ratelimit_policy(rate, counted, quotas, period_end - period_start)
     # Meter names are [a-z0-9_]: nothing in the policy needs escaping for %.
     head_lines = "" if policy is None else f"{policy[0]}: {policy[1]}\r\nRateLimit: {ratelimit}\r\n"
@@ -116,16 +121,22 @@ def compiled_size(key: tuple[object, ...], compiled: Compiled) -> int:
 def _counter_rule(meter: Meter, quota: Quota | None) -> CounterRule:
     limit = None if quota is None or quota.limit is None else int(quota.limit)
     enforce = quota is not None and limit is not None and quota.on_exceed == "reject"
-    return CounterRule(meter=meter.name, units=1, limit=limit, enforce=enforce)
+    # A shadow limit reports what an enforced one would refuse: nothing, under on_exceed: overage.
+    shadow = None if quota is None or quota.shadow_limit is None or quota.on_exceed != "reject" else int(
+        quota.shadow_limit)
+    return CounterRule(meter=meter.name, units=1, limit=limit, enforce=enforce, shadow_limit=shadow)
 
 
 def _guard_rules(quotas: Mapping[str, Quota], hits: frozenset[Guard]) -> tuple[GuardRule, ...]:
-    """The gauge guards of `quotas` that apply to a request matching the guards `hits`."""
+    """The gauge guards of `quotas` that apply to a request matching the guards `hits`: the enforced ones,
+    then the shadow ones (which only report)."""
     if not hits:
         return ()
-    return tuple(GuardRule(meter=quota.meter, limit=float(quota.limit))
-                 for quota in quotas.values()
-                 if quota.limit is not None and quota.on_exceed == "reject" and not hits.isdisjoint(quota.guards))
+    applying = [quota for quota in quotas.values()
+                if quota.on_exceed == "reject" and not hits.isdisjoint(quota.guards)]
+    return (*(GuardRule(meter=q.meter, limit=float(q.limit)) for q in applying if q.limit is not None),
+            *(GuardRule(meter=q.meter, limit=float(q.shadow_limit), shadow=True)
+              for q in applying if q.shadow_limit is not None))
 
 
 def _ratelimit_policy(rate: Rate | None, counted: Sequence[Meter], quotas: Mapping[str, Quota],

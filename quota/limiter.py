@@ -34,6 +34,7 @@ from quota.compile import Compiled, compile_check, compiled_size, ratelimit_valu
 from quota.guards import GuardMatcher
 from quota.metrics import QuotaMetrics
 from quota.plans import Guard, Plan
+from quota.shadow import ShadowReports
 from quota.tenants import TenantDirectory, TenantRecord
 
 log = logging.getLogger("cosmos_gateway.limiter")
@@ -121,6 +122,7 @@ class Limiter:
         self._settings = settings
         self._clock = clock
         self._on_counted = on_counted  # alerts: (tenant, meter, period_start, used, limit)
+        self._shadow = ShadowReports(metrics, clock)  # served, but a shadow limit would have refused
         self._periods: dict[int | None, tuple[int, int]] = {}
         self._compiled: dict[tuple[object, ...], tuple[Compiled, int]] = {}  # insertion order: oldest first
         self._compiled_bytes = 0
@@ -226,6 +228,8 @@ class Limiter:
             return admission
         if not decision.allowed:
             raise self._refusal(decision, compiled, now)
+        if decision.shadow is not None:
+            self._shadow.report(tenant, compiled.plan, *decision.shadow)
         if fresh:
             self._keep_compiled(key, compiled)
         if compiled.policy is not None:

@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from prometheus_client import Counter, Gauge
 
 REJECTIONS = Counter("gateway_rejections_total", "Requests refused by the limiter", ["reason", "plan", "meter"])
+SHADOW_REJECTIONS = Counter("gateway_shadow_rejections_total",
+                            "Requests served that a shadow limit (enforce: shadow) would have refused",
+                            ["reason", "plan", "meter"])
 USAGE = Gauge("gateway_usage", "Usage of the current period per tenant and meter", ["tenant", "meter"],
               multiprocess_mode="mostrecent")
 STORE_ERRORS = Counter("gateway_store_errors_total", "Usage store (Redis) calls that failed")
@@ -38,6 +41,10 @@ class QuotaMetrics:
     def rejected(self, reason: str, plan: str | None, meter: str) -> None:
         REJECTIONS.labels(reason, plan if plan in self._plans else "other",
                           meter if meter in self._meters else "other").inc()
+
+    def shadow_rejected(self, reason: str, plan: str | None, meter: str) -> None:
+        SHADOW_REJECTIONS.labels(reason, plan if plan in self._plans else "other",
+                                 meter if meter in self._meters else "other").inc()
 
     def usage(self, tenant: str, meter: str, value: float) -> None:
         """Remember the value; `publish()` sets the gauges when Prometheus scrapes (not per request)."""

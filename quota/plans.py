@@ -1,4 +1,10 @@
-"""Plans: rate limit and period quotas per plan, the default catalog, and operator overrides (pure)."""
+"""Plans: rate limit and period quotas per plan, the default catalog, and operator overrides (pure).
+
+A quota, a rate or an override may say `enforce: shadow`: its limit only reports what it would refuse
+(PRODUCT.md §6a). Internally a limit is either enforced (`Quota.limit`, `Plan.rate`) or only reported
+(`Quota.shadow_limit`, `Plan.shadow_rate`); a meter may have both, when a shadow override tries out another
+limit while the plan's still holds.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +15,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from metering.errors import ConfigError, expect_mapping, kind_of
 from metering.meters import Meter, check_method, check_path
 
 OnExceed = Literal["reject", "overage"]
+Enforce = Literal["on", "shadow"]
+ENFORCE_VALUES: tuple[Enforce, ...] = ("on", "shadow")
 Guard = tuple[str | None, str]  # (method or None = any, path glob)
 
 PLAN_NAME = re.compile(r"[a-z0-9_-]{1,64}")
@@ -33,6 +41,9 @@ class Quota:
     limit: float | None  # None = unlimited; an int for counter meters
     on_exceed: OnExceed = "reject"
     guards: tuple[Guard, ...] = ()  # gauge quotas only: requests refused while the gauge >= limit
+    # Reported, never enforced (`enforce: shadow`): what would pass it is served and counted as usual.
+    # `limit` is what is enforced; a quota of `enforce: shadow` in the config has limit None.
+    shadow_limit: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +51,7 @@ class Plan:
     name: str
     rate: Rate | None  # None = no rate limit
     quotas: Mapping[str, Quota]
+    shadow_rate: Rate | None = None  # `rate: {..., enforce: shadow}`: reported, never enforced
 
     def __post_init__(self) -> None:
         # Plans are shared by every request (and the catalog by every config): make them read-only.
@@ -84,10 +96,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _parse_rate(raw: Any, key: str) -> Rate | None:
+def _parse_enforce(spec: Mapping[str, Any], key: str) -> Enforce:
+    value = spec.get("enforce", "on")
+    if value not in ENFORCE_VALUES:
+        raise ConfigError(f"{key}.enforce", f"must be on or shadow, got {kind_of(value)}")
+    return cast(Enforce, value)
+
+
+def _parse_rate(raw: Any, key: str) -> tuple[Rate | None, Enforce]:
+    """The rate and whether it is enforced (`enforce: on`, the default) or only reported (`shadow`)."""
     if raw is None:
-        return None
-    spec = expect_mapping(raw, key, {"per_second", "burst"})
+        return None, "on"
+    spec = expect_mapping(raw, key, {"per_second", "burst", "enforce"})
     for name in ("per_second", "burst"):
         if name not in spec:
             raise ConfigError(f"{key}.{name}", "required")
@@ -96,7 +116,7 @@ def _parse_rate(raw: Any, key: str) -> Rate | None:
         raise ConfigError(f"{key}.per_second", f"expected a number > 0, got {kind_of(per_second)}")
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
         raise ConfigError(f"{key}.burst", f"expected an integer >= 1, got {kind_of(burst)}")
-    return Rate(per_second, burst)
+    return Rate(per_second, burst), _parse_enforce(spec, key)
 
 
 def _parse_guards(raw: Any, key: str) -> tuple[Guard, ...]:
@@ -114,7 +134,7 @@ def _parse_guards(raw: Any, key: str) -> tuple[Guard, ...]:
 
 
 def _parse_quota(meter: Meter, raw: Any, key: str) -> Quota:
-    spec = expect_mapping(raw, key, {"limit", "on_exceed", "guards"})
+    spec = expect_mapping(raw, key, {"limit", "on_exceed", "guards", "enforce"})
     if "limit" not in spec:
         raise ConfigError(f"{key}.limit", "required (null = unlimited)")
     limit = spec["limit"]
@@ -129,6 +149,10 @@ def _parse_quota(meter: Meter, raw: Any, key: str) -> Quota:
     on_exceed = spec.get("on_exceed", "reject")
     if on_exceed not in ("reject", "overage"):
         raise ConfigError(f"{key}.on_exceed", f"must be reject or overage, got {kind_of(on_exceed)}")
+    enforce = _parse_enforce(spec, key)
+    if enforce == "shadow" and on_exceed == "overage":
+        raise ConfigError(f"{key}.enforce", "shadow reports what the quota would refuse; on_exceed: overage "
+                                            "refuses nothing")
     guards: tuple[Guard, ...] = ()
     if spec.get("guards") is not None:
         if meter.kind != "gauge":
@@ -140,6 +164,8 @@ def _parse_quota(meter: Meter, raw: Any, key: str) -> Quota:
                 f"{key}.guards", "guards reject requests, which contradicts on_exceed: overage"
             )
         guards = _parse_guards(spec["guards"], f"{key}.guards")
+    if enforce == "shadow":
+        return Quota(meter.name, None, cast(OnExceed, on_exceed), guards, shadow_limit=limit)
     return Quota(meter.name, limit, cast(OnExceed, on_exceed), guards)
 
 
@@ -148,7 +174,7 @@ def _parse_plan(name: Any, raw: Any, meters: Mapping[str, Meter]) -> Plan:
     if not isinstance(name, str) or not PLAN_NAME.fullmatch(name):
         raise ConfigError(key, "a plan name is 1-64 characters of a-z, 0-9, _ and -")
     spec = expect_mapping(raw, key, {"rate", "quotas"})
-    rate = _parse_rate(spec.get("rate"), f"{key}.rate")
+    rate, rate_enforce = _parse_rate(spec.get("rate"), f"{key}.rate")
     quotas: dict[str, Quota] = {}
     raw_quotas = spec.get("quotas")
     if raw_quotas is not None:
@@ -162,6 +188,8 @@ def _parse_plan(name: Any, raw: Any, meters: Mapping[str, Meter]) -> Plan:
                 known = ", ".join(sorted(meters)) or "none"
                 raise ConfigError(qkey, f"unknown meter (defined under meters: {known})")
             quotas[meter_name] = _parse_quota(meters[meter_name], quota, qkey)
+    if rate_enforce == "shadow":
+        return Plan(name, None, quotas, shadow_rate=rate)
     return Plan(name, rate, quotas)
 
 
@@ -214,11 +242,21 @@ class Override:
     burst: int | None = None  # rate only; None = the plan's burst
     expires_at: datetime | None = None
     reason: str | None = None
+    enforce: Enforce = "on"  # "shadow": the limit only reports, beside the plan's enforced one
 
     def __post_init__(self) -> None:
         # Compared with an aware `now` on every lookup; a naive one would raise there instead.
         if self.expires_at is not None and self.expires_at.utcoffset() is None:
             raise ValueError("expires_at must be timezone-aware")
+
+
+class Effective(NamedTuple):
+    """A tenant's limits: its plan with the live overrides applied."""
+
+    rate: Rate | None  # enforced
+    quotas: dict[str, Quota]
+    sources: dict[str, str]  # "plan" or "override", per meter and for "rate"
+    shadow_rate: Rate | None  # only reported
 
 
 def _override_rate(override: Override, plan_rate: Rate | None) -> Rate | None:
@@ -233,17 +271,27 @@ def _override_rate(override: Override, plan_rate: Rate | None) -> Rate | None:
     return Rate(override.per_second, burst)
 
 
-def effective(
-    plan: Plan, overrides: Iterable[Override], now: datetime
-) -> tuple[Rate | None, dict[str, Quota], dict[str, str]]:
-    """The plan with the live overrides applied: (rate, quotas, source per meter and "rate").
+def _override_quota(quota: Quota | None, override: Override) -> Quota:
+    """The quota of a meter with its override: an enforced override replaces the plan's limits (a shadow
+    one of the plan included: the tenant's own limit is what a plan's rollout would meet); a shadow
+    override keeps the enforced limit and reports against its own."""
+    if quota is None:
+        quota = Quota(override.meter, None)
+    if override.enforce == "shadow":
+        return dataclasses.replace(quota, shadow_limit=override.limit)
+    return dataclasses.replace(quota, limit=override.limit, shadow_limit=None)
+
+
+def effective(plan: Plan, overrides: Iterable[Override], now: datetime) -> Effective:
+    """The plan with the live overrides applied: (rate, quotas, source per meter and "rate", shadow rate).
 
     An override expires at `expires_at` (that instant included). An override of a meter the plan
-    does not limit adds a quota that rejects; it has no guards, since the plan names none.
+    does not limit adds a quota that rejects; it has no guards, since the plan names none. A rate
+    override of `enforce: shadow` keeps the plan's rate enforced and reports against its own.
     """
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
-    rate = plan.rate
+    rate, shadow_rate = plan.rate, plan.shadow_rate
     quotas = dict(plan.quotas)
     sources = dict.fromkeys(quotas, "plan")
     sources[RATE_METER] = "plan"
@@ -251,10 +299,11 @@ def effective(
         if override.expires_at is not None and override.expires_at <= now:
             continue
         if override.meter == RATE_METER:
-            rate = _override_rate(override, plan.rate)
-        elif override.meter in quotas:
-            quotas[override.meter] = dataclasses.replace(quotas[override.meter], limit=override.limit)
+            if override.enforce == "shadow":
+                shadow_rate = _override_rate(override, plan.rate or plan.shadow_rate)
+            else:
+                rate, shadow_rate = _override_rate(override, plan.rate or plan.shadow_rate), None
         else:
-            quotas[override.meter] = Quota(override.meter, override.limit)
+            quotas[override.meter] = _override_quota(quotas.get(override.meter), override)
         sources[override.meter] = "override"
-    return rate, quotas, sources
+    return Effective(rate, quotas, sources, shadow_rate)

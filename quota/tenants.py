@@ -52,7 +52,8 @@ def to_record(tenant: Tenant, overrides: list[TenantOverride]) -> TenantRecord:
         billing_anchor_day=tenant.billing_anchor_day,
         overrides=tuple(
             Override(meter=o.meter, limit=o.limit, per_second=o.per_second, burst=o.burst,
-                     expires_at=o.expires_at, reason=o.reason)
+                     expires_at=o.expires_at, reason=o.reason,
+                     enforce="shadow" if o.enforce == "shadow" else "on")  # NULL: a row from before 0004
             for o in overrides
         ),
         updated_at=tenant.updated_at,  # aware UTC: models.UTCDateTime

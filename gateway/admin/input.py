@@ -18,11 +18,11 @@ from aiohttp import web
 from gateway.errors import InvalidRequest
 from metering.errors import kind_of
 from metering.keys import TENANT_ID
-from quota.plans import RATE_METER, Plan
+from quota.plans import ENFORCE_VALUES, RATE_METER, Plan
 
 _TENANT_FIELDS = frozenset({"plan", "status", "stripe_customer_id", "billing_anchor_day"})
-_OVERRIDE_FIELDS = frozenset({"limit", "expires_at", "reason"})
-_RATE_FIELDS = frozenset({"per_second", "burst", "expires_at", "reason"})
+_OVERRIDE_FIELDS = frozenset({"limit", "expires_at", "reason", "enforce"})
+_RATE_FIELDS = frozenset({"per_second", "burst", "expires_at", "reason", "enforce"})
 _STATUSES = ("active", "suspended")
 _RFC3339 = re.compile(r"(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
 _MAX_LIMIT = 2**63 - 1  # BIGINT
@@ -197,5 +197,9 @@ def overrides_body(body: Mapping[str, Any], meter: str, now: datetime) -> dict[s
     if reason is not None and (not isinstance(reason, str) or len(reason) > _MAX_REASON):
         errors.add("reason", f"expected a string of at most {_MAX_REASON} characters, or null")
     values["reason"] = reason
+    enforce = body.get("enforce")  # null or absent: "on"
+    if enforce is not None and enforce not in ENFORCE_VALUES:
+        errors.add("enforce", "expected 'on' or 'shadow' (shadow: the limit only reports what it would refuse)")
+    values["enforce"] = enforce if enforce in ENFORCE_VALUES else "on"
     errors.raise_if_any("invalid override")
     return values

@@ -59,6 +59,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["used", "limit", "remaining", "resets_at", "on_exceed", "source", "forecast"],
         "properties": {
             "used": {"type": "number"}, "limit": _NULLABLE_NUMBER, "remaining": _NULLABLE_NUMBER,
+            "shadow_limit": {**_NULLABLE_NUMBER, "description": "a limit of enforce: shadow: reported, never enforced"},
             "resets_at": {**_NULLABLE_INSTANT,
                           "description": "the period end; null for gauges, which never reset"},
             "on_exceed": {"enum": ["reject", "overage", None]},
@@ -78,8 +79,16 @@ _SCHEMAS: dict[str, Any] = {
                        "properties": {"start": _INSTANT, "end": _INSTANT}},
             "rate": {"type": "object", "required": ["per_second", "burst", "source"],
                      "properties": {"per_second": _NULLABLE_NUMBER, "burst": _NULLABLE_INT,
-                                    "source": {"enum": ["plan", "override"]}}},
+                                    "source": {"enum": ["plan", "override"]},
+                                    "shadow": {"type": ["object", "null"], "properties": {
+                                        "per_second": {"type": "number"}, "burst": {"type": "integer"}}}}},
             "meters": {"type": "object", "additionalProperties": _ref("MeterUsage")},
+            "shadow_rejections": {
+                "type": "array", "description": "admin view only: requests served this period that a shadow limit "
+                                                "would have refused (the first per request)",
+                "items": {"type": "object", "required": ["reason", "meter", "count"],
+                          "properties": {"reason": {"enum": ["rate", "quota", "guard"]}, "meter": {"type": "string"},
+                                         "count": {"type": "integer"}}}},
             "alerts": {"type": "array", "items": {
                 "type": "object", "properties": {"meter": {"type": "string"}, "threshold": {"type": "number"},
                                                  "at": _INSTANT}}},
@@ -113,12 +122,14 @@ _SCHEMAS: dict[str, Any] = {
             {"type": "object", "additionalProperties": False, "required": ["limit"],
              "description": "any meter but `rate`",
              "properties": {"limit": {"type": ["integer", "null"], "minimum": 0},
-                            "expires_at": _NULLABLE_INSTANT, "reason": _NULLABLE_STRING}},
+                            "expires_at": _NULLABLE_INSTANT, "reason": _NULLABLE_STRING,
+                            "enforce": {"enum": ["on", "shadow", None]}}},
             {"type": "object", "additionalProperties": False, "required": ["per_second"],
              "description": "meter `rate`",
              "properties": {"per_second": {"type": ["number", "null"], "exclusiveMinimum": 0},
                             "burst": {"type": ["integer", "null"], "minimum": 1},
-                            "expires_at": _NULLABLE_INSTANT, "reason": _NULLABLE_STRING}},
+                            "expires_at": _NULLABLE_INSTANT, "reason": _NULLABLE_STRING,
+                            "enforce": {"enum": ["on", "shadow", None]}}},
         ],
     },
     "PlanCatalog": {
@@ -129,9 +140,12 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "object", "properties": {
                     "rate": {"type": ["object", "null"], "properties": {
                         "per_second": {"type": "number"}, "burst": {"type": "integer"}}},
+                    "shadow_rate": {"type": ["object", "null"], "properties": {
+                        "per_second": {"type": "number"}, "burst": {"type": "integer"}}},
                     "quotas": {"type": "object", "additionalProperties": {
                         "type": "object", "properties": {
-                            "limit": _NULLABLE_NUMBER, "on_exceed": {"enum": ["reject", "overage"]},
+                            "limit": _NULLABLE_NUMBER, "shadow_limit": _NULLABLE_NUMBER,
+                            "on_exceed": {"enum": ["reject", "overage"]},
                             "guards": {"type": "array", "items": {"type": "object", "properties": {
                                 "method": _NULLABLE_STRING, "path": {"type": "string"}}}}}}}}}},
         },
@@ -230,20 +244,60 @@ _USAGE_HISTORY = {
 }
 
 
+_PROXY_LISTENER = [{"url": "/", "description": "the proxy listener (not the admin listener)"}]
+_PORTAL_PATHS: dict[str, Any] = {
+    "/_gateway/portal-link": {
+        "servers": _PROXY_LISTENER,
+        "post": {"summary": "A signed one-time link (10 minutes) to the caller's usage page, for a browser",
+                 "operationId": "createPortalLink", "security": [{"tenant_jwt": []}],
+                 "responses": {
+                     "200": _json("the link: its first GET opens the page (a 30-minute session), later ones are 410",
+                                  {"type": "object", "required": ["url", "expires_at"],
+                                   "properties": {"url": {"type": "string", "format": "uri"},
+                                                  "expires_at": _INSTANT}}),
+                     "400": _problem("invalid-request: the Host (or a trusted proxy's X-Forwarded-Host) is no host"),
+                     "401": _ERRORS["401"]}}},
+    "/_gateway/billing/portal": {
+        "servers": _PROXY_LISTENER,
+        "post": {"summary": "A Stripe billing portal session for the caller's Stripe customer (invoices, payment "
+                            "methods, plan changes)",
+                 "operationId": "createBillingPortalSession",
+                 "security": [{"tenant_jwt": []}, {"usage_page": []}],
+                 "requestBody": {"required": False, "content": {"application/x-www-form-urlencoded": {"schema": {
+                     "type": "object", "properties": {"csrf": {
+                         "type": "string", "description": "the usage page's form only: its CSRF token"}}}}}},
+                 "responses": {
+                     "200": _json("with the tenant's JWT: the session's URL at Stripe",
+                                  {"type": "object", "required": ["url"],
+                                   "properties": {"url": {"type": "string", "format": "uri"}}}),
+                     "303": {"description": "from the usage page's form: on to the session's URL (Location)"},
+                     "401": _ERRORS["401"],
+                     "403": _problem("forbidden: the page's session ended, or its CSRF token or origin is wrong"),
+                     "409": _problem("no-stripe-customer: the tenant has no Stripe customer"),
+                     "502": _problem("bad-gateway: Stripe refused (an unknown customer, no portal configuration)"),
+                     "503": _problem("stripe-dry-run: billing.stripe.mode is dry_run; stripe-unavailable: Stripe "
+                                     "unreachable or failing; overloaded (Retry-After)")}}},
+}
+
+
 def admin_openapi(type_base: str, *, sync: bool = False, history: bool = False) -> dict[str, Any]:
     """The document; `type_base` is where the problem `type` URIs point; `sync` adds /admin/sync, `history` the
-    usage history (the admin API's and the tenant's own, which the proxy listener answers)."""
+    usage history (the admin API's and the tenant's own, which the proxy listener answers) and the tenant's other
+    endpoints there (the usage page's link, Stripe's billing portal)."""
     doc = _document(type_base)
     if sync:
         doc["paths"].update(_SYNC_PATHS)
         doc["components"]["schemas"] = {**doc["components"]["schemas"], "SyncState": _SYNC_STATE}
     if history:
         doc["paths"].update(_HISTORY_PATHS)
+        doc["paths"].update(_PORTAL_PATHS)
         doc["components"]["schemas"] = {**doc["components"]["schemas"], "UsageHistory": _USAGE_HISTORY}
         doc["components"]["securitySchemes"] = {
             **doc["components"]["securitySchemes"],
             "tenant_jwt": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
-                           "description": "the tenant's own JWT (proxy listener)"}}
+                           "description": "the tenant's own JWT (proxy listener)"},
+            "usage_page": {"type": "apiKey", "in": "cookie", "name": "cosmos_usage_page",
+                           "description": "the usage page's session, set by its one-time link"}}
     return doc
 
 

@@ -50,6 +50,8 @@ class UsageReader(Protocol):
 
     async def tenants_seen_after(self, after: str | None, limit: int) -> list[str]: ...
 
+    async def shadow_hits(self, tenant: str, period_start: int) -> dict[tuple[str, str], int]: ...
+
 
 def json_response(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda o: json.dumps(o, separators=(",", ":")))
@@ -91,13 +93,18 @@ class TenantHandlers:
             raise NotFound(f"tenant {tenant!r} has no record and has sent no traffic", tenant=tenant)
         return record
 
-    async def view(self, tenant: str, record: TenantRecord | None, *, alerts: bool = True) -> dict[str, Any]:
-        """The tenant view (PRODUCT.md §6); `alerts=False` skips the SQL read of this period's alerts."""
+    async def view(self, tenant: str, record: TenantRecord | None, *, alerts: bool = True,
+                   shadow: bool = True) -> dict[str, Any]:
+        """The tenant view (PRODUCT.md §6); `alerts=False` skips the SQL read of this period's alerts,
+        `shadow=False` the read of its shadow rejections (lists of many tenants show neither)."""
         now = utcnow(self._clock)
         start, _ = period_bounds(now, record.billing_anchor_day if record is not None else None)
         names = sorted(self._meter_names)
+        hits: dict[tuple[str, str], int] | None = None
         try:
             usage = await self._usage.usage(tenant, int(start.timestamp()), names)
+            if shadow:
+                hits = await self._usage.shadow_hits(tenant, int(start.timestamp()))
         except Exception as exc:
             log.warning("admin API: usage of %s unavailable: %r", tenant, exc)
             raise LimiterUnavailable("the usage store is unavailable; try again shortly") from None
@@ -109,7 +116,7 @@ class TenantHandlers:
                     .order_by(AlertEvent.meter, AlertEvent.threshold))).all()
             shown = [{"meter": a.meter, "threshold": a.threshold, "at": rfc3339(a.at)} for a in rows]
         return tenant_view(tenant_id=tenant, record=record, plans=self._plans, default_plan=self._default_plan,
-                           meters=self._meters, usage=usage, now=now, alerts=shown)
+                           meters=self._meters, usage=usage, now=now, alerts=shown, shadow_hits=hits)
 
     async def update_tenant(self, tenant: str, body: Mapping[str, Any], actor: str) -> tuple[dict[str, Any], bool]:
         """PUT of a tenant: `body` as the API takes it (validated here); returns (view, created)."""
@@ -138,7 +145,7 @@ class TenantHandlers:
                 if override is None:
                     override = TenantOverride(tenant_id=tenant, meter=meter)
                     session.add(override)
-                for field in ("limit", "per_second", "burst", "expires_at", "reason"):
+                for field in ("limit", "per_second", "burst", "expires_at", "reason", "enforce"):
                     setattr(override, field, values.get(field))
                 override.updated_at = now
                 session.add(self._audit(actor, tenant, "override.put", before, _override_state(override)))
@@ -210,7 +217,8 @@ def _override_state(row: TenantOverride | None) -> dict[str, Any] | None:
         values: dict[str, Any] = {"per_second": number(row.per_second), "burst": row.burst}
     else:
         values = {"limit": row.limit}
-    return {"meter": row.meter, **values, "expires_at": rfc3339(row.expires_at), "reason": row.reason}
+    return {"meter": row.meter, **values, "expires_at": rfc3339(row.expires_at), "reason": row.reason,
+            "enforce": row.enforce or "on"}
 
 
 async def _with_retry(action: Callable[[], Awaitable[T]]) -> T:

@@ -65,8 +65,9 @@ def effective_config(settings: Settings) -> dict[str, Any]:
         data["auth"]["jwks_url"] = mask_url(data["auth"]["jwks_url"])
     policy = settings.policy
     billing = data["billing"]
+    stripe = {**_stripe(policy.stripe), "portal_return_url": billing.pop("portal_return_url")}
     data["billing"] = {"period": billing.pop("period"), "bucket_seconds": billing.pop("bucket_seconds"),
-                       "grace_seconds": billing.pop("grace_seconds"), "stripe": _stripe(policy.stripe), **billing}
+                       "grace_seconds": billing.pop("grace_seconds"), "stripe": stripe, **billing}
     data["meters"] = {meter.name: _meter(meter) for meter in policy.meters}
     data["plans"] = {name: _plan(plan) for name, plan in policy.plans.items()}
     data["default_plan"] = settings.default_plan
@@ -87,9 +88,13 @@ def _meter(meter: Meter) -> dict[str, Any]:
 
 def _plan(plan: Plan) -> dict[str, Any]:
     rate = None if plan.rate is None else {"per_second": plan.rate.per_second, "burst": plan.rate.burst}
+    if plan.shadow_rate is not None:  # `enforce: shadow`: a plan has one rate or the other
+        rate = {"per_second": plan.shadow_rate.per_second, "burst": plan.shadow_rate.burst, "enforce": "shadow"}
     quotas: dict[str, Any] = {}
     for name, quota in plan.quotas.items():
         shown: dict[str, Any] = {"limit": quota.limit, "on_exceed": quota.on_exceed}
+        if quota.shadow_limit is not None:  # `enforce: shadow`: only an override adds one beside an enforced limit
+            shown.update(limit=quota.shadow_limit, enforce="shadow")
         if quota.guards:  # only gauge quotas may have the key at all
             shown["guards"] = [{"method": method, "path": path} if method is not None else {"path": path}
                                for method, path in quota.guards]

@@ -157,8 +157,9 @@ def parse_settings(raw: Mapping[str, Any]) -> Settings:
         "workers", "shutdown_grace_seconds", "access_log", "problem_type_base"}))
     billing_section = Section(top.raw.get("billing"), "billing", {
         "period", "bucket_seconds", "grace_seconds", "stripe", "stripe_api_key", "stripe_webhook_secret"})
-    billing = _billing(billing_section)
-    stripe = billing_section.mapping("stripe")
+    stripe = dict(billing_section.mapping("stripe"))
+    billing = replace(_billing(billing_section),
+                      portal_return_url=_portal_return_url(stripe.pop("portal_return_url", None)))
     meters = top.mapping("meters") if top.has("meters") else None
     plans = top.mapping("plans")
     default_plan = top.string("default_plan", "starter", nullable=True)
@@ -338,6 +339,26 @@ def _workers(s: Section) -> int | Literal["auto"]:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(s.key("workers"), f"expected an integer or auto, got {kind_of(value)}")
     return s.integer("workers", 1, minimum=1, maximum=MAX_WORKERS)
+
+
+def _portal_return_url(value: Any) -> str | None:
+    """`billing.stripe.portal_return_url`: null, or an absolute http(s) URL (Stripe sends browsers there)."""
+    key = "billing.stripe.portal_return_url"
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected an absolute http(s) URL or null, got {kind_of(value)}")
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+        parts.port  # noqa: B018 - a port out of range raises here
+    except ValueError:
+        parts, host = None, None
+    if parts is None or parts.scheme not in ("http", "https") or not host or len(value) > 2000 \
+            or any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ConfigError(key, "expected an absolute http(s) URL (https://app.example.com/billing), "
+                               f"got {value[:200]!r}")
+    return value
 
 
 def _billing(s: Section) -> BillingSettings:

@@ -124,6 +124,9 @@ class BillingSettings:
     # `billing.stripe` is typed in Settings.policy.stripe (it is checked against the plans).
     stripe_api_key: str | None = field(default=None, repr=False)
     stripe_webhook_secret: str | None = field(default=None, repr=False)
+    # `billing.stripe.portal_return_url`: where Stripe's billing portal sends the customer back (None: the
+    # portal configuration's default). Kept here, not in StripeSettings: only the gateway opens the portal.
+    portal_return_url: str | None = None
 
 
 @dataclass(frozen=True)

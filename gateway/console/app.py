@@ -51,6 +51,7 @@ from gateway.errors import (
 from gateway.proxy.headers import request_id
 from metering.clock import Clock
 from metering.sql_errors import store_unavailable
+from metering.usage_history import UsageHistory
 from quota.tenants import TenantDirectory
 
 log = logging.getLogger("cosmos_gateway.console")
@@ -86,6 +87,7 @@ class Console:
     settings: Any  # gateway.config.settings.Settings (the overview shows the spool's settings)
     clock: Clock
     type_base: str
+    usage_history: UsageHistory | None = None  # the tenant page's period charts (billed meters)
 
 
 class SignInRefused(GatewayError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from html import escape
 
 WIDTH, HEIGHT = 640, 220
@@ -113,6 +114,17 @@ def line_chart(series: Sequence[Series], axis: Axis, *, title: str, limit: float
                      f'</title></polyline>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def day_ticks(start: datetime, end: datetime) -> list[tuple[float, str]]:
+    """Labelled ticks over a billing period: every day, or every 7th of a period longer than two weeks."""
+    step = 7 if (end - start).days > 14 else 1
+    ticks = []
+    day = start
+    while day <= end:
+        ticks.append((day.timestamp(), day.strftime("%d %b")))
+        day += timedelta(days=step)
+    return ticks
 
 
 def size(value: float) -> str:

@@ -83,6 +83,8 @@ def override_body(form: dict[str, str], meter: str) -> dict[str, Any]:
         body["limit"] = None
     elif form.get("limit", "").strip():
         body["limit"] = _integer(form["limit"])
+    if form.get("enforce", "").strip():
+        body["enforce"] = form["enforce"].strip()
     if form.get("expires_at", "").strip():
         body["expires_at"] = utc_instant(form["expires_at"])
     if form.get("reason", "").strip():

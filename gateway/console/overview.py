@@ -1,20 +1,24 @@
 """What the overview and the tenant page compute: tenants nearest their limits, and the period chart's series.
 
-`period_usage` is the seam where the usage history plugs in (see its docstring).
+`period_usage` draws a meter's period from the usage history (`period_series`, also the tenant usage page's).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from gateway.admin.tenants import TenantHandlers, UsageReader
+from metering.usage_history import MAX_STEPS, STEPS, HistoryUnavailable, UsageHistory
 from quota.tenants import TenantDirectory
+
+log = logging.getLogger("cosmos_gateway.console")
 
 NEAREST_SCAN = 500  # tenants seen in traffic that one overview looks at, at most (in id order)
 NEAREST_SHOWN = 10
@@ -78,7 +82,7 @@ class NearestLimits:
 
             async def view(tenant: str) -> dict[str, Any]:
                 async with gate:
-                    return await self._tenants.view(tenant, self._directory.get(tenant), alerts=False)
+                    return await self._tenants.view(tenant, self._directory.get(tenant), alerts=False, shadow=False)
 
             views = await asyncio.gather(*(view(t) for t in ids))
             nearest = nearest_of(list(views))
@@ -87,18 +91,61 @@ class NearestLimits:
 
 
 async def period_usage(tenant: str, meter: str, *, start: datetime, now: datetime, used: float,
-                       gauge: bool = False) -> list[tuple[float, float]]:
-    """THE SEAM for the usage history: the meter's cumulative usage this period as (epoch seconds, value).
+                       gauge: bool = False, history: UsageHistory | None = None) -> list[tuple[float, float]]:
+    """The meter's usage this period as (epoch seconds, value): cumulative for a counter, its reported values
+    for a gauge.
 
-    Until `metering/usage_history.py` (the ledger's buckets and the open ones) exists, this is what the usage
-    view knows: nothing at the period's start and `used` now, a straight line between; a gauge (its last
-    reported value, never reset) only its value now. Once the history exists, this function returns its
-    series (accumulated over the period for a counter); nothing else of the console changes.
+    A billed meter's comes from the usage history (`metering/usage_history.py`: the ledger's buckets and the
+    open ones, by hour while the period so far fits MAX_STEPS hours, else by day). Any other meter, or a
+    history that cannot be read right now, falls back to what the usage view knows: nothing at the period's
+    start and `used` now, a straight line between; a gauge (its last reported value, never reset) only its
+    value now.
     """
-    del tenant, meter  # used by the history series once it plugs in here
+    if history is not None and meter in history.meters:
+        series = await period_series(history, tenant, [meter], start=start, now=now,
+                                     gauges={meter} if gauge else set())
+        if series.get(meter):  # a gauge without a report this period has no points: its value now, below
+            return series[meter]
     if gauge:
         return [(now.timestamp(), used)]
     return [(start.timestamp(), 0.0), (now.timestamp(), used)]
+
+
+async def period_series(history: UsageHistory, tenant: str, meters: Sequence[str], *, start: datetime,
+                        now: datetime, gauges: Collection[str] = ()) -> dict[str, list[tuple[float, float]]]:
+    """The period so far of the billed `meters`, in one history read; {} when the history is unavailable.
+
+    A counter's points are its running total at the end of each step (the last one at `now`), from 0 at the
+    period's start; a gauge's are its last value in each step that has one.
+    """
+    billed = [meter for meter in meters if meter in history.meters]
+    begin, end_s = int(start.timestamp()), now.timestamp()
+    if not billed or end_s <= begin:
+        return {}
+    step = "hour" if (end_s - begin) / STEPS["hour"] < MAX_STEPS else "day"
+    seconds = STEPS[step]
+    first = begin // seconds * seconds
+    last = (math.floor(end_s / seconds) + 1) * seconds
+    try:
+        read = await history.read(tenant, billed, step, first, last)
+    except HistoryUnavailable as exc:  # the page shows the usage view's straight line instead
+        log.warning("usage history of %s unavailable for a chart: %s", tenant, exc)
+        return {}
+    found: dict[str, list[tuple[float, float]]] = {}
+    for meter, points in read.series.items():
+        gauge = meter in gauges
+        line: list[tuple[float, float]] = [] if gauge else [(float(begin), 0.0)]
+        total = 0.0
+        for at, value in points:
+            x = min(float(at + seconds), end_s)
+            if gauge:
+                if value is not None:
+                    line.append((x, float(value)))
+                continue
+            total += float(value or 0)
+            line.append((x, total))
+        found[meter] = line
+    return found
 
 
 def forecast_line(now: datetime, end: datetime, used: float, forecast: float) -> list[tuple[float, float]]:

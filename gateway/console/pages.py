@@ -146,7 +146,7 @@ async def tenants(request: web.Request) -> web.Response:
     page = ids[:TENANT_PAGE]
     items = []
     for tenant in page:
-        view = await console.tenants.view(tenant, console.directory.get(tenant), alerts=False)
+        view = await console.tenants.view(tenant, console.directory.get(tenant), alerts=False, shadow=False)
         bars = [(meter, entry, svg(usage_bar(float(entry["used"]), float(entry["limit"]), label=meter)))
                 for meter, entry in view["meters"].items() if entry["limit"] is not None]
         items.append({"view": view, "bars": bars, "registered": tenant in rows})
@@ -171,7 +171,7 @@ async def tenant(request: web.Request, *, errors: list[dict[str, str]] | None = 
             continue
         used = float(entry["used"])
         history = await period_usage(name, meter, start=start, now=now, used=used,
-                                     gauge=entry["resets_at"] is None)
+                                     gauge=entry["resets_at"] is None, history=console.usage_history)
         series = [Series(f"{meter} used", history, "s0"),
                   Series(f"{meter} forecast", forecast_line(now, end, used, float(entry["forecast"])), "s2",
                          dashed=True)]

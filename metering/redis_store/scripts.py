@@ -72,15 +72,20 @@ class PreparedCheck:
         for item in reply[1:]:
             if item.__class__ is int:  # admitted: the rate's remaining, or -1
                 admitted += 1
-                allowed, reason, meter, retry_after, remaining = True, None, None, 0.0, item
+                allowed, reason, meter, retry_after, remaining, shadow = True, None, None, 0.0, item, None
+            elif len(item) == 3:  # admitted, and a shadow rule would have refused it: {remaining, reason, meter}
+                admitted += 1
+                allowed, reason, meter, retry_after, remaining = True, None, None, 0.0, item[0]
+                shadow = (item[1].decode(), item[2].decode())
             else:
-                allowed, retry_after = False, float(item[2])
+                allowed, retry_after, shadow = False, float(item[2]), None
                 reason, meter, remaining = item[0].decode(), item[1].decode() or None, item[3]
             if one:
                 used = {names[0]: before[0] + units[0] * admitted}
             else:
                 used = {name: start + unit * admitted for name, start, unit in zip(names, before, units, strict=True)}
-            decisions.append(Decision(allowed, reason, meter, retry_after, used, None if remaining < 0 else remaining))
+            decisions.append(Decision(allowed, reason, meter, retry_after, used, None if remaining < 0 else remaining,
+                                      shadow))
         return decisions
 
     def pack(self, nows: Sequence[bytes], call_id: str) -> bytes:

@@ -84,7 +84,8 @@ class RedisUsageStore(_Batcher):
         the prepared form and skips rebuilding a dozen key strings per request.
         """
         counter_keys = [keys.quota_key(check.tenant, c.meter, check.period_start) for c in check.counters]
-        gauge_keys = [keys.gauge_key(check.tenant, g.meter) for g in check.guards]
+        guards = [g for g in check.guards if not g.shadow]
+        gauge_keys = [keys.gauge_key(check.tenant, g.meter) for g in guards]
         rate = check.rate
         args: list[Any] = [
             check.period_end + PERIOD_KEY_GRACE, check.period_end, check.bucket_ttl,
@@ -93,8 +94,8 @@ class RedisUsageStore(_Batcher):
         ]
         for c in check.counters:
             args += [c.meter, c.units, "" if c.limit is None else c.limit, 1 if c.enforce else 0]
-        args.append(len(check.guards))
-        for g in check.guards:
+        args.append(len(guards))
+        for g in guards:
             args += [g.meter, repr(float(g.limit))]
         args.append(len(check.billable))
         for meter, units in check.billable:
@@ -103,12 +104,31 @@ class RedisUsageStore(_Batcher):
             keys.rate_key(check.tenant), keys.bucket_key(check.tenant, check.bucket_start),
             *counter_keys, *gauge_keys,
         ]
+        if check.has_shadow:  # a check without shadow rules sends the script exactly what it did before them
+            self._shadow_section(check, key_list, args)
         parts = [b"EVALSHA", CHECK_SCRIPT.sha, len(key_list), *key_list]
         head, tail = b"".join(_bulk(part) for part in parts), b"".join(_bulk(arg) for arg in args)
         return PreparedCheck(check.tenant, key_list, args, head, tail, argc=len(parts) + 1 + len(args),
-                             used_names=tuple(c.meter for c in check.counters) + tuple(g.meter for g in check.guards),
-                             used_units=tuple(c.units for c in check.counters) + (0,) * len(check.guards),
+                             used_names=tuple(c.meter for c in check.counters) + tuple(g.meter for g in guards),
+                             used_units=tuple(c.units for c in check.counters) + (0,) * len(guards),
                              shape=(head, tail))
+
+    @staticmethod
+    def _shadow_section(check: Check, key_list: list[str], args: list[Any]) -> None:
+        """The keys and arguments of a check's shadow rules, appended (see check_and_count.lua)."""
+        shadow_rate = check.shadow_rate
+        shadow_guards = [g for g in check.guards if g.shadow]
+        key_list += [keys.shadow_rate_key(check.tenant), keys.shadow_hits_key(check.tenant, check.period_start),
+                     *(keys.gauge_key(check.tenant, g.meter) for g in shadow_guards)]
+        args += [1 if shadow_rate else 0, repr(float(shadow_rate.per_second)) if shadow_rate else 0,
+                 shadow_rate.burst if shadow_rate else 0]
+        shadow_counters = [(i, c.shadow_limit) for i, c in enumerate(check.counters, 1) if c.shadow_limit is not None]
+        args.append(len(shadow_counters))
+        for index, limit in shadow_counters:
+            args += [index, limit]
+        args.append(len(shadow_guards))
+        for g in shadow_guards:
+            args += [g.meter, repr(float(g.limit))]
 
     def submit_check(self, prepared: PreparedCheck, now: float,
                      on_abandoned: OnAbandoned | None = None) -> asyncio.Future[Decision]:
@@ -272,6 +292,18 @@ class RedisUsageStore(_Batcher):
             meter: _number(values[2 * i] if values[2 * i] is not None else values[2 * i + 1])
             for i, meter in enumerate(meters)
         }
+
+    async def shadow_hits(self, tenant: str, period_start: int) -> dict[tuple[str, str], int]:
+        """(reason, meter) -> admitted requests of the period that a shadow limit would have refused; one HGETALL
+        of a hash with a field per shadow rule hit (only the script writes it: a few fields at most)."""
+        async with self._guarded(self._read_timeout):
+            raw = await self._client.hgetall(keys.shadow_hits_key(tenant, period_start))
+        hits = {}
+        for field, value in raw.items():
+            reason, _, meter = _text(field).partition(":")
+            if meter:
+                hits[(reason, meter)] = int(value)
+        return hits
 
     async def bucket(self, tenant: str, bucket_start: int) -> dict[str, float]:
         """The billing bucket of a tenant: meter -> billable value (a gauge: its last value)."""

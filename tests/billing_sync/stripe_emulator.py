@@ -10,6 +10,13 @@ It answers the real ``stripe`` Python library (v16) in the shapes it parses:
   authenticated by the session's token; sessions last 15 minutes).
 - ``GET /v1/billing/meters`` (paged), ``GET /v1/billing/meters/{id}`` and
   ``GET /v1/billing/meters/{id}/event_summaries`` (minute-aligned window, no ``value_grouping_window``).
+- ``POST /v1/billing_portal/sessions`` (the customer portal), with the rules of Stripe's API reference: a secret
+  key; one of ``customer`` (an existing customer) or ``customer_account``; ``configuration`` an existing portal
+  configuration, else the account's default one (which a test-mode account has only once its portal settings
+  were saved: ``StripeEmulator(portal_configured=False)`` is an account that never did); ``return_url`` a valid
+  URL, required unless the configuration has a ``default_return_url``; ``locale`` one of Stripe's; unknown
+  parameters refused. The session's ``url`` is ``GET /p/session/<secret>`` here: a small page standing in for
+  Stripe's portal, with a link back to the ``return_url``.
 
 Point a client at it with::
 
@@ -21,12 +28,15 @@ Point a client at it with::
 
 Differences from real Stripe, on purpose: the customer and value checks are synchronous (real Stripe reports
 some of them later through ``v1.billing.meter.error_report_triggered``); summaries are up to date at once
-(real Stripe lags); the v2 stream validates synchronously and atomically by default (``stream_validation``).
+(real Stripe lags); the v2 stream validates synchronously and atomically by default (``stream_validation``);
+portal sessions refuse ``flow_data``, ``on_behalf_of`` and ``customer_account`` (deep links, Connect and
+Accounts v2 are not emulated) and never expire.
 """
 
 from __future__ import annotations
 
 import asyncio
+import html
 import itertools
 import json
 import re
@@ -38,7 +48,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from aiohttp import web
 
@@ -64,7 +74,22 @@ SESSION_EXPIRED_CODE = "billing_meter_event_session_expired"
 
 _NUMBER = re.compile(r"^-?(\d+)(?:\.(\d+))?$")
 
-ENDPOINTS = ("meter_events", "meter_event_session", "meter_event_stream", "meters", "meter", "event_summaries")
+ENDPOINTS = ("meter_events", "meter_event_session", "meter_event_stream", "meters", "meter", "event_summaries",
+             "billing_portal_sessions")
+
+# POST /v1/billing_portal/sessions (Stripe's API reference, "Create a portal session").
+PORTAL_PARAMS = frozenset({"configuration", "customer", "customer_account", "expand", "flow_data", "locale",
+                           "on_behalf_of", "return_url"})
+PORTAL_LOCALES = frozenset({
+    "auto", "bg", "cs", "da", "de", "el", "en", "en-AU", "en-CA", "en-GB", "en-IE", "en-IN", "en-NZ", "en-SG", "es",
+    "es-419", "et", "fi", "fil", "fr", "fr-CA", "hr", "hu", "id", "it", "ja", "ko", "lt", "lv", "ms", "mt", "nb",
+    "nl", "pl", "pt", "pt-BR", "ro", "ru", "sk", "sl", "sv", "th", "tr", "vi", "zh", "zh-HK", "zh-TW"})
+NO_DEFAULT_PORTAL_MESSAGE = (
+    "No configuration provided and your test mode default configuration has not been created. Provide a "
+    "configuration or create your default by saving your customer portal settings in test mode at "
+    "https://dashboard.stripe.com/test/settings/billing/portal.")
+NO_RETURN_URL_MESSAGE = ("Your PortalConfiguration does not have a `default_return_url`, and you did not provide a "
+                         "`return_url`.")
 
 
 class ManualClock:
@@ -106,6 +131,13 @@ class Meter:
             "updated": self.created,
             "value_settings": {"event_payload_key": self.value_key},
         }
+
+
+@dataclass
+class PortalConfiguration:
+    id: str
+    default_return_url: str | None = None
+    is_default: bool = False
 
 
 @dataclass
@@ -195,6 +227,7 @@ class StripeEmulator:
         identifier_ttl: float = DAY,
         idempotency_ttl: float = DAY,
         stream_validation: str = "sync",
+        portal_configured: bool = True,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -222,6 +255,10 @@ class StripeEmulator:
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self.url = ""
+        self.portal_configurations: dict[str, PortalConfiguration] = {}
+        self.portal_sessions: dict[str, dict[str, Any]] = {}  # the secret of its URL -> the session object
+        if portal_configured:
+            self.add_portal_configuration(is_default=True)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -233,6 +270,8 @@ class StripeEmulator:
         app.router.add_get("/v1/billing/meters", self._meters)
         app.router.add_get("/v1/billing/meters/{id}", self._meter)
         app.router.add_get("/v1/billing/meters/{id}/event_summaries", self._event_summaries)
+        app.router.add_post("/v1/billing_portal/sessions", self._billing_portal_sessions)
+        app.router.add_get("/p/session/{secret}", self._portal_page)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -260,6 +299,15 @@ class StripeEmulator:
     def add_customer(self, customer_id: str) -> str:
         self.customers.add(customer_id)
         return customer_id
+
+    def add_portal_configuration(self, *, default_return_url: str | None = None, is_default: bool = False) -> str:
+        """A customer portal configuration (``bpc_...``); ``is_default`` makes it the account's default."""
+        config_id = f"bpc_test_{next(self._ids):08d}{secrets.token_hex(4)}"
+        if is_default:
+            for config in self.portal_configurations.values():
+                config.is_default = False
+        self.portal_configurations[config_id] = PortalConfiguration(config_id, default_return_url, is_default)
+        return config_id
 
     def add_meter(
         self,
@@ -800,6 +848,87 @@ class StripeEmulator:
             "has_more": False,
             "data": [summary],
         }
+
+
+    # ---------------------------------------------------------------- the customer portal
+
+    async def _billing_portal_sessions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "billing_portal_sessions", self._process_portal_session, idempotent=True)
+
+    def _process_portal_session(self, request: web.Request, raw: str) -> tuple[int, dict[str, Any]]:
+        self._authenticate_secret_key(request)
+        pairs = parse_qsl(raw, keep_blank_values=True)
+        for name, _ in pairs:
+            top = name.split("[", 1)[0]
+            if top not in PORTAL_PARAMS:
+                raise _StripeError(400, f"Received unknown parameter: {top}", code="parameter_unknown", param=top)
+        params = dict(pairs)
+        for name in ("flow_data", "on_behalf_of"):
+            if any(key.split("[", 1)[0] == name for key, _ in pairs):
+                raise _StripeError(400, f"{name} is not supported by this emulator.", code="parameter_unknown",
+                                   param=name)
+        customer, account = params.get("customer"), params.get("customer_account")
+        if customer and account:
+            raise _StripeError(400, "You may only specify one of these parameters: customer, customer_account.",
+                               code="parameter_invalid", param="customer")
+        if not customer and not account:
+            raise _StripeError(400, "Missing required param: customer.", code="parameter_missing", param="customer")
+        if account:
+            raise _StripeError(400, f"No such account: '{account}'", code="resource_missing", param="customer_account")
+        if customer not in self.customers:
+            raise _StripeError(400, f"No such customer: '{customer}'", code="resource_missing", param="customer")
+        config_id = params.get("configuration")
+        if config_id:
+            config = self.portal_configurations.get(config_id)
+            if config is None:
+                raise _StripeError(400, f"No such configuration: '{config_id}'", code="resource_missing",
+                                   param="configuration")
+        else:
+            config = next((c for c in self.portal_configurations.values() if c.is_default), None)
+            if config is None:
+                raise _StripeError(400, NO_DEFAULT_PORTAL_MESSAGE)
+        return_url = params.get("return_url") or None
+        if return_url is not None and not _valid_url(return_url):
+            raise _StripeError(400, "Not a valid URL", code="url_invalid", param="return_url")
+        if return_url is None and config.default_return_url is None:
+            raise _StripeError(400, NO_RETURN_URL_MESSAGE, param="return_url")
+        locale = params.get("locale") or None
+        if locale is not None and locale not in PORTAL_LOCALES:
+            raise _StripeError(400, f"Invalid locale: must be one of {', '.join(sorted(PORTAL_LOCALES))}",
+                               code="parameter_invalid", param="locale")
+        livemode = (_bearer(request) or "").startswith(("sk_live_", "rk_live_"))
+        secret = ("live_" if livemode else "test_") + secrets.token_urlsafe(24)
+        session = {
+            "id": "bps_" + secrets.token_hex(12),
+            "object": "billing_portal.session",
+            "configuration": config.id,
+            "created": int(self.clock()),
+            "customer": customer,
+            "customer_account": None,
+            "flow": None,
+            "livemode": livemode,
+            "locale": locale,
+            "on_behalf_of": None,
+            "return_url": return_url or config.default_return_url,
+            "url": f"{self.url}/p/session/{secret}",
+        }
+        self.portal_sessions[secret] = session
+        return 200, session
+
+    async def _portal_page(self, request: web.Request) -> web.Response:
+        """What the session's URL shows here: whose portal it is, and the way back."""
+        session = self.portal_sessions.get(request.match_info["secret"])
+        if session is None:
+            return web.Response(status=404, text="This portal session does not exist.", content_type="text/plain")
+        back = html.escape(session["return_url"] or "", quote=True)
+        body = (f"<!doctype html><title>Stripe customer portal (emulator)</title><h1>Customer portal</h1>"
+                f"<p id='customer'>{html.escape(session['customer'])}</p><p><a href=\"{back}\">Return</a></p>")
+        return web.Response(text=body, content_type="text/html")
+
+
+def _valid_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and not any(ch.isspace() for ch in url)
 
 
 class _DroppedConnection(web.HTTPException):

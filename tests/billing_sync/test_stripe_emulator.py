@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import pytest
 import stripe
 
@@ -487,3 +488,74 @@ async def test_concurrent_same_idempotency_key(emulator: StripeEmulator, client:
     emulator.slow(0)
     replay = await client.v1.billing.meter_events.create_async(params=event("c1"), options={"idempotency_key": "same"})
     assert replay.last_response.headers.get("Idempotent-Replayed") == "true"
+
+
+# --------------------------------------------------------------------------- the customer portal
+
+
+async def test_portal_session_through_the_library(emulator: StripeEmulator, client: stripe.StripeClient,
+                                                  http_client: stripe.AIOHTTPClient) -> None:
+    session = await client.v1.billing_portal.sessions.create_async(
+        params={"customer": CUSTOMER, "return_url": "https://app.example.com/billing", "locale": "fr"})
+    assert isinstance(session, stripe.billing_portal.Session)
+    assert session.object == "billing_portal.session" and session.id.startswith("bps_")
+    assert session.customer == CUSTOMER and session.return_url == "https://app.example.com/billing"
+    assert session.livemode is False and session.created == NOW and session.locale == "fr"
+    assert session.configuration in emulator.portal_configurations
+    assert session.url.startswith(f"{emulator.url}/p/session/test_")
+    # The URL stands in for Stripe's portal: whose it is, and the way back.
+    async with aiohttp.ClientSession() as http, http.get(session.url) as page:
+        text = await page.text()
+    assert page.status == 200 and CUSTOMER in text and 'href="https://app.example.com/billing"' in text
+    assert emulator.requests["billing_portal_sessions"] == 1
+    live = make_client(emulator, key="sk_live_123", http_client=http_client)
+    assert (await live.v1.billing_portal.sessions.create_async(
+        params={"customer": CUSTOMER, "return_url": "https://app.example.com/"})).livemode is True
+
+
+@pytest.mark.parametrize(
+    ("params", "param", "code"),
+    [
+        ({"return_url": "https://a.example/"}, "customer", "parameter_missing"),
+        ({"customer": "cus_nobody", "return_url": "https://a.example/"}, "customer", "resource_missing"),
+        ({"customer": CUSTOMER, "customer_account": "acct_1", "return_url": "https://a.example/"}, "customer",
+         "parameter_invalid"),
+        ({"customer": CUSTOMER, "return_url": "not a url"}, "return_url", "url_invalid"),
+        ({"customer": CUSTOMER, "return_url": "/relative"}, "return_url", "url_invalid"),
+        ({"customer": CUSTOMER}, "return_url", None),  # the default configuration has no default_return_url
+        ({"customer": CUSTOMER, "return_url": "https://a.example/", "configuration": "bpc_nope"}, "configuration",
+         "resource_missing"),
+        ({"customer": CUSTOMER, "return_url": "https://a.example/", "locale": "xx"}, "locale", "parameter_invalid"),
+        ({"customer": CUSTOMER, "return_url": "https://a.example/", "colour": "blue"}, "colour", "parameter_unknown"),
+    ],
+)
+async def test_portal_session_rules(emulator: StripeEmulator, client: stripe.StripeClient, params: dict[str, Any],
+                                    param: str, code: str | None) -> None:
+    with pytest.raises(stripe.InvalidRequestError) as info:
+        await client.v1.billing_portal.sessions.create_async(params=params)  # type: ignore[arg-type]
+    assert (info.value.http_status, info.value.param, info.value.code) == (400, param, code)
+    assert emulator.portal_sessions == {}
+
+
+async def test_portal_configurations(emulator: StripeEmulator, client: stripe.StripeClient) -> None:
+    chosen = emulator.add_portal_configuration(default_return_url="https://app.example.com/back")
+    session = await client.v1.billing_portal.sessions.create_async(
+        params={"customer": CUSTOMER, "configuration": chosen})
+    assert session.configuration == chosen and session.return_url == "https://app.example.com/back"
+    default = emulator.add_portal_configuration(default_return_url="https://app.example.com/home", is_default=True)
+    session = await client.v1.billing_portal.sessions.create_async(params={"customer": CUSTOMER})
+    assert session.configuration == default and session.return_url == "https://app.example.com/home"
+
+
+async def test_portal_needs_saved_settings_and_a_secret_key(http_client: stripe.AIOHTTPClient) -> None:
+    async with StripeEmulator(portal_configured=False) as em:
+        em.add_customer(CUSTOMER)
+        client = make_client(em, http_client=http_client)
+        with pytest.raises(stripe.InvalidRequestError) as info:
+            await client.v1.billing_portal.sessions.create_async(
+                params={"customer": CUSTOMER, "return_url": "https://a.example/"})
+        assert "default configuration has not been created" in str(info.value.user_message)
+        anonymous = make_client(em, key="pk_test_123", http_client=http_client)
+        with pytest.raises(stripe.AuthenticationError):
+            await anonymous.v1.billing_portal.sessions.create_async(
+                params={"customer": CUSTOMER, "return_url": "https://a.example/"})

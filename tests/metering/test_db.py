@@ -53,15 +53,15 @@ async def test_upgrade_twice_is_idempotent(db_url: str, engine: AsyncEngine) -> 
     await upgrade_async(db_url)
     await upgrade_async(db_url)
     assert await table_names(engine) == TABLES | {"alembic_version"}
-    assert await current_revision_async(db_url) == head_revision() == "0003"
+    assert await current_revision_async(db_url) == head_revision() == "0004"
 
 
 async def test_current_revision(db_url: str) -> None:
     assert await current_revision_async(db_url) is None
     await upgrade_async(db_url)
-    assert await current_revision_async(db_url) == "0003" == head_revision()
+    assert await current_revision_async(db_url) == "0004" == head_revision()
     # The sync helper needs a thread without a running loop.
-    assert await asyncio.to_thread(current_revision, db_url) == "0003"
+    assert await asyncio.to_thread(current_revision, db_url) == "0004"
 
 
 async def test_sync_upgrade_from_thread_without_loop(db_url: str, engine: AsyncEngine) -> None:
@@ -265,3 +265,47 @@ async def test_the_ledger_page_index_upgrades_and_downgrades(db_url: str, engine
     async with engine.connect() as connection:
         kept = (await connection.execute(text("SELECT identifier, state FROM usage_ledger"))).all()
     assert [tuple(row) for row in kept] == [("id-kept", "pending")]
+
+
+async def test_the_override_enforce_column_upgrades_and_downgrades(db_url: str, engine: AsyncEngine) -> None:
+    """0004 adds `tenant_overrides.enforce` (NULL in older rows: "on"); its downgrade drops the column and the
+    shadow overrides with it, which the older code would otherwise enforce."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from metering.migrate import alembic_config
+
+    async def columns() -> set[str]:
+        async with engine.connect() as connection:
+            found = await connection.run_sync(lambda sync: inspect(sync).get_columns("tenant_overrides"))
+        return {column["name"] for column in found}
+
+    at = {"t": datetime(2026, 12, 1, tzinfo=UTC)}
+    await upgrade_async(db_url, "0003")
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO tenants (id, plan, status, created_at, updated_at) "
+                                      "VALUES ('kept', 'starter', 'active', :t, :t)"), at)
+        await connection.execute(text("INSERT INTO tenant_overrides (tenant_id, meter, limit_value, updated_at) "
+                                      "VALUES ('kept', 'chains', 3, :t)"), at)
+    assert "enforce" not in await columns()
+    await upgrade_async(db_url)
+    assert "enforce" in await columns()
+    sessions = session_factory(engine)
+    async with sessions() as session, session.begin():
+        assert (await session.get(TenantOverride, ("kept", "chains"))).enforce is None  # type: ignore[union-attr]
+        session.add(TenantOverride(tenant_id="kept", meter="chain_deployments", limit=20, enforce="shadow"))
+
+    def downgrade(connection: Connection) -> None:
+        config = alembic_config()
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0003")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(downgrade)
+    assert "enforce" not in await columns()
+    assert await current_revision_async(db_url) == "0003"
+    async with engine.connect() as connection:
+        kept = (await connection.execute(text("SELECT meter, limit_value FROM tenant_overrides"))).all()
+    assert [tuple(row) for row in kept] == [("chains", 3)]
+    await upgrade_async(db_url)
+    assert await current_revision_async(db_url) == head_revision()

@@ -13,6 +13,8 @@ from metering.keys import (
     quota_key,
     rate_key,
     seen_key,
+    shadow_hits_key,
+    shadow_rate_key,
     tenant_prefix,
     tenant_slot_tag,
 )
@@ -32,6 +34,8 @@ def all_keys(tenant: str) -> list[str]:
         gauge_key(tenant, "chains"),
         bucket_key(tenant, 1_704_067_500),
         seen_key(tenant),
+        shadow_rate_key(tenant),
+        shadow_hits_key(tenant, 1_704_067_200),
     ]
 
 
@@ -43,6 +47,8 @@ def test_documented_key_shapes() -> None:
     assert gauge_key("acme", "chains") == "gw:{t:acme}:g:chains"
     assert bucket_key("acme", 1_704_067_500) == "gw:{t:acme}:b:1704067500"
     assert seen_key("acme") == "gw:{t:acme}:seen"
+    assert shadow_rate_key("acme") == "gw:{t:acme}:rate:s"
+    assert shadow_hits_key("acme", 1_704_067_200) == "gw:{t:acme}:sh:1704067200"
     assert TENANTS_SEEN_KEY == "gw:tenants:seen"
     assert "{" not in TENANTS_SEEN_KEY
     assert tenant_prefix("acme") == "gw:{t:acme}:"
@@ -67,7 +73,7 @@ def test_keys_differ_per_tenant_meter_and_period() -> None:
     assert bucket_key("acme", 300) != bucket_key("acme", 600)
     assert bucket_key("acme", 300) != bucket_key("globex", 300)
     assert seen_key("acme") != seen_key("globex")
-    assert len({*all_keys("acme"), *all_keys("globex")}) == 10
+    assert len({*all_keys("acme"), *all_keys("globex")}) == 2 * len(all_keys("acme"))
 
 
 def test_colons_in_tenant_ids_do_not_collide() -> None:

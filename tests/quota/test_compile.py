@@ -9,7 +9,7 @@ from metering.meters import DEFAULT_METERS, MeterMatcher
 from metering.store import Check, CounterRule, Decision, GuardRule, RateRule
 from quota.compile import BUCKET_TTL, Compiled, compile_check, ratelimit_values, refusal_headers
 from quota.limiter import Admission
-from quota.plans import Plan, Quota, Rate
+from quota.plans import Override, Plan, Quota, Rate
 from quota.tenants import TenantRecord
 
 NOW = datetime(2026, 3, 10, 12, 0, 10, tzinfo=UTC).timestamp()  # 10 s into a 300 s billing bucket
@@ -111,3 +111,44 @@ def test_validity_spans_one_bucket_and_a_past_due_grace() -> None:
     past_due = datetime.fromtimestamp(NOW, UTC) - timedelta(days=7, seconds=-60)  # grace ends in 60 s
     record = TenantRecord("acme", "pro", "active", "past_due", None, None, None, (), past_due_since=past_due)
     assert compile_for(PRO, record=record).until == NOW + 60
+
+
+# --------------------------------------------------------------------------- shadow limits
+
+
+def test_shadow_limits_become_rules_that_only_report_and_stay_out_of_the_headers() -> None:
+    plan = Plan("next", None, {
+        "api_calls": Quota("api_calls", 1000, shadow_limit=500),  # an enforced limit with a shadow one beside it
+        "chain_deployments": Quota("chain_deployments", None, shadow_limit=10),
+        "chains": Quota("chains", None, guards=(CREATE_CHAIN,), shadow_limit=2),
+    }, shadow_rate=Rate(5, 10))
+    compiled = compile_for(plan, hits=frozenset({CREATE_CHAIN}))
+    check = compiled.check
+    assert check.rate is None and check.shadow_rate == RateRule(5, 10)
+    assert check.counters == (CounterRule("api_calls", 1, 1000, True, 500),
+                              CounterRule("chain_deployments", 1, None, False, 10))
+    assert check.guards == (GuardRule("chains", 2.0, shadow=True),)
+    assert check.has_shadow
+    # RateLimit headers advertise what is enforced only; alerts watch enforced limits only.
+    assert compiled.policy == ("RateLimit-Policy", f'"api_calls";q=1000;w={WINDOW}')
+    assert compiled.limited == (("api_calls", 1000),)
+    assert compile_for(plan, alert_from=0.8).alerts == {"api_calls": (800.0, 1000)}
+    # A shadow rate alone still needs the store.
+    assert compile_for(Plan("p", None, {}, shadow_rate=Rate(1, 1)), ()).prepared is not None
+
+
+def test_a_shadow_limit_of_an_overage_quota_reports_nothing() -> None:
+    plan = Plan("p", None, {"api_calls": Quota("api_calls", 10, "overage", shadow_limit=5)})
+    assert compile_for(plan).check.counters[0] == CounterRule("api_calls", 1, 10, False, None)
+
+
+def test_shadow_overrides_compile_beside_the_plans_enforced_limits() -> None:
+    record = TenantRecord("acme", "pro", "active", None, None, None, None, (
+        Override("chain_deployments", limit=20, enforce="shadow"), Override("rate", per_second=1, enforce="shadow"),
+        Override("chains", limit=1, enforce="shadow")))
+    compiled = compile_for(PRO, record=record, hits=frozenset({CREATE_CHAIN}))
+    check = compiled.check
+    assert (check.rate, check.shadow_rate) == (RateRule(10, 20), RateRule(1, 20))
+    assert check.counters[1] == CounterRule("chain_deployments", 1, 100, True, 20)
+    assert check.guards == (GuardRule("chains", 5.0), GuardRule("chains", 1.0, shadow=True))
+    assert compiled.policy == compile_for(PRO).policy  # the headers are the plan's enforced limits

@@ -240,6 +240,14 @@ BAD_PLANS: list[tuple[Any, str]] = [
         {"starter": {"quotas": {"chains": {"limit": 1, "guards": [{"path": "/a"}, {"path": "/b/**c"}]}}}},
         "plans.starter.quotas.chains.guards[1].path",
     ),
+    ({"starter": {"rate": {"per_second": 10, "burst": 20, "enforce": "off"}}}, "plans.starter.rate.enforce"),
+    ({"starter": {"rate": {"per_second": 10, "burst": 20, "enforce": None}}}, "plans.starter.rate.enforce"),
+    ({"starter": {"quotas": {"chains": {"limit": 1, "enforce": "shadows"}}}}, "plans.starter.quotas.chains.enforce"),
+    ({"starter": {"quotas": {"chains": {"limit": 1, "enforce": True}}}}, "plans.starter.quotas.chains.enforce"),
+    (
+        {"starter": {"quotas": {"api_calls": {"limit": 1, "on_exceed": "overage", "enforce": "shadow"}}}},
+        "plans.starter.quotas.api_calls.enforce",
+    ),
 ]
 
 
@@ -272,14 +280,14 @@ STARTER = DEFAULT_CATALOG["starter"]
 
 
 def test_no_overrides_is_the_plan() -> None:
-    rate, quotas, sources = effective(STARTER, [], NOW)
+    rate, quotas, sources, _ = effective(STARTER, [], NOW)
     assert rate == Rate(10, 20)
     assert quotas == dict(STARTER.quotas)
     assert sources == {"rate": "plan", "chains": "plan", "chain_deployments": "plan", "storage_gb": "plan"}
 
 
 def test_override_replaces_the_limit_and_keeps_the_rest() -> None:
-    rate, quotas, sources = effective(STARTER, [Override("chains", limit=3)], NOW)
+    rate, quotas, sources, _ = effective(STARTER, [Override("chains", limit=3)], NOW)
     assert quotas["chains"] == Quota("chains", 3, "reject", CHAINS_GUARD)
     assert sources["chains"] == "override"
     assert sources["chain_deployments"] == "plan"
@@ -287,53 +295,53 @@ def test_override_replaces_the_limit_and_keeps_the_rest() -> None:
 
 
 def test_override_to_unlimited() -> None:
-    _, quotas, sources = effective(STARTER, [Override("chain_deployments", limit=None)], NOW)
+    _, quotas, sources, _ = effective(STARTER, [Override("chain_deployments", limit=None)], NOW)
     assert quotas["chain_deployments"].limit is None
     assert sources["chain_deployments"] == "override"
 
 
 def test_override_keeps_overage_setting() -> None:
     plan = Plan("p", None, {"api_calls": Quota("api_calls", 10, "overage")})
-    _, quotas, _ = effective(plan, [Override("api_calls", limit=20)], NOW)
+    _, quotas, _, _ = effective(plan, [Override("api_calls", limit=20)], NOW)
     assert quotas["api_calls"] == Quota("api_calls", 20, "overage")
 
 
 def test_override_on_a_meter_the_plan_does_not_limit_adds_a_rejecting_quota() -> None:
-    _, quotas, sources = effective(STARTER, [Override("api_calls", limit=5000)], NOW)
+    _, quotas, sources, _ = effective(STARTER, [Override("api_calls", limit=5000)], NOW)
     assert quotas["api_calls"] == Quota("api_calls", 5000, "reject", ())
     assert sources["api_calls"] == "override"
 
 
 def test_override_on_a_big_plan_keeps_the_chains_guard() -> None:
-    _, quotas, _ = effective(DEFAULT_CATALOG["enterprise"], [Override("chains", limit=50)], NOW)
+    _, quotas, _, _ = effective(DEFAULT_CATALOG["enterprise"], [Override("chains", limit=50)], NOW)
     assert quotas["chains"] == Quota("chains", 50, "reject", CHAINS_GUARD)
 
 
 def test_expired_overrides_are_ignored_at_and_after_expiry() -> None:
     expiring = Override("chains", limit=3, expires_at=NOW)
-    _, quotas, sources = effective(STARTER, [expiring], NOW)
+    _, quotas, sources, _ = effective(STARTER, [expiring], NOW)
     assert quotas["chains"].limit == 1 and sources["chains"] == "plan"
-    _, quotas, _ = effective(STARTER, [expiring], NOW - timedelta(microseconds=1))
+    _, quotas, _, _ = effective(STARTER, [expiring], NOW - timedelta(microseconds=1))
     assert quotas["chains"].limit == 3
-    _, quotas, _ = effective(STARTER, [Override("chains", limit=3, expires_at=NOW + timedelta(days=1))], NOW)
+    _, quotas, _, _ = effective(STARTER, [Override("chains", limit=3, expires_at=NOW + timedelta(days=1))], NOW)
     assert quotas["chains"].limit == 3
 
 
 def test_expired_rate_override_is_ignored() -> None:
     expired = Override("rate", per_second=500, burst=1000, expires_at=NOW - timedelta(seconds=1))
-    rate, _, sources = effective(STARTER, [expired], NOW)
+    rate, _, sources, _ = effective(STARTER, [expired], NOW)
     assert rate == Rate(10, 20) and sources["rate"] == "plan"
 
 
 def test_rate_override() -> None:
-    rate, quotas, sources = effective(STARTER, [Override("rate", per_second=100, burst=150)], NOW)
+    rate, quotas, sources, _ = effective(STARTER, [Override("rate", per_second=100, burst=150)], NOW)
     assert rate == Rate(100, 150)
     assert sources["rate"] == "override"
     assert "rate" not in quotas
 
 
 def test_rate_override_without_burst_keeps_the_plan_burst() -> None:
-    rate, _, _ = effective(STARTER, [Override("rate", per_second=100)], NOW)
+    rate, _, _, _ = effective(STARTER, [Override("rate", per_second=100)], NOW)
     assert rate == Rate(100, 20)
 
 
@@ -345,7 +353,7 @@ def test_rate_override_on_a_plan_without_rate() -> None:
 
 
 def test_rate_override_without_per_second_lifts_the_rate_limit() -> None:
-    rate, _, sources = effective(STARTER, [Override("rate")], NOW)
+    rate, _, sources, _ = effective(STARTER, [Override("rate")], NOW)
     assert rate is None and sources["rate"] == "override"
 
 
@@ -355,7 +363,7 @@ def test_several_overrides_together() -> None:
         Override("chains", limit=2, expires_at=NOW + timedelta(hours=1)),
         Override("storage_gb", limit=100, expires_at=NOW - timedelta(hours=1)),
     ]
-    rate, quotas, sources = effective(STARTER, overrides, NOW)
+    rate, quotas, sources, _ = effective(STARTER, overrides, NOW)
     assert rate == Rate(40, 80)
     assert (quotas["chains"].limit, quotas["storage_gb"].limit) == (2, 10)
     assert sources == {
@@ -377,3 +385,52 @@ def test_naive_times_are_refused() -> None:
         effective(STARTER, [], datetime(2025, 1, 1))
     with pytest.raises(ValueError):
         Override("chains", limit=1, expires_at=datetime(2025, 1, 1))
+
+
+# --------------------------------------------------------------------------- shadow limits (enforce: shadow)
+
+
+def test_enforce_shadow_on_a_quota_and_a_rate_only_reports() -> None:
+    raw = yaml.safe_load(
+        """
+        next:
+          rate: {per_second: 5, burst: 10, enforce: shadow}
+          quotas:
+            chain_deployments: {limit: 50, enforce: shadow}
+            chains: {limit: 2, enforce: shadow, guards: {method: POST, path: "/api/chains"}}
+            storage_gb: {limit: 10, enforce: "on"}
+        """
+    )
+    plan = parse_plans(raw, DEFAULT_METERS)["next"]
+    assert (plan.rate, plan.shadow_rate) == (None, Rate(5, 10))
+    assert plan.quotas["chain_deployments"] == Quota("chain_deployments", None, shadow_limit=50)
+    assert plan.quotas["chains"] == Quota("chains", None, guards=CHAINS_GUARD, shadow_limit=2)
+    assert plan.quotas["storage_gb"] == Quota("storage_gb", 10)
+    assert parse_plans({"p": {"rate": {"per_second": 1, "burst": 1, "enforce": "on"}}}, DEFAULT_METERS)[
+        "p"] == Plan("p", Rate(1, 1), {})
+
+
+def test_a_shadow_override_keeps_the_enforced_limit_beside_its_own() -> None:
+    _, quotas, sources, _ = effective(STARTER, [Override("chain_deployments", limit=40, enforce="shadow")], NOW)
+    assert quotas["chain_deployments"] == Quota("chain_deployments", 100, shadow_limit=40)
+    assert sources["chain_deployments"] == "override"
+    # A meter the plan does not limit: only the shadow limit.
+    _, quotas, _, _ = effective(STARTER, [Override("api_calls", limit=5, enforce="shadow")], NOW)
+    assert quotas["api_calls"] == Quota("api_calls", None, shadow_limit=5)
+
+
+def test_an_enforced_override_replaces_a_shadow_plan_quota_whole() -> None:
+    plan = Plan("next", None, {"chain_deployments": Quota("chain_deployments", None, shadow_limit=50)})
+    _, quotas, _, _ = effective(plan, [Override("chain_deployments", limit=500)], NOW)
+    assert quotas["chain_deployments"] == Quota("chain_deployments", 500)
+
+
+def test_shadow_rate_overrides() -> None:
+    rate, _, sources, shadow = effective(STARTER, [Override("rate", per_second=2, enforce="shadow")], NOW)
+    assert (rate, shadow, sources["rate"]) == (Rate(10, 20), Rate(2, 20), "override")
+    plan = Plan("next", None, {}, shadow_rate=Rate(5, 10))
+    assert effective(plan, [], NOW).shadow_rate == Rate(5, 10)
+    enforced = effective(plan, [Override("rate", per_second=50)], NOW)
+    assert (enforced.rate, enforced.shadow_rate) == (Rate(50, 10), None)
+    expired = Override("rate", per_second=1, enforce="shadow", expires_at=NOW)
+    assert effective(STARTER, [expired], NOW).shadow_rate is None

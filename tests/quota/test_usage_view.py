@@ -39,9 +39,9 @@ def test_shape_of_the_view() -> None:
     assert v["tenant"] == "acme" and v["plan"] == "starter" and v["status"] == "active"
     assert v["stripe_customer_id"] == "cus_1" and v["stripe_subscription_id"] == "sub_1"
     assert v["period"] == {"start": "2026-12-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
-    assert v["rate"] == {"per_second": 10, "burst": 20, "source": "plan"}
+    assert v["rate"] == {"per_second": 10, "burst": 20, "source": "plan", "shadow": None}
     assert v["meters"]["chain_deployments"] == {
-        "used": 31, "limit": 100, "remaining": 69, "resets_at": "2027-01-01T00:00:00Z",
+        "used": 31, "limit": 100, "shadow_limit": None, "remaining": 69, "resets_at": "2027-01-01T00:00:00Z",
         "on_exceed": "reject", "source": "plan", "forecast": 62,
     }
     json.dumps(v)  # serialisable as it is
@@ -79,7 +79,7 @@ def test_remaining_never_negative_and_overage_shown() -> None:
 def test_gauges_do_not_reset_and_forecast_their_value() -> None:
     v = view(record(), {"storage_gb": 7.25})
     storage = v["meters"]["storage_gb"]
-    assert storage == {"used": 7.25, "limit": 10, "remaining": 2.75, "resets_at": None,
+    assert storage == {"used": 7.25, "limit": 10, "shadow_limit": None, "remaining": 2.75, "resets_at": None,
                        "on_exceed": "reject", "source": "plan", "forecast": 7.25}
 
 
@@ -100,7 +100,7 @@ def test_overrides_apply_until_they_expire() -> None:
     assert v["meters"]["chain_deployments"]["limit"] == 1000
     assert v["meters"]["chain_deployments"]["source"] == "override"
     assert v["meters"]["storage_gb"]["limit"] is None and v["meters"]["storage_gb"]["source"] == "override"
-    assert v["rate"] == {"per_second": 5, "burst": 7, "source": "override"}
+    assert v["rate"] == {"per_second": 5, "burst": 7, "source": "override", "shadow": None}
     expired = datetime(2026, 12, 20, tzinfo=UTC)
     later = view(record(overrides=overrides), {"chain_deployments": 10}, now=expired)
     assert later["meters"]["chain_deployments"]["limit"] == 100
@@ -109,7 +109,7 @@ def test_overrides_apply_until_they_expire() -> None:
 
 def test_rate_override_to_unlimited() -> None:
     v = view(record(overrides=(Override("rate", per_second=None),)))
-    assert v["rate"] == {"per_second": None, "burst": None, "source": "override"}
+    assert v["rate"] == {"per_second": None, "burst": None, "source": "override", "shadow": None}
 
 
 def test_anchor_day_sets_the_period() -> None:
@@ -129,7 +129,7 @@ def test_tenant_without_record_is_on_the_default_plan() -> None:
 def test_no_plan_at_all_limits_nothing() -> None:
     v = view(None, {"api_calls": 3}, default_plan=None)
     assert v["plan"] is None
-    assert v["rate"] == {"per_second": None, "burst": None, "source": "plan"}
+    assert v["rate"] == {"per_second": None, "burst": None, "source": "plan", "shadow": None}
     assert set(v["meters"]) == {"api_calls"}
 
 
@@ -158,7 +158,8 @@ def test_plan_catalog_view() -> None:
     assert list(catalog["plans"]) == ["enterprise", "professional", "sovereign", "starter"]
     starter = catalog["plans"]["starter"]
     assert starter["rate"] == {"per_second": 10, "burst": 20}
-    assert starter["quotas"]["chains"] == {"limit": 1, "on_exceed": "reject",
+    assert starter["shadow_rate"] is None
+    assert starter["quotas"]["chains"] == {"limit": 1, "shadow_limit": None, "on_exceed": "reject",
                                            "guards": [{"method": "POST", "path": "/api/chains"}]}
     assert catalog["plans"]["sovereign"]["quotas"]["storage_gb"]["limit"] is None
     json.dumps(catalog)

@@ -9,19 +9,36 @@
 -- KEYS[1]            rate key (GCRA theoretical arrival time, seconds as a decimal string)
 -- KEYS[2]            billing bucket hash (meter -> billable units)
 -- KEYS[3..2+nc]      period counter of each counter rule
--- KEYS[3+nc..]       gauge key of each guard rule
+-- KEYS[3+nc..2+nc+ng] gauge key of each guard rule
+-- and only when the check has shadow rules (k = 2+nc+ng):
+-- KEYS[k+1]          the shadow rate's GCRA state
+-- KEYS[k+2]          the period's shadow hits: hash "<reason>:<meter>" -> admitted requests a shadow rule
+--                    would have refused
+-- KEYS[k+3..]        gauge key of each shadow guard
 -- ARGV: n, now_1 .. now_n (whole microseconds), call_id, marker_ttl, then
 --       expire_at (period keys), period_end, bucket_ttl,
 --       has_rate, per_second, burst,
 --       nc, then nc x (meter, units, limit or "", enforce 0|1),
 --       ng, then ng x (meter, limit),
---       nb, then nb x (meter, units)
+--       nb, then nb x (meter, units),
+--       and only when the check has shadow rules:
+--       has_shadow_rate, per_second, burst,
+--       nsc, then nsc x (index of the counter rule, shadow limit),
+--       nsg, then nsg x (meter, limit)
 -- Reply: {{before, ...}, decision_1, ..., decision_n}
 --        `before` is each counter's count before this call and then each guard's gauge, in rule order;
---        a decision is the rate's remaining (-1 without a rate) for an admitted request, and
+--        a decision is the rate's remaining (-1 without a rate) for an admitted request,
+--        {rate_remaining or -1, reason, meter} for an admitted request that a shadow rule would have
+--        refused (the first in the order below; the rate's meter is "rate"), and
 --        {reason, meter or "", retry_after, rate_remaining or -1} for a refused one. What a request
 --        saw of a counter is `before` plus its units times the requests admitted up to it (the
 --        caller works it out), so an admitted request costs one integer in the reply.
+--
+-- Shadow rules (`enforce: shadow`) never refuse: an admitted request is held against them as if they were
+-- enforced (rate, then counters, then guards), and the first it would fail is reported and counted in the
+-- shadow hits hash. The shadow rate has its own GCRA state, which moves on only when it would admit. A
+-- refused request is not held against them. Without shadow rules nothing here costs more than a test of
+-- one flag per admitted request: the hot path of issue 12 stays the same commands.
 -- Floats travel as strings: Redis truncates Lua numbers to integers in replies.
 -- The times come from the caller's clock (not TIME), so tests can fix the time.
 --
@@ -88,6 +105,76 @@ for i = 1, nb do
   a = a + 2
 end
 
+local shadow = ARGV[a] ~= nil -- the shadow section is sent only by checks that have shadow rules
+local s_rate, s_interval, s_burst, s_tat, s_last_now, s_counters, s_guards, s_key, hits_key, s_hits, s_fields
+if shadow then
+  local k = 2 + nc + ng
+  s_key, hits_key = KEYS[k + 1], KEYS[k + 2]
+  s_rate = ARGV[a] == '1'
+  if s_rate then
+    s_interval = 1 / tonumber(ARGV[a + 1])
+    s_burst = tonumber(ARGV[a + 2])
+    s_tat = tonumber(redis.call('GET', s_key) or '0') or 0
+  end
+  a = a + 3
+  local nsc = tonumber(ARGV[a])
+  a = a + 1
+  s_counters = {}
+  for i = 1, nsc do
+    s_counters[i] = {counter = counters[tonumber(ARGV[a])], limit = tonumber(ARGV[a + 1])}
+    a = a + 2
+  end
+  local nsg = tonumber(ARGV[a])
+  a = a + 1
+  s_guards = {}
+  for i = 1, nsg do
+    s_guards[i] = {
+      meter = ARGV[a], limit = tonumber(ARGV[a + 1]),
+      value = tonumber(redis.call('GET', KEYS[k + 2 + i]) or '0') or 0,
+    }
+    a = a + 2
+  end
+  s_hits, s_fields = {}, {}
+end
+
+-- The first shadow rule an admitted request at `now` would fail, as (reason, meter), or nil; called before
+-- the request's units are counted, so a counter is compared as an enforced one is. Made only when needed.
+local shadow_hit
+if shadow then
+  shadow_hit = function(now)
+    local reason, meter
+    if s_rate then
+      local start = s_tat
+      if start < now then start = now end
+      local new_tat = start + s_interval
+      if new_tat - s_burst * s_interval - now > 1e-6 then
+        reason, meter = 'rate', 'rate'
+      else
+        s_tat, s_last_now = new_tat, now
+      end
+    end
+    if not reason then
+      for i = 1, #s_counters do
+        local s = s_counters[i]
+        if s.counter.used + s.counter.units > s.limit then
+          reason, meter = 'quota', s.counter.meter
+          break
+        end
+      end
+    end
+    if not reason then
+      for i = 1, #s_guards do
+        local g = s_guards[i]
+        if g.value >= g.limit then
+          reason, meter = 'guard', g.meter
+          break
+        end
+      end
+    end
+    return reason, meter
+  end
+end
+
 -- GCRA: each request moves the theoretical arrival time (TAT) on by one emission interval; a request
 -- is allowed while the TAT stays within `burst` intervals of now.
 local interval, tat, last_now
@@ -149,13 +236,25 @@ for j = 1, n do
 
   if reason == '' then
     admitted = admitted + 1
+    replies[1 + j] = rate_remaining
+    if shadow then
+      local s_reason, s_meter = shadow_hit(now)
+      if s_reason then
+        replies[1 + j] = {rate_remaining, s_reason, s_meter}
+        local field = s_reason .. ':' .. s_meter
+        if not s_hits[field] then
+          s_hits[field] = 0
+          s_fields[#s_fields + 1] = field
+        end
+        s_hits[field] = s_hits[field] + 1
+      end
+    end
     for i = 1, nc do
       counters[i].used = counters[i].used + counters[i].units
     end
     if has_rate then
       tat, last_now = new_tat, now
     end
-    replies[1 + j] = rate_remaining
     flags[j] = '1'
   else
     replies[1 + j] = {reason, meter, fmt(retry_after), rate_remaining}
@@ -192,6 +291,18 @@ if admitted > 0 then
   end
   if fresh then
     redis.call('EXPIRE', KEYS[2], bucket_ttl)
+  end
+  if shadow then
+    if s_last_now then
+      redis.call('SET', s_key, string.format('%.6f', s_tat), 'PX', math.ceil((s_tat - s_last_now) * 1000) + 1000)
+    end
+    for i = 1, #s_fields do
+      local field = s_fields[i]
+      -- Like the period counters: the hash expires with them, set when one of its few fields is created.
+      if redis.call('HINCRBY', hits_key, field, s_hits[field]) == s_hits[field] then
+        redis.call('EXPIREAT', hits_key, expire_at)
+      end
+    end
   end
 end
 

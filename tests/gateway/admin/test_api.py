@@ -47,6 +47,7 @@ class MemoryUsage:
     def __init__(self) -> None:
         self.values: dict[tuple[str, int], dict[str, float]] = {}
         self.seen: set[str] = set()
+        self.hits: dict[tuple[str, int], dict[tuple[str, str], int]] = {}
         self.down = False
 
     def add(self, tenant: str, period_start: int, **values: float) -> None:
@@ -68,6 +69,11 @@ class MemoryUsage:
         if self.down:
             raise ConnectionError("redis down")
         return sorted(t for t in self.seen if after is None or t > after)[:limit]
+
+    async def shadow_hits(self, tenant: str, period_start: int) -> dict[tuple[str, str], int]:
+        if self.down:
+            raise ConnectionError("redis down")
+        return dict(self.hits.get((tenant, period_start), {}))
 
 
 @dataclass
@@ -233,8 +239,8 @@ async def test_plans(admin: Admin) -> None:
     status, body, _ = await admin.call("GET", "/admin/plans")
     assert status == 200 and body["default_plan"] == "starter"
     assert set(body["plans"]) == {"starter", "professional", "enterprise", "sovereign", "team"}
-    assert body["plans"]["team"] == {"rate": {"per_second": 5, "burst": 5}, "quotas": {
-        "chain_deployments": {"limit": 10, "on_exceed": "overage", "guards": []}}}
+    assert body["plans"]["team"] == {"rate": {"per_second": 5, "burst": 5}, "shadow_rate": None, "quotas": {
+        "chain_deployments": {"limit": 10, "shadow_limit": None, "on_exceed": "overage", "guards": []}}}
 
 
 async def test_unknown_admin_path_is_problem_404(admin: Admin) -> None:
@@ -271,8 +277,9 @@ async def test_tenant_seen_only_in_traffic_is_shown_on_the_default_plan(admin: A
     assert view["plan"] == "starter" and view["status"] == "active" and view["stripe_customer_id"] is None
     assert view["period"] == {"start": "2026-12-01T00:00:00Z", "end": "2027-01-01T00:00:00Z"}
     deployments = view["meters"]["chain_deployments"]
-    assert deployments == {"used": 40, "limit": 100, "remaining": 60, "resets_at": "2027-01-01T00:00:00Z",
-                           "on_exceed": "reject", "source": "plan", "forecast": 80}
+    assert deployments == {"used": 40, "limit": 100, "shadow_limit": None, "remaining": 60,
+                           "resets_at": "2027-01-01T00:00:00Z", "on_exceed": "reject", "source": "plan",
+                           "forecast": 80}
     assert view["meters"]["api_calls"]["limit"] is None
     assert view["meters"]["chains"]["used"] == 1 and view["meters"]["chains"]["resets_at"] is None
 
@@ -285,7 +292,7 @@ async def test_put_creates_with_default_plan_then_updates(admin: Admin) -> None:
     assert status == 200
     assert view["plan"] == "team" and view["stripe_customer_id"] == "cus_42" and view["billing_anchor_day"] == 20
     assert view["period"] == {"start": "2026-11-20T00:00:00Z", "end": "2026-12-20T00:00:00Z"}
-    assert view["rate"] == {"per_second": 5, "burst": 5, "source": "plan"}
+    assert view["rate"] == {"per_second": 5, "burst": 5, "source": "plan", "shadow": None}
     assert view["meters"]["chain_deployments"]["on_exceed"] == "overage"
     # and the GET says the same
     _, again, _ = await admin.call("GET", "/admin/tenants/acme")
@@ -380,13 +387,14 @@ async def test_override_put_creates_tenant_and_shows_in_view(admin: Admin) -> No
         "limit": 500, "reason": "launch week", "expires_at": "2026-12-18T00:00:00Z"})
     assert status == 200
     assert view["meters"]["chain_deployments"] | {"forecast": None} == {
-        "used": 150, "limit": 500, "remaining": 350, "resets_at": "2027-01-01T00:00:00Z",
+        "used": 150, "limit": 500, "shadow_limit": None, "remaining": 350, "resets_at": "2027-01-01T00:00:00Z",
         "on_exceed": "reject", "source": "override", "forecast": None}
     _, audit, _ = await admin.call("GET", "/admin/audit?tenant=acme")
     assert [e["action"] for e in audit["entries"]] == ["override.put", "tenant.create"]
     assert audit["entries"][0]["before"] is None
     assert audit["entries"][0]["after"] == {"meter": "chain_deployments", "limit": 500,
-                                            "expires_at": "2026-12-18T00:00:00Z", "reason": "launch week"}
+                                            "expires_at": "2026-12-18T00:00:00Z", "reason": "launch week",
+                                            "enforce": "on"}
     # expiry: after it, the plan's limit is back
     admin.clock.now = datetime(2026, 12, 18, tzinfo=UTC)
     _, view, _ = await admin.call("GET", "/admin/tenants/acme")
@@ -407,13 +415,39 @@ async def test_override_replace_is_audited_with_before(admin: Admin) -> None:
 async def test_rate_override(admin: Admin) -> None:
     await admin.call("PUT", "/admin/tenants/acme", {})
     status, view, _ = await admin.call("PUT", "/admin/tenants/acme/overrides/rate", {"per_second": 2.5, "burst": 4})
-    assert status == 200 and view["rate"] == {"per_second": 2.5, "burst": 4, "source": "override"}
+    assert status == 200 and view["rate"] == {"per_second": 2.5, "burst": 4, "source": "override", "shadow": None}
     _, view, _ = await admin.call("PUT", "/admin/tenants/acme/overrides/rate", {"per_second": None})
-    assert view["rate"] == {"per_second": None, "burst": None, "source": "override"}
+    assert view["rate"] == {"per_second": None, "burst": None, "source": "override", "shadow": None}
     status, _, _ = await admin.call("DELETE", "/admin/tenants/acme/overrides/rate")
     assert status == 204
     _, view, _ = await admin.call("GET", "/admin/tenants/acme")
-    assert view["rate"] == {"per_second": 10, "burst": 20, "source": "plan"}
+    assert view["rate"] == {"per_second": 10, "burst": 20, "source": "plan", "shadow": None}
+
+
+async def test_shadow_override_keeps_the_enforced_limit_and_the_view_lists_shadow_hits(admin: Admin) -> None:
+    admin.usage.add("acme", PERIOD_START, chain_deployments=30)
+    admin.usage.hits[("acme", PERIOD_START)] = {("quota", "chain_deployments"): 7, ("rate", "rate"): 9}
+    status, view, _ = await admin.call("PUT", "/admin/tenants/acme/overrides/chain_deployments", {
+        "limit": 25, "enforce": "shadow", "reason": "trying the next plan"})
+    assert status == 200
+    deployments = view["meters"]["chain_deployments"]
+    assert (deployments["limit"], deployments["shadow_limit"], deployments["remaining"]) == (100, 25, 70)
+    assert deployments["source"] == "override"
+    assert view["shadow_rejections"] == [{"reason": "rate", "meter": "rate", "count": 9},
+                                         {"reason": "quota", "meter": "chain_deployments", "count": 7}]
+    _, view, _ = await admin.call("PUT", "/admin/tenants/acme/overrides/rate", {"per_second": 1, "enforce": "shadow"})
+    assert view["rate"] == {"per_second": 10, "burst": 20, "source": "override",
+                            "shadow": {"per_second": 1, "burst": 20}}
+    record = admin.directory.get("acme")
+    assert record is not None and {o.meter: o.enforce for o in record.overrides} == {
+        "chain_deployments": "shadow", "rate": "shadow"}
+    _, audit, _ = await admin.call("GET", "/admin/audit?tenant=acme&limit=2")
+    assert [e["after"]["enforce"] for e in audit["entries"]] == ["shadow", "shadow"]
+    # Enforced again (null or "on" alike): the shadow limit goes, the override's limit is enforced.
+    _, view, _ = await admin.call("PUT", "/admin/tenants/acme/overrides/chain_deployments",
+                                  {"limit": 25, "enforce": None})
+    assert (view["meters"]["chain_deployments"]["limit"], view["meters"]["chain_deployments"]["shadow_limit"]) == (
+        25, None)
 
 
 async def test_override_delete(admin: Admin) -> None:
@@ -559,6 +593,10 @@ OVERRIDE_CASES = [
     ("rate-limit-field", "rate", {"per_second": 5, "limit": 3}, "limit"),
     ("bad-json", "chains", b"{", "body"),
     ("array", "chains", b"[]", "body"),
+    ("enforce-value", "chains", {"limit": 1, "enforce": "off"}, "enforce"),
+    ("enforce-type", "chains", {"limit": 1, "enforce": True}, "enforce"),
+    ("enforce-list", "chains", {"limit": 1, "enforce": ["shadow"]}, "enforce"),
+    ("rate-enforce", "rate", {"per_second": 5, "enforce": "Shadow"}, "enforce"),
 ]
 
 

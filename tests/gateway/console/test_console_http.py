@@ -158,7 +158,7 @@ async def test_an_override_set_in_the_console_is_audited_and_seen_by_the_api(con
     entries = await _audit(console.worker)
     assert [(e.actor, e.action) for e in entries] == [("token:ops", "tenant.create"), ("token:ops", "override.put")]
     assert entries[1].after == {"meter": "chain_deployments", "limit": 250, "expires_at": "2099-01-31T12:30:00Z",
-                                "reason": "launch week"}
+                                "reason": "launch week", "enforce": "on"}
     async with aiohttp.ClientSession() as api:
         async with api.get(f"{console.base}/admin/tenants/acme",
                            headers={"Authorization": f"Bearer {CI_TOKEN}"}) as answer:
