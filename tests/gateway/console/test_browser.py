@@ -1,6 +1,6 @@
 """The console in a real browser: Debian's headless chromium driven by Playwright, against a real gateway
-process (SQLite, the test's redis-server, a real upstream). Screenshots are kept in var/artifacts/; the
-overview's and the tenant page's are copied to docs/.
+process (SQLite, the test's redis-server, a real upstream). Screenshots are kept in var/artifacts/; with
+UPDATE_DOCS_SCREENSHOTS=1 the overview's and the tenant page's are copied to docs/ too.
 
 Playwright never downloads a browser here: it launches /usr/bin/chromium (scripts/ensure-chromium.sh installs
 it; `make test` runs that first), or $CHROMIUM.
@@ -85,7 +85,7 @@ async def _shot(page: Page, name: str, *, docs: bool = False) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
     await page.screenshot(path=str(path), full_page=True)
-    if docs:
+    if docs and os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":  # a test run never rewrites tracked files
         shutil.copyfile(path, DOCS / name)
 
 

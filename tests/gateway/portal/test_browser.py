@@ -3,11 +3,13 @@ browser test), against an in-process gateway worker (real sockets, redis-server,
 mode on the Stripe emulator, and a stand-in for CosmosBuilder's web app on another site (`localhost` against the
 gateway's `127.0.0.1`), which asks for a link with the customer's JWT and opens it in the browser.
 
-Screenshots are kept in var/artifacts/; the page's is copied to docs/tenant-usage-page.png.
+Screenshots are kept in var/artifacts/; with UPDATE_DOCS_SCREENSHOTS=1 the page's is copied to
+docs/tenant-usage-page.png too.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import AsyncIterator
 
@@ -81,7 +83,7 @@ async def _shot(page: Page, name: str, *, docs: bool = False) -> None:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
     await page.screenshot(path=str(path), full_page=True)
-    if docs:
+    if docs and os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":  # a test run never rewrites tracked files
         shutil.copyfile(path, DOCS / name)
 
 
