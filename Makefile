@@ -11,7 +11,7 @@ CONFIG ?= config/example.yaml
 DEV_SECRETS := GATEWAY_JWT_HS256_SECRET=$${GATEWAY_JWT_HS256_SECRET:-dev-only-hs256-secret-change-me-0123456789abcdef} \
                GATEWAY_ADMIN_TOKENS=$${GATEWAY_ADMIN_TOKENS:-dev:dev-admin-token-change-me}
 
-.PHONY: run test chromium fuzz bench bench-proxy bench-sync lint token redis-server clean demo chaos
+.PHONY: run test chromium prometheus fuzz bench bench-proxy bench-sync lint token redis-server clean demo chaos
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ redis-server:
 chromium:
 	@scripts/ensure-chromium.sh
 
+# Debian's prometheus and promtool for tests/deploy (alert rules and dashboard checked by the real tools).
+prometheus:
+	@scripts/ensure-prometheus.sh
+
 run: $(STAMP) redis-server
 	@mkdir -p var
 	env $(DEV_SECRETS) $(BIN)/cosmos-gateway db upgrade --config $(CONFIG)
@@ -33,7 +37,7 @@ run: $(STAMP) redis-server
 	@echo "                   curl -H \"Authorization: Bearer \$$TOKEN\" http://127.0.0.1:8080/api/chains"
 	exec env $(DEV_SECRETS) $(BIN)/cosmos-gateway serve --config $(CONFIG)
 
-test: $(STAMP) redis-server chromium
+test: $(STAMP) redis-server chromium prometheus
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The fuzz suite at length: FUZZ_EXAMPLES random examples per fuzz test (`make test` runs a small, seeded
