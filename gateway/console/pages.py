@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -18,7 +18,7 @@ from sqlalchemy import select
 from gateway.admin.input import Errors, invalid
 from gateway.admin.tenants import seen
 from gateway.console.app import CONSOLE, PREFIX, render, svg
-from gateway.console.charts import Axis, Series, line_chart, usage_bar
+from gateway.console.charts import Axis, Series, day_ticks, line_chart, usage_bar
 from gateway.console.overview import forecast_line, period_usage
 from gateway.errors import GatewayError, LimiterUnavailable
 from metering.clock import rfc3339, utc, utcnow
@@ -164,7 +164,7 @@ async def tenant(request: web.Request, *, errors: list[dict[str, str]] | None = 
     now = utcnow(console.clock)
     start = datetime.fromisoformat(view["period"]["start"])
     end = datetime.fromisoformat(view["period"]["end"])
-    axis = Axis(start.timestamp(), end.timestamp(), _day_ticks(start, end))
+    axis = Axis(start.timestamp(), end.timestamp(), day_ticks(start, end))
     charts = []
     for meter, entry in view["meters"].items():
         if entry["limit"] is None:
@@ -186,17 +186,6 @@ async def tenant(request: web.Request, *, errors: list[dict[str, str]] | None = 
                   tenant=name, charts=charts, overrides=overrides, audit=[_audit_row(e) for e in audit],
                   plans=console.plans, meters=[*console.meters, RATE_METER], errors=errors or [], form=form or {},
                   done=done_note(request), rfc3339=rfc3339, overrides_model=TenantOverride)
-
-
-def _day_ticks(start: datetime, end: datetime) -> list[tuple[float, str]]:
-    days = max(1, (end - start).days)
-    step = 7 if days > 14 else 1
-    ticks = []
-    day = start
-    while day <= end:
-        ticks.append((day.timestamp(), day.strftime("%d %b")))
-        day += timedelta(days=step)
-    return ticks
 
 
 # --------------------------------------------------------------------------- billing sync, audit
