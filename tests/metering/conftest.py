@@ -29,10 +29,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from gateway.cli.devservices import RedisProcess
 from metering.db import create_engine
+from metering.redis_store import RedisUsageStore
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 POSTGRES_ENV = "TEST_POSTGRES"
@@ -208,3 +211,19 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.close()
+
+
+# The Redis store tests' client (an empty database) and store: `redis_server` is the suite's own redis-server.
+@pytest.fixture
+async def client(redis_server: RedisProcess) -> AsyncIterator[Redis]:
+    redis = Redis.from_url(redis_server.url)
+    await redis.flushdb()
+    yield redis
+    await redis.aclose()
+
+
+@pytest.fixture
+async def store(client: Redis) -> AsyncIterator[RedisUsageStore]:
+    store = RedisUsageStore(client, timeout=0.5)
+    yield store
+    await store.aclose()

@@ -56,21 +56,6 @@ def deployments(limit: int | None = 50, enforce: bool = True) -> tuple[CounterRu
     return (CounterRule("chain_deployments", 1, limit, enforce),)
 
 
-@pytest.fixture
-async def client(redis_server: RedisProcess) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    await redis.flushdb()
-    yield redis
-    await redis.aclose()
-
-
-@pytest.fixture
-async def store(client: Redis) -> AsyncIterator[RedisUsageStore]:
-    store = RedisUsageStore(client, timeout=0.5)
-    yield store
-    await store.aclose()
-
-
 # -- rate -------------------------------------------------------------------------------------------
 
 

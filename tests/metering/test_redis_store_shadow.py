@@ -8,13 +8,12 @@ import asyncio
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-from gateway.cli.devservices import RedisProcess
 from metering import keys
 from metering.redis_store import PERIOD_KEY_GRACE, RedisUsageStore
 from metering.store import Check, CounterRule, GuardRule, RateRule, Record
@@ -41,21 +40,6 @@ def check(name: str, now: float = NOW, *, rate: RateRule | None = None, counters
 
 def deployments(limit: int | None = None, shadow: int | None = None) -> tuple[CounterRule, ...]:
     return (CounterRule("chain_deployments", 1, limit, limit is not None, shadow),)
-
-
-@pytest.fixture
-async def client(redis_server: RedisProcess) -> AsyncIterator[Redis]:
-    redis = Redis.from_url(redis_server.url)
-    await redis.flushdb()
-    yield redis
-    await redis.aclose()
-
-
-@pytest.fixture
-async def store(client: Redis) -> AsyncIterator[RedisUsageStore]:
-    store = RedisUsageStore(client, timeout=0.5)
-    yield store
-    await store.aclose()
 
 
 async def test_a_shadow_quota_serves_reports_and_counts_as_without_it(store: RedisUsageStore,
