@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -143,9 +144,13 @@ def _lookup_keys(items: Any) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def verify_signature(payload: str, header: str, secret: str, *, now: float, tolerance: int) -> None:
-    """Raise a 400 problem unless the Stripe-Signature `header` signs `payload` with `secret`, at most
-    `tolerance` seconds before `now`.
+def verify_signature(payload: str, header: str, secrets: str | Sequence[str], *, now: float,
+                     tolerance: int) -> None:
+    """Raise a 400 problem unless the Stripe-Signature `header` signs `payload` with one of `secrets`, at
+    most `tolerance` seconds before `now`.
+
+    Several secrets: while Stripe rolls an endpoint's secret, a delivery carries a `v1` signature per secret
+    and the operator configures the new secret next to the old one; a match with either is enough.
 
     The header is client input: it is parsed here first (visible ASCII, `t=<digits>`, `v1=<64 hex>`),
     and only its well-formed parts, rebuilt, reach stripe's verifier, whose own parser would take
@@ -153,13 +158,20 @@ def verify_signature(payload: str, header: str, secret: str, *, now: float, tole
     """
     timestamp, signatures = _parse_signature(header)
     canonical = ",".join([f"t={timestamp}", *(f"v1={signature}" for signature in signatures)])
+    if not any(_signed_with(payload, canonical, secret)
+               for secret in ((secrets,) if isinstance(secrets, str) else secrets)):
+        raise invalid("Stripe-Signature", "does not match the body and the webhook secret")
+    if timestamp < now - tolerance:
+        raise invalid("Stripe-Signature", f"signed more than {tolerance} seconds ago")
+
+
+def _signed_with(payload: str, canonical: str, secret: str) -> bool:
     try:
         # Tolerance None: stripe would measure the age with time.time(); ours uses the injected clock.
         stripe.WebhookSignature.verify_header(payload, canonical, secret, tolerance=None)
     except (stripe.SignatureVerificationError, ValueError, TypeError):
-        raise invalid("Stripe-Signature", "does not match the body and the webhook secret") from None
-    if timestamp < now - tolerance:
-        raise invalid("Stripe-Signature", f"signed more than {tolerance} seconds ago")
+        return False
+    return True
 
 
 def _parse_signature(header: str) -> tuple[int, list[str]]:

@@ -1,12 +1,13 @@
 """What a Stripe webhook delivery does (PRODUCT.md §8), apart from HTTP: the gateway's
 `gateway/proxy/stripe_webhook.py` reads the request, calls `StripeEventProcessor.receive` and answers.
 
-    events = StripeEventProcessor(secret=settings.billing.stripe_webhook_secret, sessions=sessions,
+    events = StripeEventProcessor(secret=settings.billing.stripe_webhook_secrets, sessions=sessions,
                                   plans_by_lookup_key=..., known_plans=plans)
     received = await events.receive(body, request.headers.getall("Stripe-Signature", ()))
     # received.answer: the JSON answer; received.tenant: the tenant whose row changed, to announce
 
-The `Stripe-Signature` header is checked over the raw body with stripe's own verifier; the 5-minute
+The `Stripe-Signature` header is checked over the raw body with stripe's own verifier, against each configured
+secret (two while Stripe rolls the endpoint's secret: either one verifies); the 5-minute
 tolerance is measured with the injected clock. Each event id is recorded in `stripe_events` in the same
 transaction as the tenant change, so a redelivery changes nothing, and an event older than the newest one
 applied to the tenant is recorded and skipped. The caller announces the changed tenant after the commit:
@@ -94,12 +95,13 @@ class StripeEventProcessor:
     v2 events; `meters_by_event_name` maps a Stripe meter's event_name to the ledger's meter names.
     """
 
-    def __init__(self, *, secret: str | None, sessions: async_sessionmaker[AsyncSession],
+    def __init__(self, *, secret: str | Sequence[str] | None, sessions: async_sessionmaker[AsyncSession],
                  plans_by_lookup_key: Mapping[str, str], known_plans: Collection[str], tolerance: int = 300,
                  clock: Clock = system_clock, event_fetcher: meter_errors.StripeEventFetcher | None = None,
                  meters_by_event_name: Mapping[str, Sequence[str]] | None = None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
-        self._secret = secret or None
+        # One secret, or several while Stripe rolls the endpoint's secret; empty ones are none at all.
+        self._secrets = tuple(s for s in ((secret,) if isinstance(secret, str) else secret or ()) if s)
         self._sessions = sessions
         self._plans_by_lookup_key = _check_lookup_keys(plans_by_lookup_key, known_plans)
         self._tolerance = tolerance
@@ -108,22 +110,22 @@ class StripeEventProcessor:
         self._meters_by_event_name = {k: tuple(v) for k, v in (meters_by_event_name or {}).items()}
         self._sleep = sleep
 
-    def require_secret(self) -> str:
-        """The webhook secret; without one every delivery is refused with a 503 (Stripe retries for days)."""
-        if self._secret is None:
+    def require_secret(self) -> tuple[str, ...]:
+        """The webhook secrets; without one every delivery is refused with a 503 (Stripe retries for days)."""
+        if not self._secrets:
             raise not_configured("no Stripe webhook secret is configured (STRIPE_WEBHOOK_SECRET)")
-        return self._secret
+        return self._secrets
 
     async def receive(self, body: bytes, signatures: Collection[str]) -> Received:
         """Verify the raw `body` against its `Stripe-Signature` header values and apply its event."""
-        secret = self.require_secret()
+        secrets = self.require_secret()
         try:
             payload = body.decode("utf-8")  # Stripe signs the UTF-8 text
         except UnicodeDecodeError:
             raise invalid("body", "not UTF-8") from None
         if len(signatures) != 1:
             raise invalid("Stripe-Signature", "exactly one signature header is required")
-        verify_signature(payload, next(iter(signatures)), secret, now=self._clock(), tolerance=self._tolerance)
+        verify_signature(payload, next(iter(signatures)), secrets, now=self._clock(), tolerance=self._tolerance)
         event = parse_event(payload)
         if event.type == meter_errors.EVENT_TYPE and event.v2:
             return Received(await self._meter_error_report(event))

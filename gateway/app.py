@@ -140,7 +140,7 @@ class Worker:
             if meter.stripe_event is not None:
                 meters_by_event.setdefault(meter.stripe_event, []).append(meter.name)
         events = StripeEventProcessor(
-            secret=settings.billing.stripe_webhook_secret, sessions=self.sessions,
+            secret=settings.billing.stripe_webhook_secrets, sessions=self.sessions,
             plans_by_lookup_key=stripe.plans_by_lookup_key, known_plans=self.policy.plans, clock=self.clock,
             event_fetcher=self._event_fetcher, meters_by_event_name=meters_by_event)
         webhook = StripeWebhook(events, directory=self.directory,
@@ -189,7 +189,8 @@ class Worker:
         worker process of this configuration reads the links and cookies of the others."""
         settings = self.settings
         secrets = [f"admin:{name}:{token}" for name, token in settings.admin.tokens]
-        secrets += [settings.auth.hs256_secret, settings.billing.stripe_api_key, settings.billing.stripe_webhook_secret]
+        secrets += [settings.auth.hs256_secret, settings.billing.stripe_api_key,
+                    *settings.billing.stripe_webhook_secrets]
         return TenantPortal(
             tokens=PortalTokens(portal_key(secrets)), redis=self.redis,
             stripe=StripePortal(self.policy.stripe, settings.billing.portal_return_url), directory=self.directory,

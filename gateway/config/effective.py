@@ -49,9 +49,12 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     data["listen"]["proxy"] = str(settings.listen.proxy)
     data["listen"]["admin"] = str(settings.listen.admin)
     data["listen"]["trusted_proxies"] = [str(n) for n in settings.listen.trusted_proxies]
+    # Shown under its config key, one mask per secret: "***,***" tells the operator a roll is under way.
+    webhook_secrets = data["billing"].pop("stripe_webhook_secrets")
+    data["billing"]["stripe_webhook_secret"] = ",".join(MASK for _ in webhook_secrets) or None
     for section, key in SECRET_ENV.values():
         value = data[section].get(key)
-        if not value:
+        if not value or (section, key) == ("billing", "stripe_webhook_secret"):  # masked above
             continue
         if key == "url":
             data[section][key] = mask_url(value)

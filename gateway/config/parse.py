@@ -47,6 +47,8 @@ ALLOWED_ALGORITHMS = frozenset(
 )
 TOKEN_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _VISIBLE_ASCII = re.compile(r"^[\x21-\x7e]+$")
+# While Stripe rolls an endpoint's secret it signs with two: the new one, and the old one until it expires.
+MAX_WEBHOOK_SECRETS = 2
 
 
 # --------------------------------------------------------------------------- loading
@@ -373,6 +375,25 @@ def _billing(s: Section) -> BillingSettings:
         bucket_seconds=bucket_seconds,
         grace_seconds=s.integer("grace_seconds", 10, minimum=0, maximum=3600),
         stripe_api_key=s.string("stripe_api_key", None, nullable=True),
-        stripe_webhook_secret=s.string("stripe_webhook_secret", None, nullable=True),
+        stripe_webhook_secrets=_webhook_secrets(s),
     )
+
+
+def _webhook_secrets(s: Section) -> tuple[str, ...]:
+    """`stripe_webhook_secret`: "whsec_new,whsec_old" during a roll of the endpoint's secret, or a YAML list."""
+    raw = s.raw.get("stripe_webhook_secret")
+    key = s.key("stripe_webhook_secret")
+    if raw is None or raw == "":
+        return ()
+    if isinstance(raw, str):
+        items = [item.strip() for item in raw.split(",")]
+    elif isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+        items = [item.strip() for item in raw]
+    else:
+        raise ConfigError(key, "expected a secret, or two separated by a comma (STRIPE_WEBHOOK_SECRET)")
+    if not 1 <= len(items) <= MAX_WEBHOOK_SECRETS or not all(_VISIBLE_ASCII.match(item) for item in items):
+        # Say what is wrong without echoing any part of a secret.
+        raise ConfigError(key, f"expected 1 to {MAX_WEBHOOK_SECRETS} secrets separated by a comma, each of visible "
+                          f"ASCII characters (no spaces, none empty); got {len(items)} item(s)")
+    return tuple(dict.fromkeys(items))  # the same secret twice is one
 

@@ -17,7 +17,7 @@ from metering.meters import DEFAULT_METERS, Meter, MeterMatcher
 from quota.alerts import AlertSettings
 from quota.plans import DEFAULT_CATALOG, Plan
 
-# Secrets come only from the environment (PRODUCT.md §1): variable -> (section, field) of Settings.
+# Secrets come only from the environment (PRODUCT.md §1): variable -> (section, config key).
 SECRET_ENV = {
     "REDIS_URL": ("redis", "url"),
     "DATABASE_URL": ("database", "url"),
@@ -123,7 +123,9 @@ class BillingSettings:
     grace_seconds: int = 10
     # `billing.stripe` is typed in Settings.policy.stripe (it is checked against the plans).
     stripe_api_key: str | None = field(default=None, repr=False)
-    stripe_webhook_secret: str | None = field(default=None, repr=False)
+    # `billing.stripe_webhook_secret` (STRIPE_WEBHOOK_SECRET): one secret, or two separated by a comma while
+    # Stripe rolls the endpoint's secret (it signs with both until the old one expires); either verifies.
+    stripe_webhook_secrets: tuple[str, ...] = field(default=(), repr=False)
     # `billing.stripe.portal_return_url`: where Stripe's billing portal sends the customer back (None: the
     # portal configuration's default). Kept here, not in StripeSettings: only the gateway opens the portal.
     portal_return_url: str | None = None

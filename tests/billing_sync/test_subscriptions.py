@@ -136,6 +136,36 @@ def test_signature_header_that_is_not_one_is_a_400_problem(signature: str) -> No
     assert caught.value.extra["errors"][0]["field"] == "Stripe-Signature"
 
 
+OLD_SECRET, NEW_SECRET = "whsec_old_0123456789", "whsec_new_9876543210"
+
+
+def _signed(payload: str, *secrets: str) -> str:
+    """Stripe's header during a roll of the endpoint's secret: a `v1` per secret, one timestamp."""
+    parts = [stripe.WebhookSignature.generate_signature_header(payload, secret, timestamp=int(NOW)).split(",")[1]
+             for secret in secrets]
+    return ",".join([f"t={int(NOW)}", *parts])
+
+
+@pytest.mark.parametrize("signed_with", [(OLD_SECRET,), (NEW_SECRET,), (NEW_SECRET, OLD_SECRET),
+                                         (OLD_SECRET, NEW_SECRET), ("whsec_other", NEW_SECRET)])
+def test_either_of_two_configured_secrets_verifies(signed_with: tuple[str, ...]) -> None:
+    verify_signature("{}", _signed("{}", *signed_with), (NEW_SECRET, OLD_SECRET), now=NOW, tolerance=300)
+
+
+@pytest.mark.parametrize("configured", [(NEW_SECRET,), (NEW_SECRET, OLD_SECRET), ()])
+def test_a_signature_of_no_configured_secret_is_a_400_problem(configured: tuple[str, ...]) -> None:
+    with pytest.raises(WebhookRefused) as caught:
+        verify_signature("{}", _signed("{}", "whsec_other", "whsec_another"), configured, now=NOW, tolerance=300)
+    assert caught.value.status == 400
+
+
+def test_processor_without_any_secret_refuses_every_delivery() -> None:
+    for secret in (None, "", ()):
+        with pytest.raises(WebhookRefused) as caught:
+            processor(None, secret=secret).require_secret()  # type: ignore[arg-type]
+        assert caught.value.status == 503
+
+
 def _as_aiohttp_decodes(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 

@@ -347,3 +347,40 @@ def test_workers_auto_without_cgroup_files_is_the_cpu_affinity(tmp_path: Path) -
 
     assert worker_count("auto", cgroup_root=tmp_path / "none", proc_cgroup=tmp_path / "none") == \
         len(os.sched_getaffinity(0))
+
+
+# --------------------------------------------------------------------------- Stripe webhook secrets
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("whsec_one", ("whsec_one",)),
+    ("whsec_new, whsec_old", ("whsec_new", "whsec_old")),  # during a roll of the endpoint's secret
+    ("whsec_same,whsec_same", ("whsec_same",)),
+    ("", ()),
+])
+def test_stripe_webhook_secret_is_one_or_two_secrets(value: str, expected: tuple[str, ...]) -> None:
+    settings = load_settings(None, env={"GATEWAY_JWT_HS256_SECRET": SECRET, "STRIPE_WEBHOOK_SECRET": value})
+    assert settings.billing.stripe_webhook_secrets == expected
+
+
+def test_stripe_webhook_secrets_may_be_a_yaml_list() -> None:
+    settings = parse_settings({**KEYED, "billing": {"stripe_webhook_secret": ["whsec_new", "whsec_old"]}})
+    assert settings.billing.stripe_webhook_secrets == ("whsec_new", "whsec_old")
+
+
+@pytest.mark.parametrize("value", ["whsec_a,whsec_b,whsec_c", "whsec_a,,whsec_b", "whsec_a,", "whsec a",
+                                   "whsec_\u00e9", ["whsec_a", 5], {"new": "whsec_a"}, 42])
+def test_bad_stripe_webhook_secrets_name_the_key_and_never_echo_a_secret(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"billing\.stripe_webhook_secret") as raised:
+        parse_settings({**KEYED, "billing": {"stripe_webhook_secret": value}})
+    assert "whsec" not in str(raised.value)
+
+
+def test_check_config_masks_each_webhook_secret(capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", SECRET)
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", "whsec_new_123,whsec_old_456")
+    assert main(["check-config"]) == 0
+    out = capsys.readouterr().out
+    assert "whsec_" not in out
+    assert yaml.safe_load(out)["billing"]["stripe_webhook_secret"] == "***,***"
