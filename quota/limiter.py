@@ -310,9 +310,10 @@ class Limiter:
                        headers=refusal_headers(compiled, decision, now, meter))
 
     def _observe(self, compiled: Compiled, used: Mapping[str, float]) -> None:
-        usage, alerts, tenant = self._metrics.usage, compiled.alerts, compiled.check.tenant
+        usage, alerts, tenant, quotas = self._metrics.usage, compiled.alerts, compiled.check.tenant, compiled.quotas
         for meter, value in used.items():
-            usage(tenant, meter, value)
+            quota = quotas.get(meter)
+            usage(tenant, meter, value, None if quota is None else quota.limit)
             alert = alerts.get(meter)
             if alert is not None and value >= alert[0]:
                 self._on_counted(tenant, meter, compiled.period_start, value, alert[1])  # type: ignore[misc]

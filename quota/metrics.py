@@ -1,12 +1,16 @@
 """Metrics of metering and enforcement (PRODUCT.md §7); label values come from the configuration.
 
 `gateway_usage{tenant,meter}` would grow with the number of tenants: it is capped at
-`metrics.max_tenants` tenants per process (the first seen keep their series).
+`metrics.max_tenants` tenants per process (the first seen keep their series). `gateway_limit{tenant,meter}`
+beside it is the limit in force for that usage (plan or override), for the series of gateway_usage whose meter
+has one: `gateway_usage / gateway_limit` is how near a tenant is to it (deploy/prometheus/alerts.yml).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -16,6 +20,8 @@ SHADOW_REJECTIONS = Counter("gateway_shadow_rejections_total",
                             ["reason", "plan", "meter"])
 USAGE = Gauge("gateway_usage", "Usage of the current period per tenant and meter", ["tenant", "meter"],
               multiprocess_mode="mostrecent")
+LIMIT = Gauge("gateway_limit", "The quota limit in force per tenant and meter (beside gateway_usage)",
+              ["tenant", "meter"], multiprocess_mode="mostrecent")
 STORE_ERRORS = Counter("gateway_store_errors_total", "Usage store (Redis) calls that failed")
 SPOOL_PENDING = Gauge("gateway_spool_pending", "Usage records spooled to disk, waiting for Redis",
                       multiprocess_mode="livesum")
@@ -35,8 +41,9 @@ class QuotaMetrics:
         self._tenant_usage = tenant_usage
         self._max_tenants = max_tenants
         self._tenants: set[str] = set()
-        self._usage_children: dict[tuple[str, str], Gauge] = {}
-        self._latest: dict[tuple[str, str], float] = {}
+        # (tenant, meter) -> its gateway_usage child, and its gateway_limit child once it has had a limit
+        self._children: dict[tuple[str, str], list[Any]] = {}
+        self._latest: dict[tuple[str, str], tuple[float, float | None]] = {}
 
     def rejected(self, reason: str, plan: str | None, meter: str) -> None:
         REJECTIONS.labels(reason, plan if plan in self._plans else "other",
@@ -46,22 +53,30 @@ class QuotaMetrics:
         SHADOW_REJECTIONS.labels(reason, plan if plan in self._plans else "other",
                                  meter if meter in self._meters else "other").inc()
 
-    def usage(self, tenant: str, meter: str, value: float) -> None:
-        """Remember the value; `publish()` sets the gauges when Prometheus scrapes (not per request)."""
+    def usage(self, tenant: str, meter: str, value: float, limit: float | None = None) -> None:
+        """Remember the value and the limit in force; `publish()` sets the gauges when Prometheus scrapes (not per
+        request)."""
         if self._tenant_usage:
-            self._latest[(tenant, meter)] = value
+            self._latest[(tenant, meter)] = (value, limit)
 
     def publish(self) -> None:
         latest, self._latest = self._latest, {}
-        for (tenant, meter), value in latest.items():
-            child = self._usage_children.get((tenant, meter))
-            if child is None:
+        for (tenant, meter), (value, limit) in latest.items():
+            children = self._children.get((tenant, meter))
+            if children is None:
                 if tenant not in self._tenants:
                     if len(self._tenants) >= self._max_tenants:
                         continue
                     self._tenants.add(tenant)
-                child = self._usage_children[(tenant, meter)] = USAGE.labels(tenant, meter)
-            child.set(value)
+                children = self._children[(tenant, meter)] = [USAGE.labels(tenant, meter), None]
+            children[0].set(value)
+            # gateway_limit only where a limit is or was in force: a 0 would read as "over it"; a limit lifted
+            # since is NaN, which no ratio alert compares as near (a removed series would linger in the files of
+            # a multiprocess registry).
+            if limit is not None and children[1] is None:
+                children[1] = LIMIT.labels(tenant, meter)
+            if children[1] is not None:
+                children[1].set(math.nan if limit is None else limit)
 
     @staticmethod
     def store_error() -> None:

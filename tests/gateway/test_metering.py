@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -310,6 +311,41 @@ async def test_rejections_and_usage_metrics(make_gateway: MakeGateway, session: 
                for s in samples)
     assert any(s.name == "gateway_usage" and s.labels == {"tenant": "metered", "meter": "chain_deployments"}
                for s in samples)
+
+
+async def _tenant_series(session: aiohttp.ClientSession, worker: Worker, tenant: str) -> dict[tuple[str, str], float]:
+    async with session.get(admin_url(worker, "/metrics")) as response:
+        text = await response.text()
+    return {(s.name, s.labels["meter"]): s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name in ("gateway_usage", "gateway_limit") and s.labels.get("tenant") == tenant}
+
+
+async def test_the_limit_in_force_is_published_beside_the_usage(make_gateway: MakeGateway,
+                                                               session: aiohttp.ClientSession) -> None:
+    """gateway_usage / gateway_limit is how near a tenant is (the GatewayTenantNearLimit alert): the plan's limit,
+    an override's once it is set, NaN once an override lifts it; no gateway_limit for a meter without one."""
+    worker = await make_gateway()
+    for _ in range(2):
+        assert await post_deploy(session, url(worker, ""), "near", plan="starter") == 200
+    series = await _tenant_series(session, worker, "near")
+    assert series[("gateway_usage", "chain_deployments")] == 2
+    assert series[("gateway_limit", "chain_deployments")] == 50  # the starter plan's (of this file)
+    assert ("gateway_usage", "api_calls") in series and ("gateway_limit", "api_calls") not in series
+
+    async def override(limit: int | None) -> None:
+        async with session.put(admin_url(worker, "/admin/tenants/near/overrides/chain_deployments"),
+                               json={"limit": limit}, headers=ADMIN) as response:
+            assert response.status in (200, 201), await response.text()
+
+    async with session.put(admin_url(worker, "/admin/tenants/near"), json={"plan": "starter"},
+                           headers=ADMIN) as response:
+        assert response.status in (200, 201), await response.text()
+    await override(80)
+    assert await post_deploy(session, url(worker, ""), "near", plan="starter") == 200
+    assert (await _tenant_series(session, worker, "near"))[("gateway_limit", "chain_deployments")] == 80
+    await override(None)  # unlimited
+    assert await post_deploy(session, url(worker, ""), "near", plan="starter") == 200
+    assert math.isnan((await _tenant_series(session, worker, "near"))[("gateway_limit", "chain_deployments")])
 
 
 # ------------------------------------------------------------------ failures
