@@ -8,17 +8,14 @@ process: sessions then hold on one worker only, which `serve --workers 1` is.
 
 The CSRF token of a session is an HMAC of its nonce: a form carries it, every POST is checked against it.
 A signed-out browser gets a short-lived pre-session cookie so the sign-in form has a token of its own.
+The signing itself is gateway/signing.py's, shared with the tenants' usage page.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import json
-import secrets
 from dataclasses import dataclass
+
+from gateway.signing import Signer, derive_key, pack, random_id, unpack
 
 SESSION_COOKIE = "cosmos_console"
 PRESESSION_COOKIE = "cosmos_console_pre"
@@ -33,9 +30,7 @@ def session_key(admin_tokens: tuple[tuple[str, str], ...], hs256_secret: str | N
     material = [f"{name}:{token}" for name, token in sorted(admin_tokens)]
     if hs256_secret:
         material.append(f"hs256:{hs256_secret}")
-    if not material:
-        return secrets.token_bytes(32)
-    return hmac.new(_LABEL, "\n".join(material).encode(), hashlib.sha256).digest()
+    return derive_key(_LABEL, material)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,57 +40,46 @@ class Session:
     nonce: str
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 class Sessions:
-    """Issues and checks session cookies and CSRF tokens with one key; `now` is epoch seconds."""
+    """Issues and checks session cookies (`<payload>.<mac>`) and CSRF tokens with one key; `now` is epoch
+    seconds."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def _mac(self, purpose: str, payload: str) -> bytes:
-        return hmac.new(self._key, f"{purpose}|{payload}".encode(), hashlib.sha256).digest()
+        self._signer = Signer(key)
 
     def issue(self, actor: str, now: float, *, not_after: float | None = None) -> tuple[str, Session]:
         """A new session of `actor` (its cookie value, and itself); it ends at `not_after` if that is sooner."""
         expires = int(now) + SESSION_SECONDS
         if not_after is not None:
             expires = min(expires, int(not_after))
-        session = Session(actor, expires, _b64(secrets.token_bytes(16)))
-        payload = _b64(json.dumps([session.actor, session.expires, session.nonce], separators=(",", ":")).encode())
-        return f"{payload}.{_b64(self._mac('session', payload))}", session
+        session = Session(actor, expires, random_id())
+        payload = pack([session.actor, session.expires, session.nonce])
+        return f"{payload}.{self._signer.text_mac('session', payload)}", session
 
     def read(self, cookie: str | None, now: float) -> Session | None:
         """The session of a cookie value, or None: missing, too long, forged, malformed or expired."""
         if not cookie or len(cookie) > MAX_COOKIE_CHARS:
             return None
         payload, _, signature = cookie.partition(".")
-        try:
-            valid = hmac.compare_digest(_unb64(signature), self._mac("session", payload))
-            if not valid:
-                return None
-            actor, expires, nonce = json.loads(_unb64(payload))
-        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        if not self._signer.matches("session", payload, signature):
             return None
-        if not (isinstance(actor, str) and isinstance(expires, int) and isinstance(nonce, str)) or expires <= now:
+        fields = unpack(payload)
+        if fields is None or len(fields) != 3:
+            return None
+        actor, expires, nonce = fields
+        if not (isinstance(actor, str) and type(expires) is int and isinstance(nonce, str)) or expires <= now:
             return None
         return Session(actor, expires, nonce)
 
     def csrf_token(self, nonce: str) -> str:
         """The CSRF token of a session (or of a pre-session nonce, for the sign-in form)."""
-        return _b64(self._mac("csrf", nonce))
+        return self._signer.text_mac("csrf", nonce)
 
     def csrf_ok(self, nonce: str, presented: str | None) -> bool:
         if not presented or len(presented) > 128:
             return False
-        return hmac.compare_digest(presented.encode(), self.csrf_token(nonce).encode())
+        return self._signer.matches("csrf", nonce, presented)
 
     @staticmethod
     def new_nonce() -> str:
-        return _b64(secrets.token_bytes(16))
+        return random_id()

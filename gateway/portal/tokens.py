@@ -12,20 +12,15 @@ gateway issued it, for that tenant, until then.
     session   s1.<payload>.<mac>   the cookie of the page; its CSRF token is an HMAC of its id
 
 The purpose is inside the MAC, so a link is never a session nor the other way round, and neither is a console
-cookie (another key and label).
+cookie (another key and label). The signing itself is gateway/signing.py's.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import json
-import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from gateway.signing import Signer, derive_key, pack, random_id, unpack
 from metering.keys import TENANT_ID
 
 LINK_SECONDS = 10 * 60  # PRODUCT.md §6a: "about 10 minutes"
@@ -37,10 +32,7 @@ _LINK, _SESSION = "p1", "s1"
 
 def portal_key(secrets_in_config: Iterable[str | None]) -> bytes:
     """The signing key: the same in every worker of one configuration, another once a secret changes."""
-    material = sorted(secret for secret in secrets_in_config if secret)
-    if not material:
-        return secrets.token_bytes(32)
-    return hmac.new(_LABEL, "\n".join(material).encode(), hashlib.sha256).digest()
+    return derive_key(_LABEL, sorted(secret for secret in secrets_in_config if secret))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,39 +44,28 @@ class Signed:
     id: str
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode().rstrip("=")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 class PortalTokens:
     """Issues and checks links, page sessions and CSRF tokens with one key; `now` is epoch seconds."""
 
     def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    def _mac(self, purpose: str, payload: str) -> str:
-        return _b64(hmac.new(self._key, f"{purpose}|{payload}".encode(), hashlib.sha256).digest())
+        self._signer = Signer(key)
 
     def _issue(self, purpose: str, tenant: str, expires: int) -> tuple[str, Signed]:
-        signed = Signed(tenant, expires, _b64(secrets.token_bytes(16)))
-        payload = _b64(json.dumps([tenant, expires, signed.id], separators=(",", ":")).encode())
-        return f"{purpose}.{payload}.{self._mac(purpose, payload)}", signed
+        signed = Signed(tenant, expires, random_id())
+        payload = pack([tenant, expires, signed.id])
+        return f"{purpose}.{payload}.{self._signer.text_mac(purpose, payload)}", signed
 
     def _read(self, purpose: str, text: str | None, now: float) -> Signed | None:
         if not text or len(text) > MAX_TOKEN_CHARS:
             return None
         head, _, rest = text.partition(".")
         payload, _, mac = rest.partition(".")
-        if head != purpose or not hmac.compare_digest(mac.encode(), self._mac(purpose, payload).encode()):
+        if head != purpose or not self._signer.matches(purpose, payload, mac):
             return None
-        try:
-            tenant, expires, token_id = json.loads(_unb64(payload))
-        except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        fields = unpack(payload)
+        if fields is None or len(fields) != 3:
             return None
+        tenant, expires, token_id = fields
         if not (isinstance(tenant, str) and TENANT_ID.fullmatch(tenant) and type(expires) is int
                 and isinstance(token_id, str)) or expires <= now:
             return None
@@ -106,9 +87,9 @@ class PortalTokens:
         return self._read(_SESSION, cookie, now)
 
     def csrf_token(self, session: Signed) -> str:
-        return self._mac("csrf", session.id)
+        return self._signer.text_mac("csrf", session.id)
 
     def csrf_ok(self, session: Signed, presented: str | None) -> bool:
         if not presented or len(presented) > 128:
             return False
-        return hmac.compare_digest(presented.encode(), self.csrf_token(session).encode())
+        return self._signer.matches("csrf", session.id, presented)
