@@ -1,59 +1,28 @@
-"""The console in a real browser: Debian's headless chromium driven by Playwright, against a real gateway
-process (SQLite, the test's redis-server, a real upstream). Screenshots are kept in var/artifacts/; with
-UPDATE_DOCS_SCREENSHOTS=1 the overview's and the tenant page's are copied to docs/ too.
-
-Playwright never downloads a browser here: it launches /usr/bin/chromium (scripts/ensure-chromium.sh installs
-it; `make test` runs that first), or $CHROMIUM.
+"""The console in a real browser: Debian's headless chromium driven by Playwright (tests/gateway/browser.py),
+against a real gateway process (SQLite, the test's redis-server, a real upstream). With UPDATE_DOCS_SCREENSHOTS=1
+the overview's and the tenant page's screenshots are copied to docs/.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, expect
 
 from metering.db import create_engine, session_factory
 from metering.models import LedgerEntry
+from tests.gateway.browser import DEADLINE_MS, acme_usage, assert_fits_a_phone, browser, shot  # noqa: F401
 from tests.gateway.conftest import StartGateway
 from tests.gateway.console.conftest import ADMIN_TOKENS, OPS_TOKEN
-from tests.support import ROOT, Upstream, bearer
-
-CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_FOUND = Path(CHROMIUM).exists()  # checked once, at import: not a blocking call inside the loop
-ARTIFACTS = ROOT / "var" / "artifacts"
-DOCS = ROOT / "docs"
-DEADLINE_MS = 15_000  # any one browser step; a loaded machine is slow, a hung page still fails the test
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not CHROMIUM_FOUND:
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/ensure-chromium.sh (make test does)")
-    async with async_playwright() as playwright:
-        # --no-sandbox: the tests run as root in CI, where Chromium's sandbox refuses to start.
-        launched = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                                    args=["--no-sandbox", "--disable-dev-shm-usage"])
-        try:
-            yield launched
-        finally:
-            await launched.close()
+from tests.support import Upstream, bearer
 
 
 async def _traffic(proxy: str) -> None:
-    """Usage for the pages to show: deployments and reported gauges of acme, a second tenant, refusals."""
+    """Usage for the pages to show: acme's deployments and gauges, a second tenant, refusals."""
+    await acme_usage(proxy)
     async with aiohttp.ClientSession() as http:
-        for _ in range(15):  # within the starter plan's burst of 20
-            async with http.post(f"{proxy}/api/chains/c1/deployments", headers=bearer("acme")) as response:
-                assert response.status == 200
-        async with http.get(f"{proxy}/api/chains?usage=chains%3D1%2C%20storage_gb%3D7.5",
-                            headers=bearer("acme")) as response:
-            assert response.status == 200
         statuses = []
         for _ in range(25):  # beyond the burst: some are refused (rate)
             async with http.get(f"{proxy}/api/chains", headers=bearer("globex")) as response:
@@ -81,15 +50,7 @@ async def _park(database: Path) -> str:
     return "acme-chain_deployments-1767607200"
 
 
-async def _shot(page: Page, name: str, *, docs: bool = False) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / name
-    await page.screenshot(path=str(path), full_page=True)
-    if docs and os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":  # a test run never rewrites tracked files
-        shutil.copyfile(path, DOCS / name)
-
-
-async def test_an_operator_works_through_the_console(browser: Browser, start_gateway: StartGateway,
+async def test_an_operator_works_through_the_console(browser: Browser, start_gateway: StartGateway,  # noqa: F811
                                                      upstream: Upstream, tmp_path: Path) -> None:
     gateway = start_gateway(upstream.url, admin={"tokens": ADMIN_TOKENS})
     await _traffic(gateway.url)
@@ -125,7 +86,7 @@ async def test_an_operator_works_through_the_console(browser: Browser, start_gat
     await expect(page.get_by_role("link", name="Overview")).to_be_focused()
     await expect(page.locator("#h-rejections + dl")).to_contain_text("invalid-token")
     await expect(page.get_by_role("img", name="acme chains: 1 of 1 used")).to_be_visible()
-    await _shot(page, "console-overview.png", docs=True)
+    await shot(page, "console-overview.png", docs=True)
 
     # Find the tenant and read its usage.
     await page.get_by_role("link", name="Tenants").click()
@@ -152,23 +113,18 @@ async def test_an_operator_works_through_the_console(browser: Browser, start_gat
     await expect(trail).to_contain_text("token:ops")
     await expect(trail).to_contain_text("override.put")
     await expect(trail).to_contain_text('"limit": 250')
-    await _shot(page, "console-tenant.png", docs=True)
+    await shot(page, "console-tenant.png", docs=True)
 
     # At a phone's width the page does not scroll sideways (wide tables scroll in their own box).
-    await page.set_viewport_size({"width": 390, "height": 844})
-    await page.reload()
-    wide = await page.evaluate("""[...document.querySelectorAll('body *')].filter(e =>
-        e.getBoundingClientRect().right > 391 && !(e.parentElement && e.parentElement.closest('.table-wrap'))
-    ).map(e => e.tagName + '.' + e.className + '#' + e.id)""")
-    assert wide == [] and await page.evaluate("document.documentElement.scrollWidth") <= 390, wide
-    await _shot(page, "console-tenant-phone.png")
+    await assert_fits_a_phone(page)
+    await shot(page, "console-tenant-phone.png")
     await page.set_viewport_size({"width": 1280, "height": 900})
 
     # Retry a parked bucket.
     await page.get_by_role("link", name="Billing sync").click()
     parked = page.locator("#parked")
     await expect(parked).to_contain_text("no_customer")
-    await _shot(page, "console-sync.png")
+    await shot(page, "console-sync.png")
     await parked.get_by_role("button", name="Retry now").click()
     await expect(page.get_by_role("status")).to_contain_text("pending again")
     await expect(page.locator("#parked")).to_have_count(0)
@@ -176,7 +132,7 @@ async def test_an_operator_works_through_the_console(browser: Browser, start_gat
     await page.get_by_label("Action").fill("sync.requeue")
     await page.get_by_role("button", name="Filter").click()
     await expect(page.locator("table.audit tbody tr")).to_have_count(1)
-    await _shot(page, "console-audit.png")
+    await shot(page, "console-audit.png")
 
     # A POST without the CSRF token is refused, even with the session cookie.
     answer = await page.request.post(f"{gateway.admin_url}/admin/ui/tenant/override",

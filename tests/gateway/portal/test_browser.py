@@ -3,24 +3,21 @@ browser test), against an in-process gateway worker (real sockets, redis-server,
 mode on the Stripe emulator, and a stand-in for CosmosBuilder's web app on another site (`localhost` against the
 gateway's `127.0.0.1`), which asks for a link with the customer's JWT and opens it in the browser.
 
-Screenshots are kept in var/artifacts/; with UPDATE_DOCS_SCREENSHOTS=1 the page's is copied to
-docs/tenant-usage-page.png too.
+With UPDATE_DOCS_SCREENSHOTS=1 the page's screenshot is copied to docs/tenant-usage-page.png.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 from aiohttp import web
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, expect
 
 from gateway.app import Worker
 from tests.billing_sync.stripe_emulator import StripeEmulator
-from tests.gateway.console.test_browser import ARTIFACTS, DEADLINE_MS, DOCS, browser  # noqa: F401  (fixture)
+from tests.gateway.browser import DEADLINE_MS, acme_usage, assert_fits_a_phone, browser, shot  # noqa: F401
 from tests.gateway.portal.conftest import CUSTOMER, MovableClock, StartWorker, portal_config, set_customer
 from tests.support import bearer
 
@@ -68,25 +65,6 @@ async def web_app() -> AsyncIterator[WebApp]:
     await app.close()
 
 
-async def _traffic(proxy: str) -> None:
-    """Deployments (a billed counter with a limit), calls, and reported gauges of acme."""
-    async with aiohttp.ClientSession() as http:
-        for _ in range(15):
-            async with http.post(f"{proxy}/api/chains/c1/deployments", headers=bearer("acme")) as response:
-                assert response.status == 200
-        async with http.get(f"{proxy}/api/chains?usage=chains%3D1%2C%20storage_gb%3D7.5",
-                            headers=bearer("acme")) as response:
-            assert response.status == 200
-
-
-async def _shot(page: Page, name: str, *, docs: bool = False) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / name
-    await page.screenshot(path=str(path), full_page=True)
-    if docs and os.environ.get("UPDATE_DOCS_SCREENSHOTS") == "1":  # a test run never rewrites tracked files
-        shutil.copyfile(path, DOCS / name)
-
-
 async def test_a_customer_opens_the_usage_page_and_manages_billing(
         browser: Browser, start_worker: StartWorker, web_app: WebApp,  # noqa: F811
         stripe_emulator: StripeEmulator, clock: MovableClock) -> None:
@@ -96,7 +74,7 @@ async def test_a_customer_opens_the_usage_page_and_manages_billing(
     gateway = f"http://127.0.0.1:{worker.proxy_port}"
     web_app.gateway = gateway
     await set_customer(worker, "acme", CUSTOMER)
-    await _traffic(gateway)
+    await acme_usage(gateway)
 
     context = await browser.new_context(viewport={"width": 1100, "height": 900})
     context.set_default_timeout(DEADLINE_MS)
@@ -131,20 +109,15 @@ async def test_a_customer_opens_the_usage_page_and_manages_billing(
     await expect(chart.get_by_role("img", name="chain_deployments: used this period, forecast and limit")) \
         .to_be_visible()
     await expect(chart).not_to_contain_text("no history")  # drawn from the usage history (Redis's open buckets)
-    await _shot(page, "tenant-usage-page.png", docs=True)
+    await shot(page, "tenant-usage-page.png", docs=True)
 
     # A reload keeps the page (the cookie, not the used link), and Back leaves it: the link is not in the history.
     await page.reload()
     await expect(page.get_by_role("heading", name="Usage this period")).to_be_visible()
 
     # At a phone's width nothing scrolls sideways but the table's own box.
-    await page.set_viewport_size({"width": 390, "height": 844})
-    await page.reload()
-    wide = await page.evaluate("""[...document.querySelectorAll('body *')].filter(e =>
-        e.getBoundingClientRect().right > 391 && !(e.parentElement && e.parentElement.closest('.table-wrap'))
-    ).map(e => e.tagName + '.' + e.className + '#' + e.id)""")
-    assert wide == [] and await page.evaluate("document.documentElement.scrollWidth") <= 390, wide
-    await _shot(page, "tenant-usage-page-phone.png")
+    await assert_fits_a_phone(page)
+    await shot(page, "tenant-usage-page-phone.png")
     await page.set_viewport_size({"width": 1100, "height": 900})
 
     # Manage billing: one click to Stripe's portal (the emulator's stand-in), and back to the app from there.
@@ -164,7 +137,7 @@ async def test_a_customer_opens_the_usage_page_and_manages_billing(
     await page.goto(link)
     await expect(page.get_by_role("heading", name="This link cannot be used again")).to_be_visible()
     await expect(page.get_by_role("alert")).to_contain_text("used already")
-    await _shot(page, "tenant-usage-link-used.png")
+    await shot(page, "tenant-usage-link-used.png")
     await page.goto(f"{web_app.url}/")
     clock.advance(601)
     await page.get_by_role("link", name="Usage and billing").click()
