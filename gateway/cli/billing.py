@@ -28,7 +28,7 @@ from gateway.admin.health import metrics_response
 from gateway.config.settings import HostPort, Settings
 from metering import db
 from metering.clock import utcnow
-from metering.migrate import prepare_schema
+from metering.migrate import MigrationError, prepare_schema
 from metering.redis_store.client import redis_client
 
 log = logging.getLogger("cosmos_gateway.sync")
@@ -53,7 +53,11 @@ async def _stores(settings: Settings) -> AsyncIterator[tuple[object, async_sessi
 
 
 def run_sync(settings: Settings, *, once: bool, metrics_listen: HostPort | None) -> int:
-    return asyncio.run(_sync(settings, once=once, metrics_listen=metrics_listen))
+    try:
+        return asyncio.run(_sync(settings, once=once, metrics_listen=metrics_listen))
+    except MigrationError as exc:  # unreachable, or a schema this version must not run on: one line says why
+        print(f"cosmos-gateway sync: {exc}", file=sys.stderr)
+        return EXIT_SETUP
 
 
 async def _sync(settings: Settings, *, once: bool, metrics_listen: HostPort | None) -> int:
@@ -142,7 +146,11 @@ def run_reconcile(settings: Settings, period_text: str | None) -> int:
     if policy.stripe.api_key is None:
         print("cosmos-gateway reconcile: STRIPE_API_KEY is not set: nothing to compare with", file=sys.stderr)
         return EXIT_SETUP
-    return asyncio.run(_reconcile(settings, period))
+    try:
+        return asyncio.run(_reconcile(settings, period))
+    except MigrationError as exc:
+        print(f"cosmos-gateway reconcile: {exc}", file=sys.stderr)
+        return EXIT_SETUP
 
 
 async def _reconcile(settings: Settings, period: tuple[datetime, datetime]) -> int:

@@ -14,6 +14,7 @@ from typing import Literal
 from gateway.config import ConfigError, HostPort, Settings, effective_config, load_settings, parse_host_port
 
 EXIT_CONFIG = 2
+EXIT_DATABASE = 1  # `db upgrade`: the database is unreachable, or at a schema newer than this code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic 1.18+ logs a "setup plugin" line per built-in plugin on import: noise in every command's output.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     env = dict(os.environ)
     if args.command == "demo":
         # The demo signs its own tokens; it needs no secret from the operator.
@@ -103,21 +106,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from gateway.cli.devservices import DevServiceError, resolved
     from gateway.server import serve
+    from metering.migrate import MigrationError
 
     workers = settings.server.workers if args.workers is None else args.workers
     try:
         # Development services (`make run`) are started here, so the server only ever sees a complete config.
         with resolved(settings) as complete:
             return serve(complete, workers)
-    except (DevServiceError, OSError) as exc:
+    except (DevServiceError, OSError, MigrationError) as exc:
         print(f"cosmos-gateway: cannot start: {exc}", file=sys.stderr)
         return 1
 
 
 def _db(settings: Settings, args: argparse.Namespace) -> int:
-    from metering.migrate import upgrade
+    from metering.migrate import MigrationError, upgrade
 
-    upgrade(settings.database.url)
+    try:
+        upgrade(settings.database.url)
+    except MigrationError as exc:  # unreachable, or migrated by a newer gateway: nothing was changed
+        print(f"cosmos-gateway: db upgrade: {exc}", file=sys.stderr)
+        return EXIT_DATABASE
     print("database is at the latest schema revision")
     return 0
 

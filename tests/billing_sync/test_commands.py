@@ -204,6 +204,26 @@ async def test_sync_once_fails_while_redis_is_unreachable(env: Env) -> None:
     assert code == 0, out
 
 
+async def test_sync_and_reconcile_refuse_a_database_a_newer_version_migrated(env: Env) -> None:
+    """One line that says what to do, no traceback, exit 2; the database is left as it is."""
+    from sqlalchemy import text
+
+    engine = create_engine(env.worker.settings.database.url)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+        for command in (("sync", "--once"), ("reconcile",)):
+            code, out = await env.run(*command)
+            assert code == 2, out
+            assert "Traceback" not in out
+            (line,) = [line for line in out.splitlines() if "0099" in line]
+            assert line.startswith(f"cosmos-gateway {command[0]}: the database schema is at revision 0099, newer")
+        async with engine.connect() as connection:
+            assert (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar() == "0099"
+    finally:
+        await engine.dispose()
+
+
 def unused_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
