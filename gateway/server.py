@@ -201,11 +201,20 @@ def _supervise(settings: Settings, workers: int) -> int:
 
 
 def _migrate_once(settings: Settings) -> None:
-    """SQLite (the development default) is migrated by the parent, so workers do not race to do it."""
-    if settings.database.url.startswith("sqlite"):
-        from metering.migrate import upgrade
+    """The parent prepares the schema before it forks: SQLite (the development default) is migrated, so workers
+    do not race to do it; PostgreSQL is checked to be at head. A schema no worker could start on then stops
+    `serve` with one line (metering.migrate.MigrationError), instead of workers failing and restarting forever."""
+    from metering.db import create_engine
+    from metering.migrate import prepare_schema
 
-        upgrade(settings.database.url)
+    async def prepare() -> None:
+        engine = create_engine(settings.database.url)
+        try:
+            await prepare_schema(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(prepare())
 
 
 def _fork_worker(settings: Settings, index: int) -> int:

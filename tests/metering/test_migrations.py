@@ -240,26 +240,29 @@ async def test_db_upgrade_refuses_a_database_newer_than_the_code(
     assert await snapshot(engine) == before
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])  # 2: the supervisor checks before it forks, no restart loop
 async def test_serve_refuses_a_database_newer_than_the_code(
-        db_url: str, engine: AsyncEngine, tmp_path: Path, redis_server: RedisProcess, upstream: Upstream) -> None:
+        db_url: str, engine: AsyncEngine, tmp_path: Path, redis_server: RedisProcess, upstream: Upstream,
+        workers: str) -> None:
     """SQLite is migrated at start-up and PostgreSQL compared with head: both refuse the same way."""
     before = await migrated_by_a_newer_gateway(engine)
 
     config = write_config(tmp_path, db_url, upstream.url, redis_server.url)
-    done = await cli("serve", "--config", str(config), "--workers", "1")
+    done = await cli("serve", "--config", str(config), "--workers", workers)
     assert done.code != 0
     line = assert_one_clear_line(done.stderr, "0099", f"head {head_revision()}", "newer", "backup")
     assert line.startswith("cosmos-gateway: cannot start: ")  # as any other start-up failure of `serve`
     assert await snapshot(engine) == before
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite is migrated at start-up instead
 async def test_serve_refuses_a_postgresql_schema_older_than_the_code(
-        db_url: str, tmp_path: Path, redis_server: RedisProcess, upstream: Upstream) -> None:
+        db_url: str, tmp_path: Path, redis_server: RedisProcess, upstream: Upstream, workers: str) -> None:
     await upgrade_async(db_url, "0002")
 
     config = write_config(tmp_path, db_url, upstream.url, redis_server.url)
-    done = await cli("serve", "--config", str(config), "--workers", "1")
+    done = await cli("serve", "--config", str(config), "--workers", workers)
     assert done.code != 0
     assert_one_clear_line(done.stderr, "cosmos-gateway: cannot start: ", "at revision 0002", "older",
                           f"head {head_revision()}", "cosmos-gateway db upgrade")
