@@ -6,6 +6,10 @@ the connection, and logs one line without a traceback (they are the client's fau
 line never holds bytes of the request (an oversized header may be a token): names, sizes and the
 parser's reason only. Requests that are not HTTP/1.0 or 1.1 (a request line without a version, which
 llhttp reads as HTTP/0.9, or `HTTP/2.0` on an HTTP/1 connection) are refused the same way.
+
+On SIGTERM the listening socket closes first (a balancer sees connects refused and /readyz gone), then
+`ProblemServer` drains: a request that still comes on a kept-alive connection is served and answered with
+`Connection: close`, and idle connections are closed only after `IDLE_DRAIN_SECONDS`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import InvalidHeader, InvalidURLError, LineTooLong
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from gateway.config.settings import HostPort
@@ -38,6 +44,12 @@ from gateway.proxy.headers import request_id
 from gateway.proxy.response import serialize
 
 log = logging.getLogger("cosmos_gateway.listener")
+# How long a draining listener keeps an idle kept-alive connection open. Closing it at once (aiohttp's
+# way) races with a client that sends on it before the close reaches it: that request meets a closed
+# socket, gets no answer, and the client cannot know it was never served, so it may not send it again (a
+# POST never). A balancer that sends meanwhile has not yet seen the gateway leave; this gives it the time.
+IDLE_DRAIN_SECONDS = 1.0
+_DRAIN_POLL_SECONDS = 0.02
 
 def overloaded_answer(type_base: str) -> bytes:
     """What a connection beyond `listen.max_connections` is answered before it is closed."""
@@ -236,13 +248,45 @@ def _http1_only(handler: Handler, type_base: str) -> Handler:
 
 
 class ProblemServer(web.Server):
-    """aiohttp's low-level server, answering HTTP parse errors and non-HTTP/1 requests with problem+json."""
+    """aiohttp's low-level server, answering HTTP parse errors and non-HTTP/1 requests with problem+json,
+    and draining kept-alive connections without closing one under a request (see IDLE_DRAIN_SECONDS)."""
 
     def __init__(self, handler: Handler, *, type_base: str, **kwargs: Any) -> None:
         super().__init__(_http1_only(handler, type_base), **kwargs)
         self._type_base = type_base
+        self._draining = False
 
     def __call__(self) -> RequestHandler:
         handler = _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
         handler.type_base = self._type_base
         return handler
+
+    def _make_request(self, message: RawRequestMessage, payload: StreamReader, protocol: RequestHandler,
+                      writer: AbstractStreamWriter, task: asyncio.Task[None]) -> web.BaseRequest:
+        if self._draining and not message.should_close:
+            # Served, and the last on its connection: the answer says `Connection: close` (the client
+            # takes the connection out of its pool), and aiohttp closes the connection after it.
+            message = message._replace(should_close=True)
+        return super()._make_request(message, payload, protocol, writer, task)
+
+    def pre_shutdown(self) -> None:
+        """Called once the listening socket is closed. aiohttp closes idle connections here, and a request
+        already on its way over one is lost; instead, from now on every request is the last on its
+        connection, and idle ones are closed in `shutdown`, after the drain time."""
+        self._draining = True
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 -- aiohttp's signature
+        """Wait until every connection has closed after its last answer, or IDLE_DRAIN_SECONDS (within the
+        grace `timeout`); then aiohttp's shutdown: the rest of the grace for requests in flight, then the
+        connections closed."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        drain = IDLE_DRAIN_SECONDS if timeout is None else min(IDLE_DRAIN_SECONDS, timeout)
+        # Polled: aiohttp forgets a connection in a done callback of its task, with nothing to wait on.
+        while self._connections and loop.time() - started < drain:  # noqa: ASYNC110
+            await asyncio.sleep(_DRAIN_POLL_SECONDS)
+        for connection in self.connections:
+            connection.close()  # aiohttp's pre_shutdown: idle ones go now, busy ones after their answer
+        left = None if timeout is None else max(0.0, timeout - (loop.time() - started))
+        await super().shutdown(left)
