@@ -165,7 +165,7 @@ def _parse_meter(name: Any, raw: Any) -> Meter:
     return Meter(name, cast(Source, source), cast(Kind, kind), method, path, stripe_event, bill_server_errors)
 
 
-def parse_meters(raw: Mapping[str, Any] | None) -> tuple[Meter, ...]:
+def parse_meters(raw: Mapping[Any, Any] | None) -> tuple[Meter, ...]:  # any key: _parse_meter names a bad one
     """The `meters:` config section; None (no `meters:` key) gives DEFAULT_METERS."""
     if raw is None:
         return DEFAULT_METERS

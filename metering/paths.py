@@ -101,6 +101,7 @@ def readings(path: str) -> tuple[str, ...]:
     for split_slash in (False, True) if "%2F" in normal else (False,):
         for mode in modes:
             segments = _segments(normal, split_slash, mode)
+            ways: tuple[int, ...]
             if "." in segments or ".." in segments:
                 ways = (_MERGE_FIRST, _RFC, _UNRESOLVED) if "" in segments else (_MERGE_FIRST, _UNRESOLVED)
             else:

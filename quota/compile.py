@@ -96,7 +96,7 @@ def compile_check(tenant: str, plan: Plan, record: TenantRecord | None, counted:
     alerts = {} if alert_from is None else {
         name: (quota.limit * alert_from, quota.limit)
         for name, quota in quotas.items() if quota.limit is not None}
-    until = min(period_end, bucket + bucket_seconds)
+    until = float(min(period_end, bucket + bucket_seconds))  # a float: mypyc keeps int and float apart
     past_due_since = None if record is None else record.past_due_since or record.subscription_changed_at
     if record is not None and record.subscription_status == "past_due" and past_due_since is not None:
         # Refused once its grace has run out (`Limiter.resolve`): the next request must look again.
@@ -166,7 +166,8 @@ def ratelimit_values(compiled: Compiled, decision: Decision, now: float,
     reset = compiled.period_end - int(now)  # = ceil(period_end - now): the period ends on a whole second after now
     used = decision.used
     # The script keeps the rate's remaining within [0, burst]; %d truncates what is left of a quota.
-    values = [0 if violated == "burst" else decision.rate_remaining or 0] if compiled.rate is not None else []
+    values: list[int | float] = (
+        [0 if violated == "burst" else decision.rate_remaining or 0] if compiled.rate is not None else [])
     for name, limit in compiled.limited:
         left = 0 if name == violated else limit - used.get(name, 0)
         values.append(left if left > 0 else 0)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from metering.meters import Meter, MeterMatcher, parse_usage_report
 from metering.periods import bucket_start, period_bounds
@@ -199,7 +199,8 @@ class Limiter:
             if decided.done() and not decided.cancelled():
                 # Cancelled after the store had answered but before this task ran again: the store saw its
                 # answer taken, so the give-back is ours.
-                self._give_back(admission, decided.exception() or decided.result())
+                failure = decided.exception()  # the store fails a check with StoreUnavailable only
+                self._give_back(admission, decided.result() if failure is None else cast(StoreUnavailable, failure))
             raise
         except StoreUnavailable as error:
             self._metrics.store_error()

@@ -79,7 +79,7 @@ class UpstreamPool:
         return {"open": self._open, "idle": len(self._idle), "waiting": len(self._waiters)}
 
     async def request(self, method: str, target: str, headers: Sequence[tuple[str, str]],
-                      body: bytes | AsyncIterable[bytes] | None = None, *,
+                      body: bytes | bytearray | AsyncIterable[bytes] | None = None, *,
                       content_length: int | None = None) -> UpstreamResponse:
         """Send a request and return the response once its head arrived.
 
@@ -96,7 +96,7 @@ class UpstreamPool:
             stream = body
             framing = _CHUNKED if content_length is None else f"Content-Length: {content_length}\r\n\r\n"
         data = self._head(method, target, headers, framing)
-        if stream is None and body:
+        if isinstance(body, bytes | bytearray) and body:  # at hand whole: sent with the head
             data += body
         is_head = method == "HEAD"
         replayable = stream is None and method in _IDEMPOTENT

@@ -299,8 +299,8 @@ class _Batcher:
         self._late.add(late)
         late.add_done_callback(self._late.discard)
         late.add_done_callback(lambda done: _resolve_late(calls, _late_replies(done, batch), outcomes))
-        for call, applied, ref in zip(calls, outcomes, _call_refs(batch), strict=True):
-            _fail(call, StoreUnavailable(str(exc), applied=applied, call=ref))
+        for member, applied, ref in zip(calls, outcomes, _call_refs(batch), strict=True):
+            _fail(member, StoreUnavailable(str(exc), applied=applied, call=ref))
 
     @staticmethod
     def _deliver(batch: list[_Call], replies: list[Any]) -> None:

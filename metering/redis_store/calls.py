@@ -206,6 +206,9 @@ def _settle(call: _Call | _Check, reply: Any) -> None:
         error.__cause__ = reply
         _fail(call, error)
         return
+    if isinstance(call, _Check):  # a group's check is settled by its group (`_deliver`), never parsed alone
+        _fail(call, StoreUnavailable(f"unexpected reply {reply!r}: a check of a group"))
+        return
     try:
         result = call.parse(reply)
     except (TypeError, ValueError, AttributeError) as exc:  # a script and this package out of step

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import hiredis
 from redis.asyncio import Redis
 
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # a pure-Python install (the default): the decorator only tells mypyc something
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[type], type]:  # type: ignore[misc]
+        return lambda cls: cls
 
+
+@mypyc_attr(native_class=False)  # mypyc compiles subclasses of BaseException and Exception only, not of OSError
 class RespError(ConnectionError):
     """The connection failed or was closed; the batch's outcome is unknown."""
 

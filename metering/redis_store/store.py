@@ -15,11 +15,11 @@ split by node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
@@ -241,9 +241,7 @@ class RedisUsageStore(_Batcher):
                 if merged.is_empty():
                     continue
                 call = self._record_call(merged, awaited=False, marker_ttl=-LIVE_RECORD_MARKER_TTL)  # a first send
-            # The Record is built only if it has to be spooled.
-            call.on_failure = lambda error, group=group, record_id=record_id: [  # type: ignore[misc]
-                callback(group.record(record_id), error) for callback in group.on_failure]
+            call.on_failure = _spool_group(group, record_id)
             calls.append(call)
         self._pending_records = {}
         return calls
@@ -297,7 +295,7 @@ class RedisUsageStore(_Batcher):
         """(reason, meter) -> admitted requests of the period that a shadow limit would have refused; one HGETALL
         of a hash with a field per shadow rule hit (only the script writes it: a few fields at most)."""
         async with self._guarded(self._read_timeout):
-            raw = await self._client.hgetall(keys.shadow_hits_key(tenant, period_start))
+            raw = await self._client.hgetall(keys.shadow_hits_key(tenant, period_start))  # type: ignore[misc]
         hits = {}
         for field, value in raw.items():
             reason, _, meter = _text(field).partition(":")
@@ -308,7 +306,7 @@ class RedisUsageStore(_Batcher):
     async def bucket(self, tenant: str, bucket_start: int) -> dict[str, float]:
         """The billing bucket of a tenant: meter -> billable value (a gauge: its last value)."""
         async with self._guarded(self._read_timeout):
-            raw = await self._client.hgetall(keys.bucket_key(tenant, bucket_start))
+            raw = await self._client.hgetall(keys.bucket_key(tenant, bucket_start))  # type: ignore[misc]
         return {_text(meter): _number(value) for meter, value in raw.items()}
 
     async def tenant_seen(self, tenant: str) -> bool:
@@ -316,7 +314,7 @@ class RedisUsageStore(_Batcher):
         async with self._guarded(self._read_timeout):
             score = await self._client.zscore(keys.TENANTS_LAST_SEEN_KEY, tenant)
             if score is None:  # written by an older version and not moved yet
-                return bool(await self._client.sismember(keys.TENANTS_SEEN_KEY, tenant))
+                return bool(await self._client.sismember(keys.TENANTS_SEEN_KEY, tenant))  # type: ignore[misc]
         return True
 
     async def tenants_seen_after(self, after: str | None, limit: int) -> list[str]:
@@ -351,7 +349,8 @@ class RedisUsageStore(_Batcher):
         now = int(self._clock())
         cursor: int | bytes = 0
         while True:
-            cursor, members = await self._client.sscan(keys.TENANTS_SEEN_KEY, cursor, count=_SEEN_TRIM_BATCH)
+            cursor, members = await self._client.sscan(keys.TENANTS_SEEN_KEY, cursor,  # type: ignore[arg-type]
+                                                       count=_SEEN_TRIM_BATCH)
             if members:
                 # NX: a tenant the index has already keeps the time it was really last seen.
                 await self._client.zadd(keys.TENANTS_LAST_SEEN_KEY, dict.fromkeys(members, now), nx=True)
@@ -381,22 +380,58 @@ class RedisUsageStore(_Batcher):
         if self._resp is not None:
             self._resp.close()
 
-    @contextlib.asynccontextmanager
-    async def _guarded(self, seconds: float) -> AsyncIterator[None]:
+    @staticmethod
+    def _guarded(seconds: float) -> _Guarded:
         """The one place where driver errors become StoreUnavailable, and where a cancellation the driver
         swallowed is raised again (redis-py catches it while disconnecting in some windows; a task that
         goes on after its cancel() never stops, so a shutdown would hang)."""
-        task = asyncio.current_task()
-        cancelling = 0 if task is None else task.cancelling()
+        return _Guarded(seconds)
+
+
+def _spool_group(group: _RecordGroup, record_id: str) -> Callable[[StoreUnavailable], None]:
+    """A record group's `on_failure`: the Record is built only if it has to be spooled."""
+
+    def on_failure(error: StoreUnavailable) -> None:
+        for callback in group.on_failure:
+            callback(group.record(record_id), error)
+
+    return on_failure
+
+
+class _Guarded:
+    """`RedisUsageStore._guarded`: a class, not an `asynccontextmanager`, as mypyc compiles no async generators."""
+
+    __slots__ = ("_cancelling", "_seconds", "_task", "_timeout")
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._timeout = asyncio.timeout(seconds)
+        self._task: asyncio.Task[Any] | None = None
+        self._cancelling = 0
+
+    async def __aenter__(self) -> None:
+        task = self._task = asyncio.current_task()
+        self._cancelling = 0 if task is None else task.cancelling()
+        await self._timeout.__aenter__()
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        error = exc
         try:
-            async with asyncio.timeout(seconds):
-                yield
-        except StoreUnavailable:
-            raise
-        except _REDIS_ERRORS as exc:
-            if task is not None and task.cancelling() > cancelling:
-                raise asyncio.CancelledError from exc
-            raise _unavailable(exc, seconds) from exc
-        if task is not None and task.cancelling() > cancelling:
-            raise asyncio.CancelledError
+            await self._timeout.__aexit__(exc_type, exc, traceback)
+        except BaseException as raised:  # TimeoutError: the time ran out
+            error = raised
+        task = self._task
+        cancelled = task is not None and task.cancelling() > self._cancelling
+        if error is None:
+            if cancelled:
+                raise asyncio.CancelledError
+            return
+        if isinstance(error, _REDIS_ERRORS) and not isinstance(error, StoreUnavailable):
+            if cancelled:
+                raise asyncio.CancelledError from error
+            raise _unavailable(error, self._seconds) from error
+        if error is exc:
+            return  # it goes on as it came
+        raise error
 
