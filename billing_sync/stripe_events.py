@@ -144,8 +144,7 @@ def _lookup_keys(items: Any) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def verify_signature(payload: str, header: str, secrets: str | Sequence[str], *, now: float,
-                     tolerance: int) -> None:
+def verify_signature(payload: str, header: str, secrets: Sequence[str], *, now: float, tolerance: int) -> None:
     """Raise a 400 problem unless the Stripe-Signature `header` signs `payload` with one of `secrets`, at
     most `tolerance` seconds before `now`.
 
@@ -158,8 +157,7 @@ def verify_signature(payload: str, header: str, secrets: str | Sequence[str], *,
     """
     timestamp, signatures = _parse_signature(header)
     canonical = ",".join([f"t={timestamp}", *(f"v1={signature}" for signature in signatures)])
-    if not any(_signed_with(payload, canonical, secret)
-               for secret in ((secrets,) if isinstance(secrets, str) else secrets)):
+    if not any(_signed_with(payload, canonical, secret) for secret in secrets):
         raise invalid("Stripe-Signature", "does not match the body and the webhook secret")
     if timestamp < now - tolerance:
         raise invalid("Stripe-Signature", f"signed more than {tolerance} seconds ago")

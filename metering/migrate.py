@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import URL, Connection, make_url
@@ -176,7 +175,8 @@ async def current_revision_async(url: str | AsyncEngine) -> str | None:
     """The revision the database is at, or None if it was never migrated."""
 
     def read(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection).get_current_revision()
+        revisions = _database_revisions(connection)
+        return revisions[0] if revisions else None
 
     result: str | None = await _with_connection(url, read)
     return result

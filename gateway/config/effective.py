@@ -49,17 +49,18 @@ def effective_config(settings: Settings) -> dict[str, Any]:
     data["listen"]["proxy"] = str(settings.listen.proxy)
     data["listen"]["admin"] = str(settings.listen.admin)
     data["listen"]["trusted_proxies"] = [str(n) for n in settings.listen.trusted_proxies]
-    # Shown under its config key, one mask per secret: "***,***" tells the operator a roll is under way.
-    webhook_secrets = data["billing"].pop("stripe_webhook_secrets")
-    data["billing"]["stripe_webhook_secret"] = ",".join(MASK for _ in webhook_secrets) or None
+    # Under its config key (SECRET_ENV's), masked below like the others.
+    data["billing"]["stripe_webhook_secret"] = data["billing"].pop("stripe_webhook_secrets") or None
     for section, key in SECRET_ENV.values():
         value = data[section].get(key)
-        if not value or (section, key) == ("billing", "stripe_webhook_secret"):  # masked above
+        if not value:
             continue
         if key == "url":
             data[section][key] = mask_url(value)
         elif key == "tokens":
             data[section][key] = [f"{name}:{MASK}" for name, _ in settings.admin.tokens]
+        elif isinstance(value, tuple):  # the webhook secrets: "***,***" tells the operator a roll is under way
+            data[section][key] = ",".join(MASK for _ in value)
         else:
             data[section][key] = MASK
     for key in ("algorithms", "public_paths"):
