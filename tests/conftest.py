@@ -1,7 +1,9 @@
-"""Shared fixtures: a real redis-server on a free port, a real upstream, a gateway worker."""
+"""Shared fixtures: a real redis-server on a free port, a Redis Cluster of real servers (per test module), a real
+upstream, a gateway worker."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import redis
 
 from gateway.app import Worker
 from gateway.cli.devservices import RedisProcess
+from tests.metering.redis_cluster import RedisClusterProcess
 from tests.support import Listeners, Upstream, settings_for, upstream_app
 
 
@@ -18,6 +21,15 @@ def redis_process() -> Iterator[RedisProcess]:
     server = RedisProcess().start()
     yield server
     server.close()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster() -> Iterator[RedisClusterProcess]:
+    if shutil.which("redis-cli") is None or shutil.which("redis-server") is None:
+        pytest.skip("redis-cli/redis-server not installed: cannot build a Redis Cluster")
+    cluster = RedisClusterProcess().start()
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,19 @@ def token(tenant: str | None = "acme", *, ttl: int = 600, secret: str = SECRET, 
 
 def bearer(tenant: str | None = "acme", **claims: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {token(tenant, **claims)}"}
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool]], what: str, within: float = 15.0) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def is_(value: Awaitable[Any], expected: Any) -> bool:
+    """`await value == expected`, for `eventually(lambda: is_(read(), 3), ...)`."""
+    return await value == expected
 
 
 def config_dict(upstream_url: str, redis_url: str, database_url: str, **overrides: Any) -> dict[str, Any]:

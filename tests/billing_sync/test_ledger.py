@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -193,15 +192,6 @@ async def test_limit_caps_the_buckets_a_call_moves(stores, monkeypatch: pytest.M
     assert (await move_closed_buckets(client, sessions, METERS, **moves | {"limit": 0})).moved == 0
     assert await move(client, sessions) == 6
     assert len(await ledger(sessions)) == 10
-
-
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterProcess]:
-    if shutil.which("redis-cli") is None or shutil.which("redis-server") is None:
-        pytest.skip("redis-cli/redis-server not installed: cannot build a Redis Cluster")
-    cluster = RedisClusterProcess().start()
-    yield cluster
-    cluster.close()
 
 
 async def test_moves_on_a_redis_cluster(redis_cluster: RedisClusterProcess, tmp_path: Path,

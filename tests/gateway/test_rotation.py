@@ -7,10 +7,8 @@ file and Redis; JWKS keys are the exception: the gateway follows its IdP's key s
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ import stripe
 
 from gateway.cli.devservices import RedisProcess
 from tests.gateway.jwt_helpers import JwksServer, rsa_pair
-from tests.support import GatewayProcess, Upstream, running_gateway
+from tests.support import GatewayProcess, Upstream, eventually, is_, running_gateway
 
 OLD_WEBHOOK_SECRET = "whsec_old_0123456789abcdefABCDEF"
 NEW_WEBHOOK_SECRET = "whsec_new_fedcba9876543210FEDCBA"
@@ -128,14 +126,6 @@ async def test_admin_token_rotation_keeps_both_tokens_valid_during_the_switch(
             assert await admin_status(http, after, OLD_ADMIN_TOKEN) == 401
 
 
-async def _eventually(check: Callable[[], Awaitable[bool]], *, deadline: float = 15.0) -> None:
-    """Poll `check` until it holds; fail after `deadline` seconds."""
-    end = time.monotonic() + deadline
-    while not await check():
-        assert time.monotonic() < end, "the condition did not hold before the deadline"
-        await asyncio.sleep(0.1)
-
-
 async def test_jwks_key_rotation_needs_no_restart(upstream: Upstream, redis_server: RedisProcess,
                                                   tmp_path: Path) -> None:
     """The IdP publishes its next key next to the current one, signs with it, then retires the old key: one gateway
@@ -156,15 +146,12 @@ async def test_jwks_key_rotation_needs_no_restart(upstream: Upstream, redis_serv
 
                 assert await status(current) == 200
                 jwks.keys = [current.jwk(), following.jwk()]  # published ahead of use
-                await _eventually(lambda: _is(status(following), 200))
+                await eventually(lambda: is_(status(following), 200), "the next key to be accepted")
                 assert await status(current) == 200  # tokens of the current key still in circulation
                 jwks.keys = [following.jwk()]  # retired once its tokens expired
-                await _eventually(lambda: _is(status(current), 401))
+                await eventually(lambda: is_(status(current), 401), "the retired key to be refused")
                 assert await status(following) == 200
                 assert gateway.process is not None and gateway.process.poll() is None  # the same process all along
     finally:
         await jwks.close()
 
-
-async def _is(status: Awaitable[int], expected: int) -> bool:
-    return await status == expected

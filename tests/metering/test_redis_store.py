@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import hiredis
 import pytest
@@ -474,15 +473,6 @@ async def test_slow_redis_times_out(redis_server: RedisProcess, client: Redis) -
 
 
 # -- cluster ----------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterProcess]:
-    if shutil.which("redis-cli") is None or shutil.which("redis-server") is None:
-        pytest.skip("redis-cli/redis-server not installed: cannot build a Redis Cluster")
-    cluster = RedisClusterProcess().start()
-    yield cluster
-    cluster.close()
 
 
 @pytest.fixture

@@ -5,12 +5,9 @@ script path exactly as they were."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 import uuid
-from collections.abc import Iterator
 
-import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -183,15 +180,6 @@ async def test_shadow_rules_add_only_their_own_reads_and_writes(store: RedisUsag
     # SET of the shadow TAT and of the call marker; the second request's hit: one HINCRBY and its EXPIREAT.
     assert stats["get"] == 6 and stats["set"] == 4 and stats["hincrby"] == 3
     assert stats["expireat"] == 2  # the counter's creation and the hits hash's
-
-
-@pytest.fixture(scope="module")
-def redis_cluster() -> Iterator[RedisClusterProcess]:
-    if shutil.which("redis-cli") is None or shutil.which("redis-server") is None:
-        pytest.skip("redis-cli/redis-server not installed: cannot build a Redis Cluster")
-    cluster = RedisClusterProcess().start()
-    yield cluster
-    cluster.close()
 
 
 async def test_shadow_keys_share_the_tenants_slot_in_a_cluster(redis_cluster: RedisClusterProcess) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import logging
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,7 +19,7 @@ import pytest
 
 from gateway.app import Worker
 from gateway.cli.devservices import RedisProcess
-from tests.support import Upstream, bearer, settings_for, upstream_app
+from tests.support import Upstream, bearer, eventually, is_, settings_for, upstream_app
 
 ADMIN_TOKEN = "ops-token-0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -69,13 +68,6 @@ async def used(worker: Worker, meter: str) -> float:
     return json.loads(body)["meters"][meter]["used"]
 
 
-async def eventually(predicate: Any, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not await predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
-
-
 # ------------------------------------------------------------------ the proxy listener's outermost handler
 
 
@@ -84,7 +76,7 @@ async def test_unforeseen_fault_is_a_problem_500_and_gives_the_units_back(
     # A request that works counts one api_calls unit: the baseline.
     status, _, _ = await call(worker.proxy_port, "GET", "/api/chains", bearer())
     assert status == 200
-    await eventually(lambda: _is(used(worker, "api_calls"), 1), "the first call to be counted")
+    await eventually(lambda: is_(used(worker, "api_calls"), 1), "the first call to be counted", DEADLINE)
 
     async def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("boom: an unforeseen fault with a secret in it")
@@ -99,7 +91,7 @@ async def test_unforeseen_fault_is_a_problem_500_and_gives_the_units_back(
     logged = [r for r in caplog.records if r.exc_info and "fault-1" in r.getMessage()]
     assert logged and logged[0].exc_info[0] is RuntimeError, [r.getMessage() for r in caplog.records]
     # Admitted, then failed before the upstream had it: its unit is given back.
-    await eventually(lambda: _is(used(worker, "api_calls"), 1), "the failed call's unit to be given back")
+    await eventually(lambda: is_(used(worker, "api_calls"), 1), "the failed call's unit to be given back", DEADLINE)
     await asyncio.sleep(0.3)
     assert await used(worker, "api_calls") == 1
 
@@ -111,10 +103,6 @@ async def test_fault_while_recording_still_answers(worker: Worker, monkeypatch: 
     monkeypatch.setattr(worker.metrics, "observe", broken)
     status, _, body = await call(worker.proxy_port, "GET", "/api/chains", bearer())
     assert status == 200, body[:300]
-
-
-async def _is(value: Any, expected: float) -> bool:
-    return await value == expected
 
 
 # ------------------------------------------------------------------ /_gateway/usage with its stores down
